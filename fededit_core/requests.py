@@ -1,0 +1,59 @@
+"""Edit requests: one fact to insert, plus the prompts that evaluate it.
+
+A request asks that ``prompt.format(subject)`` be continued by ``target_new``
+instead of ``target_true``. The evaluation prompts follow CounterFact
+(paraphrases must change, neighbourhood prompts must not) and zsRE.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class EditRequest(BaseModel):
+    """One counterfactual fact: (subject, relation prompt) -> target_new."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    case_id: str
+    subject: str
+    prompt: str = Field(description='relation template with "{}" where the subject goes')
+    target_new: str
+    target_true: str | None = None
+    paraphrase_prompts: tuple[str, ...] = ()
+    neighborhood_prompts: tuple[str, ...] = ()
+    neighborhood_target: str | None = Field(
+        default=None, description="true answer of the neighbourhood prompts (default: target_true)"
+    )
+    generation_prompts: tuple[str, ...] = ()
+    timestamp: float | None = None
+
+    @field_validator("subject", "target_new")
+    @classmethod
+    def _not_blank(cls, value: str, info) -> str:
+        if not value or not value.strip():
+            raise ValueError(f"{info.field_name} is empty")
+        return value
+
+    @model_validator(mode="after")
+    def _subject_slot(self) -> "EditRequest":
+        if self.prompt.count("{}") != 1:
+            raise ValueError(
+                f'prompt must contain exactly one "{{}}" for the subject, got {self.prompt!r} '
+                f"(subject {self.subject!r})"
+            )
+        return self
+
+    @property
+    def text(self) -> str:
+        """The edited prompt with the subject filled in."""
+        return self.prompt.replace("{}", self.subject)
+
+    @property
+    def relation(self) -> str:
+        """The relation template: the prompt with the subject replaced by ``{}``."""
+        return self.prompt
+
+    @property
+    def locality_target(self) -> str | None:
+        return self.neighborhood_target if self.neighborhood_target is not None else self.target_true
