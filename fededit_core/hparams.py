@@ -1,0 +1,75 @@
+"""MEMIT hyperparameters: one validated object, with per-family defaults."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class MEMITHyperParams(BaseModel):
+    """Settings of Meng et al. (2023), Eq. 14-16, and of the z optimisation (Sec. 4.2)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    layers: tuple[int, ...] = Field(description="edited layers R; z lives at L = max(R)")
+    mom2_weight: float = Field(15000.0, gt=0, description="lambda in (lambda C0 + K K^T)")
+    v_lr: float = Field(0.5, gt=0)
+    v_steps: int = Field(25, ge=1)
+    v_weight_decay: float = Field(1e-3, ge=0)
+    clamp_norm_factor: float = Field(4.0, gt=0, description="|delta| <= factor * |h_L|")
+    kl_factor: float = Field(0.0625, ge=0)
+    stop_prob: float = Field(0.95, gt=0, le=1.0,
+                             description="a request stops once its mean target-token probability exceeds this")
+    batch_size: int = Field(32, ge=1, description="requests optimised together")
+    autocast: str | None = Field(None, description="bf16/fp16 autocast of the z optimisation, or None")
+    cov_source: str = "self"
+    cov_samples: int = Field(1000, ge=1)
+    cov_seq_len: int = Field(128, ge=2)
+    template_seed: int = 0
+
+    @model_validator(mode="after")
+    def _layers_ok(self):
+        if not self.layers:
+            raise ValueError("layers must name at least one layer")
+        if list(self.layers) != sorted(set(self.layers)) or min(self.layers) < 0:
+            raise ValueError(f"layers must be distinct, ascending and >= 0, got {list(self.layers)}")
+        if self.autocast not in (None, "bf16", "fp16"):
+            raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {self.autocast!r}")
+        return self
+
+    @property
+    def z_layer(self) -> int:
+        return self.layers[-1]
+
+    def check_model(self, n_layers: int) -> None:
+        if self.layers[-1] >= n_layers:
+            raise ValueError(f"layers {list(self.layers)} exceed the model's {n_layers} layers")
+
+
+# Starting points: the published settings (MEMIT repo / EasyEdit) and, for SmolLM2, our sweep.
+FAMILY_DEFAULTS: dict[str, dict] = {
+    "gptj": dict(layers=(3, 4, 5, 6, 7, 8), mom2_weight=15000.0, v_lr=0.5, v_weight_decay=0.5,
+                 clamp_norm_factor=0.75, kl_factor=0.0625),
+    "gpt2": dict(layers=(13, 14, 15, 16, 17), mom2_weight=20000.0, v_lr=0.5, v_weight_decay=0.5,
+                 clamp_norm_factor=0.75, kl_factor=0.0625),
+    "gpt_neox": dict(layers=(3, 4, 5, 6, 7, 8), mom2_weight=15000.0, v_lr=0.5, v_weight_decay=0.5,
+                     clamp_norm_factor=0.75, kl_factor=0.0625),
+    "llama": dict(layers=(4, 5, 6, 7, 8), mom2_weight=15000.0, v_lr=0.5, v_weight_decay=1e-3,
+                  clamp_norm_factor=4.0, kl_factor=0.0625),
+}
+
+MODEL_DEFAULTS: dict[str, dict] = {
+    # chosen by bench/sweep_smollm2.py (README, "SmolLM2 sweep")
+    "smollm2-135m": dict(layers=(4, 5, 6, 7, 8), mom2_weight=15000.0),
+}
+
+
+def default_hparams(family: str, model_name: str | None = None, n_layers: int | None = None,
+                    **overrides) -> MEMITHyperParams:
+    """Defaults for a family (and a known model), scaled down for models with few layers."""
+    settings = dict(FAMILY_DEFAULTS.get(family, FAMILY_DEFAULTS["llama"]))
+    if model_name in MODEL_DEFAULTS:
+        settings.update(MODEL_DEFAULTS[model_name])
+    if n_layers is not None and max(settings["layers"]) >= n_layers:
+        settings["layers"] = tuple(range(max(0, n_layers // 2 - 1), n_layers // 2 + 1))
+    settings.update(overrides)
+    return MEMITHyperParams(**settings)
