@@ -92,10 +92,12 @@ def _hf_texts(name: str) -> list[str]:
 
 
 def corpus_chunks(model, tok, source: str, n_samples: int, seq_len: int, seed: int = 0,
-                  batch_size: int = 32) -> tuple[list[list[int]], str]:
+                  batch_size: int = 64, root: Path | None = None) -> tuple[list[list[int]], str]:
     """Token chunks of the corpus and a short id of its content (for cache keys and checks)."""
     if source == "self":
-        path = cache_dir("corpus") / f"self-{model_fingerprint(model)}-s{seed}-n{n_samples}-l{seq_len}.json"
+        folder = (root / "corpus") if root else cache_dir("corpus")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"self-{model_fingerprint(model)}-s{seed}-n{n_samples}-l{seq_len}.json"
         if path.is_file():
             chunks = json.loads(path.read_text())
         else:
@@ -142,20 +144,29 @@ def second_moments(model: nn.Module, layers: list[int], chunks: list[list[int]],
 class CovarianceStore:
     """C0 per layer for one model and corpus, computed once and cached on disk."""
 
-    def __init__(self, model, tok, source: str = "self", n_samples: int = 1000, seq_len: int = 128,
-                 seed: int = 0, batch_size: int = 16):
+    def __init__(self, model, tok, source: str = "self", n_samples: int = 400, seq_len: int = 64,
+                 seed: int = 0, batch_size: int = 16, root: Path | None = None):
+        """``root``: cache folder (default: the project cache), e.g. a fresh one to time a cold build."""
         self.model, self.tok = model, tok
         self.source, self.n_samples, self.seq_len, self.seed = source, n_samples, seq_len, seed
         self.batch_size = batch_size
+        self.root = Path(root) if root else None
         self.fingerprint = model_fingerprint(model)
         self._chunks: list[list[int]] | None = None
         self.corpus_id: str | None = None
         self._memory: dict[int, torch.Tensor] = {}
 
     def _path(self, layer: int) -> Path:
-        source_tag = "self" if self.source == "self" else hashlib.sha256(self.source.encode()).hexdigest()[:10]
+        key = self.source
+        file = Path(self.source).expanduser()
+        if self.source != "self" and not self.source.startswith("hf:") and file.is_file():
+            stat = file.stat()  # a rewritten corpus file must not be served the old C0
+            key = f"{self.source}|{stat.st_size}|{stat.st_mtime_ns}"
+        source_tag = "self" if self.source == "self" else hashlib.sha256(key.encode()).hexdigest()[:10]
         name = f"{self.fingerprint}-L{layer}-{source_tag}-s{self.seed}-n{self.n_samples}-l{self.seq_len}.safetensors"
-        return cache_dir("covariance") / name
+        folder = (self.root / "covariance") if self.root else cache_dir("covariance")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / name
 
     def describe(self) -> dict:
         """What a federation compares to be sure every party builds the same C0."""
@@ -171,7 +182,7 @@ class CovarianceStore:
         if missing:
             if self._chunks is None:
                 self._chunks, self.corpus_id = corpus_chunks(
-                    self.model, self.tok, self.source, self.n_samples, self.seq_len, self.seed)
+                    self.model, self.tok, self.source, self.n_samples, self.seq_len, self.seed, root=self.root)
             sums, count = second_moments(self.model, missing, self._chunks, self.tok.pad_token_id,
                                          self.batch_size, desc=f"C0 layers {missing}")
             for layer in missing:

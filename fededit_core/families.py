@@ -49,7 +49,9 @@ class ModelFamily:
         return model.get_submodule(self.base_model_path)
 
     def lm_head(self, model: nn.Module) -> nn.Module:
-        return model.get_submodule(self.lm_head_path)
+        # the module's name moves between transformers versions (GPT-NeoX: embed_out -> lm_head)
+        head = model.get_output_embeddings()
+        return head if head is not None else model.get_submodule(self.lm_head_path)
 
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -88,7 +90,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         edit_module="gpt_neox.layers.{}.mlp.dense_4h_to_h",
         base_model_path="gpt_neox",
         final_norm_path="gpt_neox.final_layer_norm",
-        lm_head_path="embed_out",
+        lm_head_path="lm_head",  # "embed_out" before transformers 5
     ),
 )
 

@@ -21,9 +21,9 @@ class MEMITHyperParams(BaseModel):
                              description="a request stops once its mean target-token probability exceeds this")
     batch_size: int = Field(32, ge=1, description="requests optimised together")
     autocast: str | None = Field(None, description="bf16/fp16 autocast of the z optimisation, or None")
-    cov_source: str = "self"
-    cov_samples: int = Field(1000, ge=1)
-    cov_seq_len: int = Field(128, ge=2)
+    cov_source: str = Field("self", description="'self' (sampled from the model), a text file, or hf:<dataset>")
+    cov_samples: int = Field(400, ge=1, description="sequences of cov_seq_len tokens")
+    cov_seq_len: int = Field(64, ge=2)
     template_seed: int = 0
 
     @model_validator(mode="after")
@@ -57,18 +57,23 @@ FAMILY_DEFAULTS: dict[str, dict] = {
                   clamp_norm_factor=4.0, kl_factor=0.0625),
 }
 
-MODEL_DEFAULTS: dict[str, dict] = {
-    # chosen by bench/sweep_smollm2.py (README, "SmolLM2 sweep")
-    "smollm2-135m": dict(layers=(4, 5, 6, 7, 8), mom2_weight=15000.0),
+# Known models, recognised by (model_type, hidden_size, num_hidden_layers, intermediate_size).
+MODEL_DEFAULTS: dict[tuple, dict] = {
+    # SmolLM2-135M: chosen by `python -m bench.sweep_smollm2` (README, "SmolLM2 sweep")
+    ("llama", 576, 30, 1536): dict(layers=(4, 5, 6, 7, 8), mom2_weight=15000.0),
 }
 
 
-def default_hparams(family: str, model_name: str | None = None, n_layers: int | None = None,
-                    **overrides) -> MEMITHyperParams:
-    """Defaults for a family (and a known model), scaled down for models with few layers."""
+def model_signature(config) -> tuple:
+    return (config.model_type, getattr(config, "hidden_size", None),
+            getattr(config, "num_hidden_layers", None), getattr(config, "intermediate_size", None))
+
+
+def default_hparams(family: str, config=None, n_layers: int | None = None, **overrides) -> MEMITHyperParams:
+    """Defaults for a family (and a known model, given its config), scaled down for models with few layers."""
     settings = dict(FAMILY_DEFAULTS.get(family, FAMILY_DEFAULTS["llama"]))
-    if model_name in MODEL_DEFAULTS:
-        settings.update(MODEL_DEFAULTS[model_name])
+    if config is not None:
+        settings.update(MODEL_DEFAULTS.get(model_signature(config), {}))
     if n_layers is not None and max(settings["layers"]) >= n_layers:
         settings["layers"] = tuple(range(max(0, n_layers // 2 - 1), n_layers // 2 + 1))
     settings.update(overrides)

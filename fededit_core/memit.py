@@ -131,6 +131,15 @@ class MemitEditor:
         """W_l - W_l(base), float64."""
         return (self.family.weight_matrix(self.model, layer).detach().double() - self.base_weights[layer].double())
 
+    def c0(self) -> dict[int, torch.Tensor]:
+        """C0 of every edited layer, always measured on the base model (cached after the first call)."""
+        current = self.edited_layers()
+        self.reset()
+        try:
+            return self.covariance.get_many(list(self.hp.layers))
+        finally:
+            self.load_layers(current)
+
     # --- MEMIT ----------------------------------------------------------------------------------
     def compute_z(self, requests: list[EditRequest], reference: bool = False, progress: bool = True) -> ZResult:
         fn = optimise_z_reference if reference else optimise_z
@@ -141,7 +150,7 @@ class MemitEditor:
         if not requests:
             raise ValueError("no edit requests given")
         started = time.perf_counter()
-        c0 = self.covariance.get_many(list(self.hp.layers))
+        c0 = self.c0()
         seconds = {"covariance": time.perf_counter() - started}
         z = z or self.compute_z(requests, progress=progress)
         seconds["z"] = z.seconds

@@ -125,7 +125,7 @@ def apply_mkvs(editor: MemitEditor, mkvs: MKVSet) -> dict[int, torch.Tensor]:
     device = editor.device
     keys = mkvs.keys.to(device).double()
     delta = mkvs.delta.to(device).double()
-    c0 = editor.covariance.get_many(list(editor.hp.layers))
+    c0 = editor.c0()
     updates = {}
     n_layers = len(editor.hp.layers)
     for i, layer in enumerate(editor.hp.layers):

@@ -17,9 +17,11 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.lengths)
 
 
-def pad_right(sequences: list[list[int]], pad_id: int) -> Batch:
+def pad_right(sequences: list[list[int]], pad_id: int | None) -> Batch:
+    """Right-pad to one width; ``pad_id`` None (a tokenizer without pad token, e.g. GPT-2's) pads
+    with id 0, which is harmless: padded positions are masked out and come after every real token."""
     width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(sequences), width), 0 if pad_id is None else pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, seq in enumerate(sequences):
         ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)

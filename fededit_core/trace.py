@@ -65,8 +65,9 @@ def capture_outputs(model: nn.Module, names: list[str], stop_after: str | None =
 
 def run_until(model: nn.Module, **inputs) -> None:
     """Run ``model(**inputs)`` without gradients, tolerating a cut made by ``capture_inputs``."""
+    inputs.setdefault("use_cache", False)
     with torch.no_grad():
         try:
-            model(**inputs, use_cache=False)
+            model(**inputs)
         except _StopForward:
             pass

@@ -103,30 +103,35 @@ class ZResult:
 class _Passthrough(nn.Module):
     """Stands in for a frozen block below L: its output is replayed from the cache instead."""
 
+    def __init__(self, as_tuple: bool = False):
+        super().__init__()
+        self.as_tuple = as_tuple  # some blocks (GPT-J) return (hidden_states, ...)
+
     def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
+        return (hidden_states,) if self.as_tuple else hidden_states
 
 
 class _Replay(nn.Module):
     """Stands in for block L: returns the cached output of blocks 0..L with delta injected."""
 
-    def __init__(self):
+    def __init__(self, as_tuple: bool = False):
         super().__init__()
         self.value: torch.Tensor | None = None
+        self.as_tuple = as_tuple
 
     def forward(self, hidden_states, *args, **kwargs):
-        return self.value
+        return (self.value,) if self.as_tuple else self.value
 
 
 @contextlib.contextmanager
-def _replay_from(model: nn.Module, family: ModelFamily, layer: int):
+def _replay_from(model: nn.Module, family: ModelFamily, layer: int, as_tuple: bool = False):
     """Temporarily replace blocks 0..layer so that a forward starts from a cached hidden state."""
     blocks = family.layers(model)
     originals = [blocks[i] for i in range(layer + 1)]
-    replay = _Replay()
+    replay = _Replay(as_tuple)
     try:
         for i in range(layer):
-            blocks[i] = _Passthrough()
+            blocks[i] = _Passthrough(as_tuple)
         blocks[layer] = replay
         yield replay
     finally:
@@ -158,13 +163,6 @@ def _per_request_loss(rows: ZRows, active_rows: torch.Tensor, local_req: torch.T
     return nll, kl_logp
 
 
-def _hidden_after(model, family: ModelFamily, layer: int, input_ids, attention_mask) -> torch.Tensor:
-    name = f"{family.layers_path}.{layer}"
-    with capture_outputs(model, [name], stop_after=name) as seen:
-        run_until(model, input_ids=input_ids, attention_mask=attention_mask)
-    return seen[name]
-
-
 def optimise_z(model: nn.Module, tok, requests: list[EditRequest], hp: MEMITHyperParams,
                templates: ContextTemplates, progress: bool = True) -> ZResult:
     """Batched z optimisation (see module docstring); requests go ``hp.batch_size`` at a time."""
@@ -180,16 +178,92 @@ def optimise_z(model: nn.Module, tok, requests: list[EditRequest], hp: MEMITHype
     return ZResult(torch.cat(zs), torch.cat(hs), steps, probs, time.perf_counter() - start)
 
 
+@dataclass
+class _SplitRows:
+    """Rows cut at the injection point: a left-padded prefix (before the last subject token, never
+    affected by delta, so its keys/values are cached once) and a right-padded suffix (recomputed)."""
+
+    prefix_ids: torch.Tensor  # (R, P)
+    prefix_mask: torch.Tensor
+    prefix_pos: torch.Tensor
+    suffix_ids: torch.Tensor  # (R, S); column 0 is the last subject token
+    suffix_mask: torch.Tensor
+    suffix_pos: torch.Tensor
+
+    def to(self, device) -> "_SplitRows":
+        return _SplitRows(*(t.to(device) for t in vars(self).values()))
+
+
+def _split_rows(rows: ZRows, pad_id: int | None) -> _SplitRows:
+    pad_id = 0 if pad_id is None else pad_id  # no pad token (GPT-2): any id, padding is masked
+    lengths = rows.attention_mask.sum(1)
+    prefix_len, suffix_len = rows.lookup, lengths - rows.lookup
+    n_rows, width_p, width_s = len(lengths), int(prefix_len.max()), int(suffix_len.max())
+    out = [torch.full((n_rows, width_p), pad_id), torch.zeros(n_rows, width_p, dtype=torch.long),
+           torch.ones(n_rows, width_p, dtype=torch.long), torch.full((n_rows, width_s), pad_id),
+           torch.zeros(n_rows, width_s, dtype=torch.long), torch.ones(n_rows, width_s, dtype=torch.long)]
+    for r in range(n_rows):
+        p, s = int(prefix_len[r]), int(suffix_len[r])
+        if p:
+            out[0][r, width_p - p:] = rows.input_ids[r, :p]
+            out[1][r, width_p - p:] = 1
+            out[2][r, width_p - p:] = torch.arange(p)
+        out[3][r, :s] = rows.input_ids[r, p : p + s]
+        out[4][r, :s] = 1
+        out[5][r, :s] = torch.arange(p, p + s)
+    return _SplitRows(*out)
+
+
+def _prefix_kv(base: nn.Module, split: _SplitRows) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Keys and values of every layer over the prefixes, computed once."""
+    if split.prefix_ids.shape[1] == 0:
+        return None
+    with torch.no_grad():
+        out = base(input_ids=split.prefix_ids, attention_mask=split.prefix_mask,
+                   position_ids=split.prefix_pos, use_cache=True)
+    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+
+def _cache_for(kv, index: torch.Tensor | None):
+    from transformers import DynamicCache
+
+    if kv is None:
+        return None
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k if index is None else k[index], v if index is None else v[index], i)
+    return cache
+
+
 def _optimise_group(model, tok, requests, hp: MEMITHyperParams, templates: ContextTemplates):
     family = family_for(model)
     device = next(model.parameters()).device
     layer = hp.z_layer
     rows = build_rows(tok, requests, templates)
     n = rows.n_requests
-    ids, mask = rows.input_ids.to(device), rows.attention_mask.to(device)
-    cached = _hidden_after(model, family, layer, ids, mask)  # blocks 0..L run once
+    base, lm_head = family.base_model(model), family.lm_head(model)
+    split = _split_rows(rows, tok.pad_token_id).to(device)
+    prefix_kv = _prefix_kv(base, split)  # the prefixes never change: through every block once
+    full_mask = torch.cat([split.prefix_mask, split.suffix_mask], dim=1)
+    name = f"{family.layers_path}.{layer}"
+    as_tuple: dict = {}
+
+    def note_kind(module, args, output) -> None:  # returns None: leaves the output alone
+        as_tuple["tuple"] = isinstance(output, tuple)
+
+    handle = model.get_submodule(name).register_forward_hook(note_kind)
+    try:
+        with capture_outputs(model, [name], stop_after=name) as seen:  # blocks 0..L: once
+            run_until(base, input_ids=split.suffix_ids, attention_mask=full_mask, position_ids=split.suffix_pos,
+                      past_key_values=_cache_for(prefix_kv, None), use_cache=prefix_kv is not None)
+    finally:
+        handle.remove()
+    cached = seen[name]  # (R, S, d): block L's output over the suffixes
+    suffix_target_pos = rows.target_pos - rows.lookup[rows.target_row]
+    rows_local = ZRows(rows.input_ids, rows.attention_mask, torch.zeros_like(rows.lookup), rows.request,
+                       rows.is_kl, rows.target_row, suffix_target_pos, rows.target_tok, rows.target_len, n)
     first_row = torch.tensor([int(torch.nonzero(rows.request == r)[0]) for r in range(n)])
-    h_init = cached[first_row.to(device), rows.lookup[first_row].to(device)].float()
+    h_init = cached[first_row.to(device), 0].float()
     max_norm = hp.clamp_norm_factor * h_init.norm(dim=1)
 
     delta = torch.zeros_like(h_init, requires_grad=True)
@@ -201,23 +275,23 @@ def _optimise_group(model, tok, requests, hp: MEMITHyperParams, templates: Conte
     final_prob = [0.0] * n
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hp.autocast or "")
     precision = (torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext())
-    base, lm_head = family.base_model(model), family.lm_head(model)
 
-    with _replay_from(model, family, layer) as replay:
+    with _replay_from(model, family, layer, as_tuple["tuple"]) as replay:
         for step in range(hp.v_steps):
             active_rows = rows.rows_of(active)
             local_of = torch.full((n,), -1, dtype=torch.long)
             local_of[active] = torch.arange(len(active))
             local_req = local_of[rows.request[active_rows]]
             ar_rows = active_rows.to(device)
-            inject = delta[active.to(device)][local_req.to(device)]
-            value = cached[ar_rows].index_put(
-                (torch.arange(len(active_rows), device=device), rows.lookup[active_rows].to(device)),
-                inject.to(cached.dtype), accumulate=True)
+            value = cached[ar_rows].clone()
+            value[:, 0] = value[:, 0] + delta[active.to(device)][local_req.to(device)].to(cached.dtype)
             replay.value = value
             with precision:
-                hidden = base(input_ids=ids[ar_rows], attention_mask=mask[ar_rows], use_cache=False).last_hidden_state
-                nll, kl_logp = _per_request_loss(rows, active_rows, local_req, len(active), hidden, lm_head)
+                hidden = base(input_ids=split.suffix_ids[ar_rows], attention_mask=full_mask[ar_rows],
+                              position_ids=split.suffix_pos[ar_rows],
+                              past_key_values=_cache_for(prefix_kv, ar_rows),
+                              use_cache=prefix_kv is not None).last_hidden_state
+                nll, kl_logp = _per_request_loss(rows_local, active_rows, local_req, len(active), hidden, lm_head)
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
             kl_ref = kl_init[active.to(device)]
@@ -264,10 +338,12 @@ def optimise_z_reference(model: nn.Module, tok, requests: list[EditRequest], hp:
         state: dict = {}
 
         def add_delta(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output  # GPT-J blocks return a tuple
             if "h_init" not in state:
-                state["h_init"] = output[0, lookup[0]].detach().clone().float()
-            return output.index_put((torch.arange(len(lookup), device=device), lookup),
-                                    delta.to(output.dtype).expand(len(lookup), -1), accumulate=True)
+                state["h_init"] = hidden[0, lookup[0]].detach().clone().float()
+            edited = hidden.index_put((torch.arange(len(lookup), device=device), lookup),
+                                      delta.to(hidden.dtype).expand(len(lookup), -1), accumulate=True)
+            return (edited, *output[1:]) if isinstance(output, tuple) else edited
 
         handle = model.get_submodule(layer_name).register_forward_hook(add_delta)
         try:

@@ -156,3 +156,39 @@ def tiny_model_and_tokenizer(
     model.to(torch.float32)
     model.eval()
     return model, tok
+
+
+def tiny_model_with_words(
+    family: str = "llama",
+    words: tuple[str, ...] = (),
+    seed: int = 0,
+    *,
+    head_scale: float = 1.0,
+    pad_token: bool = True,
+    single_thread: bool = True,
+    **config_overrides,
+):
+    """Like ``tiny_model_and_tokenizer``, with each of ``words`` (e.g. ``" Rome"``) one extra token.
+
+    Edit tests use them as one-token targets: the byte tokenizer splits a word into one token per
+    byte, and on a random model only the first of those is within reach of an edit at the subject.
+    ``head_scale`` multiplies the LM head so that the model can be confident (a random head with
+    std 0.02 caps every probability near 1/vocab). The extra tokens get ids 259, 260, ...
+    """
+    if family not in _MODEL_CLASSES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if single_thread:
+        torch.set_num_threads(1)
+    tok = tiny_tokenizer(add_bos=family in BOS_FAMILIES, pad_token=pad_token)
+    if words:
+        tok.add_tokens(list(words))
+    config = tiny_config(family, tok, **config_overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _MODEL_CLASSES[family](config)
+    model.to(torch.float32)
+    model.eval()
+    if head_scale != 1.0:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(head_scale)
+    return model, tok

@@ -1,0 +1,141 @@
+"""MEMIT's closed form (Eq. 14) against an independent least-squares solve, and its statistics."""
+
+import math
+
+import pytest
+import torch
+
+from fededit_core.memit import layer_statistics, memit_delta, solve_update
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDEDIT_CACHE", str(tmp_path / "cache"))
+
+
+def random_spd(n: int, gen: torch.Generator, cond: float = 50.0) -> torch.Tensor:
+    """A symmetric positive definite (n, n) float64 matrix with eigenvalues in [1, cond]."""
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    eig = torch.logspace(0, math.log10(cond), n, dtype=torch.float64)
+    return (q * eig) @ q.T
+
+
+def spd_sqrt(c: torch.Tensor) -> torch.Tensor:
+    eig, vec = torch.linalg.eigh(c)
+    return (vec * eig.sqrt()) @ vec.T
+
+
+def lstsq_delta(keys, resid, c0, lam):
+    """argmin_D |D K - R|_F^2 + lam tr(D C0 D^T) via the stacked system [K^T; sqrt(lam) C0^1/2] D^T = [R^T; 0].
+
+    ``keys`` (n, d_ff) and ``resid`` (n, d) hold one request per row, so K = keys^T and R = resid^T.
+    """
+    d_ff, d = keys.shape[1], resid.shape[1]
+    a = torch.cat([keys, math.sqrt(lam) * spd_sqrt(c0)])
+    b = torch.cat([resid, torch.zeros(d_ff, d, dtype=torch.float64)])
+    return torch.linalg.lstsq(a, b, driver="gelsd").solution.T  # (d, d_ff)
+
+
+def objective(delta, keys, resid, c0, lam):
+    return ((delta @ keys.T - resid.T) ** 2).sum() + lam * torch.trace(delta @ c0 @ delta.T)
+
+
+@pytest.mark.parametrize("n,d,d_ff,lam", [
+    (4, 6, 9, 1.0),       # fewer requests than key dimensions (MEMIT's usual case)
+    (4, 6, 9, 1e4),       # strong prior
+    (30, 6, 9, 0.3),      # more requests than key dimensions
+    (1, 3, 5, 1e-3),      # a single request, weak prior
+])
+def test_memit_delta_is_the_regularised_least_squares_solution(n, d, d_ff, lam):
+    gen = torch.Generator().manual_seed(n * 1000 + d_ff)
+    keys = torch.randn(n, d_ff, generator=gen, dtype=torch.float64)
+    resid = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    c0 = random_spd(d_ff, gen)
+
+    delta = memit_delta(keys, resid, c0, lam)
+    assert delta.dtype == torch.float64 and tuple(delta.shape) == (d, d_ff)
+    expected = lstsq_delta(keys, resid, c0, lam)
+    assert torch.linalg.norm(delta - expected) <= 1e-8 * torch.linalg.norm(expected)
+
+    # first-order optimality: d/dD = 2 (D K - R) K^T + 2 lam D C0 = 0
+    grad = 2 * (delta @ keys.T - resid.T) @ keys + 2 * lam * delta @ c0
+    scale = 2 * (resid.T @ keys).norm() + 1.0
+    assert grad.norm() <= 1e-9 * scale
+
+    # and it is a minimum: any perturbation increases the objective
+    best = objective(delta, keys, resid, c0, lam)
+    for _ in range(5):
+        bumped = delta + 1e-3 * torch.randn(delta.shape, generator=gen, dtype=torch.float64)
+        assert objective(bumped, keys, resid, c0, lam) > best
+
+
+def test_memit_delta_with_a_weak_prior_writes_the_residuals():
+    """lam -> 0 with independent keys: D k_i = r_i exactly (the edit lands)."""
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    resid = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    delta = memit_delta(keys, resid, random_spd(8, gen), 1e-9)
+    torch.testing.assert_close(keys @ delta.T, resid, rtol=1e-6, atol=1e-6)
+
+
+def test_memit_delta_accepts_float32_and_computes_in_float64():
+    gen = torch.Generator().manual_seed(4)
+    keys = torch.randn(3, 8, generator=gen)
+    resid = torch.randn(3, 5, generator=gen)
+    c0 = random_spd(8, gen)
+    delta = memit_delta(keys, resid, c0, 2.0)
+    assert delta.dtype == torch.float64
+    expected = lstsq_delta(keys.double(), resid.double(), c0, 2.0)
+    assert torch.linalg.norm(delta - expected) <= 1e-8 * torch.linalg.norm(expected)
+
+
+def test_layer_statistics_shapes_and_values():
+    gen = torch.Generator().manual_seed(5)
+    keys = torch.randn(4, 7, generator=gen)
+    resid = torch.randn(4, 3, generator=gen)
+    rk, kk = layer_statistics(keys, resid)
+    assert rk.dtype == kk.dtype == torch.float64
+    assert tuple(rk.shape) == (3, 7) and tuple(kk.shape) == (7, 7)
+    expected_rk = sum(torch.outer(resid[i].double(), keys[i].double()) for i in range(4))
+    expected_kk = sum(torch.outer(keys[i].double(), keys[i].double()) for i in range(4))
+    torch.testing.assert_close(rk, expected_rk, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kk, expected_kk, rtol=1e-12, atol=1e-12)
+
+
+def test_layer_statistics_are_additive_over_requests():
+    """Stats of all requests == sum of the stats of any partition (what CollabEdit aggregates)."""
+    gen = torch.Generator().manual_seed(6)
+    keys = torch.randn(10, 12, generator=gen, dtype=torch.float64)
+    resid = torch.randn(10, 4, generator=gen, dtype=torch.float64)
+    c0 = random_spd(12, gen)
+    parts = [slice(0, 3), slice(3, 4), slice(4, 10)]
+    rk_all, kk_all = layer_statistics(keys, resid)
+    stats = [layer_statistics(keys[p], resid[p]) for p in parts]
+    rk_sum = sum(s[0] for s in stats)
+    kk_sum = sum(s[1] for s in stats)
+    torch.testing.assert_close(rk_sum, rk_all, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kk_sum, kk_all, rtol=1e-12, atol=1e-12)
+    # so solving from the summed statistics is the centralised edit of all requests
+    torch.testing.assert_close(solve_update(rk_sum, kk_sum, c0, 7.0), memit_delta(keys, resid, c0, 7.0),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("where", ["rk", "kk", "c0"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_solve_update_refuses_non_finite_statistics(where, bad):
+    gen = torch.Generator().manual_seed(7)
+    keys = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    resid = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    rk, kk = layer_statistics(keys, resid)
+    c0 = random_spd(6, gen)
+    args = {"rk": rk.clone(), "kk": kk.clone(), "c0": c0.clone()}
+    args[where][1, 2] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        solve_update(args["rk"], args["kk"], args["c0"], 10.0)
+    with pytest.raises(ValueError):
+        if where == "rk":
+            memit_delta(keys, torch.where(torch.arange(4) == 1, bad, resid), c0, 10.0)
+        elif where == "kk":
+            memit_delta(torch.where(torch.arange(6) == 2, bad, keys), resid, c0, 10.0)
+        else:
+            memit_delta(keys, resid, args["c0"], 10.0)
