@@ -11,7 +11,6 @@ speed-up and ES/PS/NS/Score of both edited models.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import resource
@@ -34,11 +33,19 @@ def default_data() -> Path | None:
     return shared / "counterfact" / "counterfact-val.json" if shared else None
 
 
+def default_wikitext() -> Path | None:
+    from fededit_core.paths import shared_data_dir
+
+    shared = shared_data_dir()
+    return shared / "wikitext" / "wiki.test.raw" if shared else None
+
+
 def run(args) -> int:
     from fededit_core.covariance import CovarianceStore
     from fededit_core.datasets import load_requests
     from fededit_core.memit import MemitEditor
     from fededit_core.metrics import counterfact_metrics
+    from fededit_core.mkv import apply_mkvs, compute_mkvs
     from fededit_core.models import load_model
     from fededit_core.pipeline import configure_threads, hparams_for
     from fededit_core.report import format_table
@@ -79,10 +86,29 @@ def run(args) -> int:
                              **{k: metrics[k] for k in ("es", "ps", "ns", "score")}}
             rows.append({"z optimiser": name, **results[name],
                          "edits/s": len(requests) / results[name]["total_s"]})
+        # the same batched z written text-free (MKVs on a fresh copy) and with a WikiText C0
         editor.reset()
+        extra, wiki_cov_s = {}, None
+        z = editor.compute_z(requests, progress=False)
+        mkvs = compute_mkvs(editor, requests, z=z)
+        apply_mkvs(editor, mkvs)
+        extra["mkv_apply"] = counterfact_metrics(model, tok, requests)
+        editor.reset()
+        wiki = args.compare_cov or default_wikitext()
+        if wiki and Path(wiki).is_file():
+            wiki_store = CovarianceStore(model, tok, str(wiki), hp.cov_samples, hp.cov_seq_len, root=Path(cold_root))
+            started = time.perf_counter()
+            wiki_store.get_many(list(hp.layers))
+            wiki_cov_s = time.perf_counter() - started
+            MemitEditor(model, tok, hp, templates=editor.templates, covariance=wiki_store).edit(requests, z=z)
+            extra["wikitext_c0"] = counterfact_metrics(model, tok, requests)
+            editor.reset()
+        for name, metrics in extra.items():
+            results[name] = {k: metrics[k] for k in ("es", "ps", "ns", "score")}
+            rows.append({"z optimiser": f"batched, {name.replace('_', ' ')}", **results[name]})
 
     out = {"n": len(requests), "data": str(data), "model": args.model, "hparams": hp.model_dump(),
-           "cov_cold_s": cov_cold, "cov_cached_s": cov_cached,
+           "cov_cold_s": cov_cold, "cov_cached_s": cov_cached, "wikitext_cov_s": wiki_cov_s,
            "batched_s": results["batched"]["total_s"], "batched_z_s": results["batched"]["z_s"],
            "layers_s": results["batched"]["layers_s"],
            "edits_per_s": len(requests) / results["batched"]["total_s"],
@@ -101,7 +127,7 @@ def run(args) -> int:
     print(f"MEMIT on {args.model}, {len(requests)} CounterFact edits from {data.name}, layers {list(hp.layers)}, "
           f"{torch.get_num_threads()} threads")
     print(f"C0: {cov_cold:.1f} s cold ({hp.cov_source}, {hp.cov_samples} x {hp.cov_seq_len} tokens), "
-          f"{cov_cached:.2f} s cached")
+          f"{cov_cached:.2f} s cached" + (f"; WikiText C0 {wiki_cov_s:.1f} s cold" if wiki_cov_s else ""))
     print(format_table([{"z optimiser": "unedited", **{k: unedited[k] for k in ("es", "ps", "ns", "score")}}] + rows,
                        ["z optimiser", "z_s", "layers_s", "total_s", "edits/s", "mean_steps", "es", "ps", "ns", "score"]))
     if "speedup" in out:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 LAYER_SETS = [(2, 3, 4, 5, 6), (3, 4, 5, 6, 7), (4, 5, 6, 7, 8), (6, 7, 8, 9, 10), (8, 9, 10, 11, 12)]
-LAMBDAS = [5000.0, 15000.0, 50000.0]
+LAMBDAS = [1000.0, 5000.0, 15000.0]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="CounterFact file (default: ../shared/data/counterfact/counterfact-val.json)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--skip-reference", action="store_true", help="skip the one-at-a-time z loop")
+    p.add_argument("--compare-cov", help="text file for a second C0 (default: ../shared/data/wikitext/wiki.test.raw)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -169,9 +169,14 @@ class CovarianceStore:
         return folder / name
 
     def describe(self) -> dict:
-        """What a federation compares to be sure every party builds the same C0."""
-        return {"source": self.source if self.source == "self" else Path(self.source).name,
-                "n_samples": self.n_samples, "seq_len": self.seq_len, "seed": self.seed}
+        """What a federation compares to be sure every party builds the same C0: the corpus by
+        content (a file's sha256), never by a local path, and the sampling settings."""
+        source = self.source
+        file = Path(self.source).expanduser()
+        if source != "self" and not source.startswith("hf:") and file.is_file():
+            source = "file:" + hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+        return {"source": source, "n_samples": self.n_samples, "seq_len": self.seq_len, "seed": self.seed,
+                "model": self.fingerprint}
 
     def get(self, layer: int) -> torch.Tensor:
         return self.get_many([layer])[layer]

@@ -18,7 +18,7 @@ class MEMITHyperParams(BaseModel):
     clamp_norm_factor: float = Field(4.0, gt=0, description="|delta| <= factor * |h_L|")
     kl_factor: float = Field(0.0625, ge=0)
     stop_prob: float = Field(0.95, gt=0, le=1.0,
-                             description="a request stops once its mean target-token probability exceeds this")
+                             description="a request stops once exp(-mean target-token NLL) exceeds this")
     batch_size: int = Field(32, ge=1, description="requests optimised together")
     autocast: str | None = Field(None, description="bf16/fp16 autocast of the z optimisation, or None")
     cov_source: str = Field("self", description="'self' (sampled from the model), a text file, or hf:<dataset>")

@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -36,6 +35,7 @@ from .tokens import encode_target, encode_with_subject, pad_right
 from .trace import capture_outputs, run_until
 
 KL_PROMPT = "{} is a"
+N_CHUNKS = 3  # rows of one step go through the network in this many length-sorted chunks
 REFERENCE_STOP_LOSS = 5e-2
 
 
@@ -76,7 +76,7 @@ def build_rows(tok, requests: list[EditRequest], templates: ContextTemplates) ->
                 t_pos.append(len(ids) - 1 + j)
                 t_tok.append(token)
         ids, idx = encode_with_subject(tok, KL_PROMPT, request.subject)
-        seqs.append(ids)
+        seqs.append(ids[: idx + 1])  # the KL term reads the last subject token: nothing after it matters
         lookup.append(idx)
         req_of_row.append(r)
         is_kl.append(True)
@@ -92,7 +92,7 @@ class ZResult:
     z: torch.Tensor  # (n, d) target hidden state at layer L
     h: torch.Tensor  # (n, d) hidden state at layer L before the edit (the "{}" template)
     steps: list[int] = field(default_factory=list)  # optimisation steps per request
-    target_prob: list[float] = field(default_factory=list)  # mean target probability at the end
+    target_prob: list[float] = field(default_factory=list)  # exp(-mean target NLL) at the end
     seconds: float = 0.0
 
     @property
@@ -139,28 +139,29 @@ def _replay_from(model: nn.Module, family: ModelFamily, layer: int, as_tuple: bo
             blocks[i] = block
 
 
-def _per_request_loss(rows: ZRows, active_rows: torch.Tensor, local_req: torch.Tensor, n_active: int,
-                      hidden: torch.Tensor, lm_head: nn.Module):
-    """(NLL per request averaged over templates, KL log-probs per request) from final hidden states."""
+def _chunk_terms(rows: ZRows, chunk_rows: torch.Tensor, chunk_req: torch.Tensor, n_active: int,
+                 hidden: torch.Tensor, lm_head: nn.Module):
+    """Loss terms of one chunk of rows from its final hidden states (logits only where needed).
+
+    Returns the per-request sum over rewriting rows of each row's mean target-token NLL, the number of
+    such rows per request, and the next-token log-probs at the KL rows with their requests.
+    """
     device = hidden.device
     row_map = torch.full((rows.input_ids.shape[0],), -1, dtype=torch.long)
-    row_map[active_rows] = torch.arange(len(active_rows))
+    row_map[chunk_rows] = torch.arange(len(chunk_rows))
     keep = row_map[rows.target_row] >= 0
     t_local = row_map[rows.target_row[keep]].to(device)
     logits = lm_head(hidden[t_local, rows.target_pos[keep].to(device)]).float()
     token_lp = torch.log_softmax(logits, -1).gather(1, rows.target_tok[keep].to(device)[:, None])[:, 0]
-    # mean per-token NLL of each rewriting row, then mean over that request's rows
-    row_req = local_req.to(device)
-    tok_req = row_req[t_local]
+    row_req = chunk_req.to(device)
     tok_len = rows.target_len[rows.request[rows.target_row[keep]]].to(device).float()
-    nll_sum = torch.zeros(n_active, device=device).index_add(0, tok_req, -token_lp / tok_len)
-    is_kl = rows.is_kl[active_rows].to(device)
-    n_rows = torch.zeros(n_active, device=device).index_add(0, row_req[~is_kl], torch.ones_like(row_req[~is_kl], dtype=torch.float))
-    nll = nll_sum / n_rows
+    nll_sum = torch.zeros(n_active, device=device).index_add(0, row_req[t_local], -token_lp / tok_len)
+    is_kl = rows.is_kl[chunk_rows].to(device)
+    n_rows = torch.zeros(n_active, device=device).index_add(0, row_req[~is_kl], torch.ones(int((~is_kl).sum()), device=device))
     kl_rows = torch.nonzero(is_kl).flatten()
-    kl_lookup = rows.lookup[active_rows][kl_rows.cpu()].to(device)
-    kl_logp = torch.log_softmax(lm_head(hidden[kl_rows, kl_lookup]).float(), -1)  # one KL row per request
-    return nll, kl_logp
+    kl_lookup = rows.lookup[chunk_rows][kl_rows.cpu()].to(device)
+    kl_logp = torch.log_softmax(lm_head(hidden[kl_rows, kl_lookup]).float(), -1)
+    return nll_sum, n_rows, row_req[kl_rows], kl_logp
 
 
 def optimise_z(model: nn.Module, tok, requests: list[EditRequest], hp: MEMITHyperParams,
@@ -245,6 +246,8 @@ def _optimise_group(model, tok, requests, hp: MEMITHyperParams, templates: Conte
     split = _split_rows(rows, tok.pad_token_id).to(device)
     prefix_kv = _prefix_kv(base, split)  # the prefixes never change: through every block once
     full_mask = torch.cat([split.prefix_mask, split.suffix_mask], dim=1)
+    prefix_width = split.prefix_ids.shape[1]
+    suffix_len = split.suffix_mask.sum(1).cpu()
     name = f"{family.layers_path}.{layer}"
     as_tuple: dict = {}
 
@@ -281,17 +284,31 @@ def _optimise_group(model, tok, requests, hp: MEMITHyperParams, templates: Conte
             active_rows = rows.rows_of(active)
             local_of = torch.full((n,), -1, dtype=torch.long)
             local_of[active] = torch.arange(len(active))
-            local_req = local_of[rows.request[active_rows]]
-            ar_rows = active_rows.to(device)
-            value = cached[ar_rows].clone()
-            value[:, 0] = value[:, 0] + delta[active.to(device)][local_req.to(device)].to(cached.dtype)
-            replay.value = value
-            with precision:
-                hidden = base(input_ids=split.suffix_ids[ar_rows], attention_mask=full_mask[ar_rows],
-                              position_ids=split.suffix_pos[ar_rows],
-                              past_key_values=_cache_for(prefix_kv, ar_rows),
-                              use_cache=prefix_kv is not None).last_hidden_state
-                nll, kl_logp = _per_request_loss(rows_local, active_rows, local_req, len(active), hidden, lm_head)
+            inject = delta[active.to(device)]
+            nll_sum = torch.zeros(len(active), device=device)
+            n_rows = torch.zeros(len(active), device=device)
+            kl_parts, kl_reqs = [], []
+            # rows sorted by suffix length and cut into chunks, each padded only to its own longest
+            by_length = active_rows[torch.argsort(suffix_len[active_rows], stable=True)]
+            for chunk in torch.tensor_split(by_length, min(N_CHUNKS, len(by_length))):
+                width = int(suffix_len[chunk].max())
+                chunk_req = local_of[rows.request[chunk]]
+                dev_chunk = chunk.to(device)
+                value = cached[dev_chunk, :width].clone()
+                value[:, 0] = value[:, 0] + inject[chunk_req.to(device)].to(cached.dtype)
+                replay.value = value
+                with precision:
+                    hidden = base(input_ids=split.suffix_ids[dev_chunk, :width],
+                                  attention_mask=full_mask[dev_chunk, : prefix_width + width],
+                                  position_ids=split.suffix_pos[dev_chunk, :width],
+                                  past_key_values=_cache_for(prefix_kv, dev_chunk),
+                                  use_cache=prefix_kv is not None).last_hidden_state
+                    part_sum, part_rows, kl_req, kl_part = _chunk_terms(
+                        rows_local, chunk, chunk_req, len(active), hidden, lm_head)
+                nll_sum, n_rows = nll_sum + part_sum, n_rows + part_rows
+                kl_parts.append(kl_part), kl_reqs.append(kl_req)
+            nll = nll_sum / n_rows
+            kl_logp = torch.cat(kl_parts)[torch.argsort(torch.cat(kl_reqs))]  # one KL row per request
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
             kl_ref = kl_init[active.to(device)]
