@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +44,35 @@ def _hp_overrides(args) -> dict:
                 batch_size=args.batch_size, cov_source=args.cov_source, cov_samples=args.cov_samples)
 
 
+def _jsonable(value):
+    """``value`` with NaN/inf floats (an undefined rate, e.g. PS without paraphrases) as None: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _error_line(err: BaseException) -> str:
+    """One line for the terminal: pydantic's and transformers' messages span several lines."""
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        parts = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e.get("loc", ()))
+            msg = str(e.get("msg", "")).removeprefix("Value error, ")
+            if loc:
+                msg = f"{loc}: {msg} (got {e.get('input')!r})"
+            parts.append(msg)
+        text = f"invalid {err.title}: " + "; ".join(parts)
+    else:
+        text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
 def _generations(model, tok, prompts: list[str], max_new_tokens: int = 12) -> list[str]:
     from .metrics import generate_greedy
 
@@ -54,6 +87,9 @@ def cmd_edit(args) -> int:
     from .pipeline import make_editor
     from .report import format_table
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {str(out)!r} exists and is not a folder")
     requests = load_requests(args.requests, n=args.n)
     kind = dataset_kind(args.requests)
     editor = make_editor(args.model, args.device, args.dtype, **_hp_overrides(args))
@@ -76,15 +112,21 @@ def cmd_edit(args) -> int:
                         for r, b, a in zip(shown, before_text, after_text)]))
     print(f"\nMEMIT: {seconds:.1f} s ({result.seconds['covariance']:.1f} s C0, {result.seconds['z']:.1f} s z, "
           f"{result.seconds['layers']:.1f} s layer updates)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
     summary = {"requests": str(args.requests), "n": len(requests), "hparams": editor.hp.model_dump(),
                "templates": [list(g) for g in editor.templates.groups],
                "before": {k: v for k, v in before.items() if k != "per_request"},
                "after": {k: v for k, v in after.items() if k != "per_request"}, "seconds": result.seconds}
-    (out / "fededit_edit.json").write_text(json.dumps(summary, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:  # written whole into a staging folder, then moved into place: never half a model in --out
+        model.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        (staging / "fededit_edit.json").write_text(json.dumps(_jsonable(summary), indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"saved the edited model to {out}")
     return 0
 
@@ -115,8 +157,8 @@ def cmd_eval(args) -> int:
     print(format_table([{"model": args.model, **summary}], ["model", *columns]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**summary, "kind": kind, "model": args.model,
-                                               "data": str(args.data)}, indent=2))
+        Path(args.json).write_text(json.dumps(_jsonable({**summary, "kind": kind, "model": args.model,
+                                                         "data": str(args.data)}), indent=2))
     return 0
 
 
@@ -180,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (DataError, UnsupportedModelError, ModelLoadError, ValidationError, FileNotFoundError, ValueError) as err:
-        print(f"fededit: error: {err}", file=sys.stderr)
+    except (DataError, UnsupportedModelError, ModelLoadError, ValidationError, OSError, ValueError) as err:
+        print(f"fededit: error: {_error_line(err)}", file=sys.stderr)
         return 2
 
 

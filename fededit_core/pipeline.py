@@ -12,9 +12,12 @@ from .templates import ContextTemplates
 
 
 def configure_threads() -> None:
-    """Use every core for intra-op parallelism on CPU (torch's default can be lower in containers)."""
+    """Use every core for intra-op parallelism on CPU (torch's default can be lower in containers),
+    unless ``OMP_NUM_THREADS`` sets the number (torch has applied it already: it is left alone)."""
     import os
 
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, cores))
 
