@@ -60,7 +60,7 @@ FAMILY_DEFAULTS: dict[str, dict] = {
 # Known models, recognised by (model_type, hidden_size, num_hidden_layers, intermediate_size).
 MODEL_DEFAULTS: dict[tuple, dict] = {
     # SmolLM2-135M: chosen by `python -m bench.sweep_smollm2` (README, "SmolLM2 sweep")
-    ("llama", 576, 30, 1536): dict(layers=(4, 5, 6, 7, 8), mom2_weight=15000.0),
+    ("llama", 576, 30, 1536): dict(layers=(4, 5, 6, 7, 8), mom2_weight=5000.0),
 }
 
 

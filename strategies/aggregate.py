@@ -1,0 +1,38 @@
+"""Server-side merges on plain arrays.
+
+- EditAvg (FedAvg-style baseline): Delta_l = sum_c n_c Delta_l^c / sum_c n_c.
+- CollabEdit (Zheng et al., ICLR 2025): per layer, sum_c R_c K_c^T and sum_c K_c K_c^T; every client
+  then solves Delta = (sum R K^T)(lambda C0 + sum K K^T)^-1 with its identical C0, which equals one
+  MEMIT edit of all clients' requests together.
+- FedEdit serving: each client receives the MKV sets the *other* clients uploaded since a slot.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .store import MKVStore, Upload
+
+
+def edit_average(updates: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+    """Weighted mean of per-layer updates, weights = each client's number of edits."""
+    updates = [(n, arrays) for n, arrays in updates if n > 0]
+    if not updates:
+        raise ValueError("no client sent an update with edits")
+    names = set(updates[0][1])
+    if any(set(arrays) != names for _, arrays in updates):
+        raise ValueError("clients sent updates for different layers")
+    total = sum(n for n, _ in updates)
+    return {name: sum(n * arrays[name].astype(np.float64) for n, arrays in updates) / total for name in sorted(names)}
+
+
+def sum_statistics(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Elementwise float64 sums of R K^T and K K^T over clients."""
+    if not parts:
+        raise ValueError("no statistics to sum")
+    return {name: sum(p[name].astype(np.float64) for p in parts) for name in ("rk", "kk")}
+
+
+def mkvs_for(store: MKVStore, run_id: str, client: str, after_slot: int | None) -> list[Upload]:
+    """FedEdit's serve step: the other clients' MKV sets uploaded after ``after_slot``."""
+    return store.uploads(run_id, exclude_client=client, after_slot=after_slot)

@@ -1,0 +1,157 @@
+"""Server-side logic on plain arrays: the MKV store, upload validation, merges; Eq. 8 and tags."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fededit_core.gating import best_match_similarity, reedit_decision
+from fededit_core.requests import EditRequest
+from fededit_core.tags import normalise, request_tag
+from strategies.aggregate import edit_average, mkvs_for, sum_statistics
+from strategies.store import MKVStore
+from strategies.validation import (FederationSpec, UploadError, validate_delta_upload, validate_mkv_upload,
+                                   validate_stats_upload)
+
+SPEC = FederationSpec(fingerprint="f" * 32, d_model=8, d_ff=16, layers=(1, 2), max_items=10)
+
+
+def mkv_arrays(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"z": rng.standard_normal((n, 8)).astype(np.float32),
+            "delta": rng.standard_normal((n, 8)).astype(np.float32),
+            "keys": rng.standard_normal((n, 2, 16)).astype(np.float32),
+            "layers": np.array([1, 2])}
+
+
+def test_store_keeps_exactly_the_uploads_and_survives_a_restart(tmp_path):
+    path = tmp_path / "mkv.sqlite"
+    store = MKVStore(path)
+    a, b = mkv_arrays(3, 1), mkv_arrays(2, 2)
+    store.put("run", "c0", 0, SPEC.fingerprint, ["a", "b", "c"], ["t1", "t2", None], a)
+    store.put("run", "c1", 0, SPEC.fingerprint, ["d", "e"], ["t3", "t1"], b)
+    store.close()
+    store = MKVStore(path)  # a restarted server sees everything
+    assert store.count("run") == 5 and store.last_slot("run") == 0
+    got = {u.client: u for u in store.uploads("run")}
+    for name in a:
+        np.testing.assert_array_equal(got["c0"].arrays[name], a[name])
+        np.testing.assert_array_equal(got["c1"].arrays[name], b[name])
+    assert got["c0"].ids == ["a", "b", "c"] and got["c0"].tags == ["t1", "t2", None]
+    assert got["c0"].arrays["z"].dtype == np.float32
+
+
+def test_reupload_of_a_slot_replaces_and_others_are_served(tmp_path):
+    store = MKVStore(tmp_path / "mkv.sqlite")
+    store.put("run", "c0", 0, SPEC.fingerprint, ["a"], [None], mkv_arrays(1, 1))
+    store.put("run", "c0", 0, SPEC.fingerprint, ["a", "b"], [None, None], mkv_arrays(2, 2))
+    store.put("run", "c1", 0, SPEC.fingerprint, ["x"], [None], mkv_arrays(1, 3))
+    store.put("run", "c1", 1, SPEC.fingerprint, ["y"], [None], mkv_arrays(1, 4))
+    store.put("other-run", "c1", 1, SPEC.fingerprint, ["y"], [None], mkv_arrays(1, 4))
+    assert store.count("run") == 4
+    served = mkvs_for(store, "run", "c0", after_slot=None)
+    assert [(u.client, u.slot) for u in served] == [("c1", 0), ("c1", 1)]
+    assert [(u.client, u.slot) for u in mkvs_for(store, "run", "c0", after_slot=0)] == [("c1", 1)]
+    assert all(u.client != "c1" for u in mkvs_for(store, "run", "c1", after_slot=None))
+
+
+def test_tags_are_found_at_their_first_upload(tmp_path):
+    store = MKVStore(tmp_path / "mkv.sqlite")
+    first = store.put("run", "c0", 0, SPEC.fingerprint, ["a", "b"], ["t1", "t2"], mkv_arrays(2))
+    store.put("run", "c1", 1, SPEC.fingerprint, ["c"], ["t1"], mkv_arrays(1))
+    assert store.find_tags("run", ["t1", "t2", "t9"]) == {"t1": (first, 0), "t2": (first, 1)}
+    assert store.find_tags("other", ["t1"]) == {}
+
+
+def test_a_good_mkv_upload_passes():
+    assert validate_mkv_upload("c0", SPEC.fingerprint, ["a", "b"], mkv_arrays(2), SPEC) == 2
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda a: a.pop("keys"), "missing"),
+    (lambda a: a.update(extra=np.zeros(3)), "unexpected"),
+    (lambda a: a.update(z=np.zeros((2, 9), np.float32)), "shape"),
+    (lambda a: a.update(keys=np.zeros((2, 2, 15), np.float32)), "shape"),
+    (lambda a: a.update(z=np.full((2, 8), np.nan, np.float32)), "NaN"),
+    (lambda a: a.update(delta=np.zeros((2, 8), np.int32)), "dtype"),
+    (lambda a: a.update(layers=np.array([1, 3])), "layers"),
+])
+def test_bad_mkv_uploads_are_refused(mutate, message):
+    arrays = mkv_arrays(2)
+    mutate(arrays)
+    with pytest.raises(UploadError, match=message) as err:
+        validate_mkv_upload("c7", SPEC.fingerprint, ["a", "b"], arrays, SPEC)
+    assert "client c7" in str(err.value)
+
+
+def test_mkv_upload_limits_ids_and_fingerprint():
+    with pytest.raises(UploadError, match="fingerprint"):
+        validate_mkv_upload("c0", "0" * 32, ["a", "b"], mkv_arrays(2), SPEC)
+    with pytest.raises(UploadError, match="limit"):
+        validate_mkv_upload("c0", SPEC.fingerprint, [str(i) for i in range(11)], mkv_arrays(11), SPEC)
+    with pytest.raises(UploadError, match="distinct"):
+        validate_mkv_upload("c0", SPEC.fingerprint, ["a", "a"], mkv_arrays(2), SPEC)
+
+
+def test_delta_and_statistics_uploads_are_checked():
+    good = {f"delta.{l}": np.zeros((8, 16), np.float32) for l in (1, 2)}
+    validate_delta_upload("c0", SPEC.fingerprint, good, SPEC)
+    with pytest.raises(UploadError, match="shape"):
+        validate_delta_upload("c0", SPEC.fingerprint, {**good, "delta.2": np.zeros((16, 8), np.float32)}, SPEC)
+    k = np.random.default_rng(0).standard_normal((5, 16))
+    stats = {"rk": np.zeros((8, 16)), "kk": k.T @ k}
+    validate_stats_upload("c0", SPEC.fingerprint, stats, SPEC, layer=1)
+    with pytest.raises(UploadError, match="symmetric"):
+        validate_stats_upload("c0", SPEC.fingerprint, {**stats, "kk": stats["kk"] + np.triu(np.ones((16, 16)))},
+                              SPEC, layer=1)
+    with pytest.raises(UploadError, match="not edited"):
+        validate_stats_upload("c0", SPEC.fingerprint, stats, SPEC, layer=5)
+
+
+def test_edit_average_weights_by_edit_count():
+    a, b = {"delta.1": np.ones((2, 2))}, {"delta.1": np.full((2, 2), 4.0)}
+    np.testing.assert_allclose(edit_average([(1, a), (3, b)])["delta.1"], np.full((2, 2), 3.25))
+    assert set(edit_average([(0, {"x": np.ones(1)}), (2, a)])) == {"delta.1"}
+    with pytest.raises(ValueError, match="different layers"):
+        edit_average([(1, a), (1, {"delta.2": np.ones((2, 2))})])
+
+
+def test_statistics_sum_is_the_statistics_of_the_union():
+    rng = np.random.default_rng(0)
+    keys, resid = rng.standard_normal((7, 16)), rng.standard_normal((7, 8))
+    parts = [{"rk": resid[s].T @ keys[s], "kk": keys[s].T @ keys[s]} for s in (slice(0, 3), slice(3, 7))]
+    total = sum_statistics(parts)
+    np.testing.assert_allclose(total["rk"], resid.T @ keys)
+    np.testing.assert_allclose(total["kk"], keys.T @ keys)
+
+
+def test_reedit_condition_on_constructed_vectors():
+    own = torch.eye(4)[:4] * 3.0  # four orthogonal directions
+    related = torch.stack([torch.eye(4)[0] + 0.01, torch.eye(4)[1] * 2])  # matches 2 of 4 own z
+    unrelated = -torch.eye(4)[:2]
+    keep, fraction = reedit_decision(own, related, alpha=0.9)
+    assert keep and fraction == pytest.approx(0.5)
+    keep, fraction = reedit_decision(own, unrelated, alpha=0.0)
+    assert not keep and fraction == 0.0
+    keep, _ = reedit_decision(own[:3], related, alpha=0.9)  # 2 of 3 own z match
+    assert keep
+    keep, fraction = reedit_decision(own, related[:1], alpha=0.9)  # 1 of 4
+    assert not keep and fraction == pytest.approx(0.25)
+    assert reedit_decision(own, torch.zeros(0, 4), 0.5) == (False, 0.0)
+    sims = best_match_similarity(own, related)
+    assert sims[0] > 0.99 and sims[2] == pytest.approx(0.01 / float(related[0].norm()), abs=1e-6)
+    with pytest.raises(ValueError, match="one d"):
+        best_match_similarity(own, torch.zeros(2, 5))
+
+
+def test_request_tags_match_normalised_requests_only():
+    secret = b"s" * 32
+    a = EditRequest(case_id="1", subject="Eiffel Tower", prompt="The {} is in", target_new="Rome")
+    b = EditRequest(case_id="2", subject="eiffel  tower", prompt="The {}  is in", target_new="ROME")
+    c = EditRequest(case_id="3", subject="Eiffel Tower", prompt="The {} is in", target_new="Paris")
+    assert request_tag(a, secret) == request_tag(b, secret) != request_tag(c, secret)
+    assert request_tag(a, secret) != request_tag(a, b"t" * 32)
+    assert normalise("  A\u00a0B ") == "a b"
+    with pytest.raises(ValueError, match="16 bytes"):
+        request_tag(a, b"short")
