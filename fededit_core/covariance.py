@@ -178,6 +178,9 @@ class CovarianceStore:
         return {"source": source, "n_samples": self.n_samples, "seq_len": self.seq_len, "seed": self.seed,
                 "model": self.fingerprint}
 
+    def in_memory(self, layers: list[int]) -> bool:
+        return all(layer in self._memory for layer in layers)
+
     def get(self, layer: int) -> torch.Tensor:
         return self.get_many([layer])[layer]
 

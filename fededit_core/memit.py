@@ -133,10 +133,13 @@ class MemitEditor:
 
     def c0(self) -> dict[int, torch.Tensor]:
         """C0 of every edited layer, always measured on the base model (cached after the first call)."""
+        layers = list(self.hp.layers)
+        if self.covariance.in_memory(layers):
+            return self.covariance.get_many(layers)
         current = self.edited_layers()
         self.reset()
         try:
-            return self.covariance.get_many(list(self.hp.layers))
+            return self.covariance.get_many(layers)
         finally:
             self.load_layers(current)
 
@@ -145,24 +148,34 @@ class MemitEditor:
         fn = optimise_z_reference if reference else optimise_z
         return fn(self.model, self.tok, requests, self.hp, self.templates, progress=progress)
 
+    def layer_inputs(self, requests: list[EditRequest], z: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (n, d_ff) at the i-th edited layer and residuals (z - h_L) / (layers left), (n, d),
+        both read off the current (partly edited) model."""
+        layer = self.hp.layers[i]
+        keys = compute_keys(self.model, self.tok, requests, layer, self.templates)
+        current = hidden_at_subject(self.model, self.tok, requests, self.hp.z_layer)
+        return keys, (z - current) / (len(self.hp.layers) - i)
+
+    def apply_statistics(self, layer: int, rk: torch.Tensor, kk: torch.Tensor) -> torch.Tensor:
+        """W_layer += (R K^T)(lambda C0 + K K^T)^-1; the statistics may be sums over clients (CollabEdit)."""
+        delta = solve_update(rk.to(self.device), kk.to(self.device), self.c0()[layer], self.hp.mom2_weight)
+        self.family.add_update(self.model, layer, delta)
+        return delta
+
     def edit(self, requests: list[EditRequest], z: ZResult | None = None, progress: bool = True) -> EditResult:
         """Text-based MEMIT of ``requests`` on the current model (optimising z unless given)."""
         if not requests:
             raise ValueError("no edit requests given")
         started = time.perf_counter()
-        c0 = self.c0()
+        self.c0()  # built (on the base model) or loaded before anything is timed as editing
         seconds = {"covariance": time.perf_counter() - started}
         z = z or self.compute_z(requests, progress=progress)
         seconds["z"] = z.seconds
         result = EditResult(z=z, seconds=seconds)
         started = time.perf_counter()
-        n_layers = len(self.hp.layers)
         for i, layer in enumerate(self.hp.layers):
-            keys = compute_keys(self.model, self.tok, requests, layer, self.templates)
-            current = hidden_at_subject(self.model, self.tok, requests, self.hp.z_layer)
-            resid = (z.z - current) / (n_layers - i)
-            delta = memit_delta(keys.to(self.device), resid.to(self.device), c0[layer], self.hp.mom2_weight)
-            self.family.add_update(self.model, layer, delta)
+            keys, resid = self.layer_inputs(requests, z.z, i)
+            delta = self.apply_statistics(layer, *layer_statistics(keys.to(self.device), resid.to(self.device)))
             result.deltas[layer], result.keys[layer] = delta.float(), keys
         seconds["layers"] = time.perf_counter() - started
         return result

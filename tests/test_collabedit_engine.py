@@ -1,0 +1,68 @@
+"""CollabEdit on the engine: summing clients' R K^T and K K^T per layer equals one global MEMIT edit."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from fededit_core.hparams import MEMITHyperParams
+from fededit_core.memit import MemitEditor, layer_statistics
+from fededit_core.requests import EditRequest
+from fededit_core.templates import ContextTemplates
+from fededit_core.zopt import ZResult
+
+try:
+    from tests.tiny import tiny_model_and_tokenizer
+except ImportError:  # pragma: no cover
+    from tiny import tiny_model_and_tokenizer
+
+TEMPLATES = ContextTemplates(groups=(("{}",), ("Hello. {}", "Yes. {}")))
+REQUESTS = [
+    EditRequest(case_id="a", subject="Anna", prompt="{} lives in", target_new="Rome"),
+    EditRequest(case_id="b", subject="Boris", prompt="{} works for", target_new="Acme"),
+    EditRequest(case_id="c", subject="Cleo", prompt="The home of {} is", target_new="Oslo"),
+    EditRequest(case_id="d", subject="Dan", prompt="{} plays", target_new="chess"),
+]
+
+
+def _editor(model, tok, corpus):
+    from fededit_core.covariance import CovarianceStore
+
+    hp = MEMITHyperParams(layers=(1, 2), mom2_weight=10.0, v_steps=4, cov_source=str(corpus), cov_samples=8,
+                          cov_seq_len=16)
+    store = CovarianceStore(model, tok, hp.cov_source, hp.cov_samples, hp.cov_seq_len)
+    return MemitEditor(model, tok, hp, templates=TEMPLATES, covariance=store)
+
+
+def test_summed_statistics_equal_the_global_edit(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDEDIT_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog.\n" * 40)
+    model, tok = tiny_model_and_tokenizer("llama", seed=3)
+    central = _editor(model, tok, corpus)
+    z = central.compute_z(REQUESTS, progress=False)
+
+    # the federation: two clients holding identical copies of the shared model
+    clients = [_editor(copy.deepcopy(model), tok, corpus) for _ in range(2)]
+    parts = [REQUESTS[:2], REQUESTS[2:]]
+    z_parts = [z.z[:2], z.z[2:]]
+    for i, layer in enumerate(central.hp.layers):
+        stats = []
+        for client, requests, z_part in zip(clients, parts, z_parts):
+            keys, resid = client.layer_inputs(requests, z_part, i)
+            stats.append(layer_statistics(keys, resid))
+        rk, kk = (sum(s[j] for s in stats) for j in (0, 1))  # what the server returns
+        for client in clients:
+            client.apply_statistics(layer, rk, kk)
+
+    central.edit(REQUESTS, z=ZResult(z.z, z.h))
+    for layer in central.hp.layers:
+        global_edit = central.weight_shift(layer)
+        assert global_edit.abs().max() > 1e-4  # the edit is not trivial
+        for client in clients:
+            # equal up to float32 rounding of the stored weights
+            torch.testing.assert_close(client.weight_shift(layer), global_edit, rtol=1e-4,
+                                       atol=1e-5 * float(global_edit.abs().max()))
+    # and the two clients end with the same model
+    torch.testing.assert_close(clients[0].edited_layers()[2], clients[1].edited_layers()[2])
