@@ -37,6 +37,8 @@ def _add_hparam_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="requests optimised together")
     p.add_argument("--cov-source", help="'self', a text file, or hf:<dataset>")
     p.add_argument("--cov-samples", type=int)
+    p.add_argument("--templates", help="JSON file of context templates ({\"groups\": [[\"{}\"], [...]]}) "
+                                       "instead of sampling them from the model")
 
 
 def _hp_overrides(args) -> dict:
@@ -92,7 +94,12 @@ def cmd_edit(args) -> int:
         raise FileExistsError(f"--out {str(out)!r} exists and is not a folder")
     requests = load_requests(args.requests, n=args.n)
     kind = dataset_kind(args.requests)
-    editor = make_editor(args.model, args.device, args.dtype, **_hp_overrides(args))
+    templates = None
+    if getattr(args, "templates", None):
+        from .templates import ContextTemplates
+
+        templates = ContextTemplates.model_validate_json(Path(args.templates).read_text())
+    editor = make_editor(args.model, args.device, args.dtype, templates=templates, **_hp_overrides(args))
     model, tok = editor.model, editor.tok
     print(f"editing {len(requests)} request(s) from {args.requests} into {args.model} "
           f"(layers {list(editor.hp.layers)}, lambda {editor.hp.mom2_weight:g})", file=sys.stderr)
@@ -113,7 +120,7 @@ def cmd_edit(args) -> int:
     print(f"\nMEMIT: {seconds:.1f} s ({result.seconds['covariance']:.1f} s C0, {result.seconds['z']:.1f} s z, "
           f"{result.seconds['layers']:.1f} s layer updates)")
     summary = {"requests": str(args.requests), "n": len(requests), "hparams": editor.hp.model_dump(),
-               "templates": [list(g) for g in editor.templates.groups],
+               "templates": editor.templates.model_dump(mode="json"),
                "before": {k: v for k, v in before.items() if k != "per_request"},
                "after": {k: v for k, v in after.items() if k != "per_request"}, "seconds": result.seconds}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -216,7 +216,8 @@ def test_edit_saves_the_edited_model_and_a_summary(files, tmp_path, capsys):
     hp = summary["hparams"]
     assert hp["layers"] == [1, 2] and hp["mom2_weight"] == 10.0
     assert hp["cov_source"] == str(files["corpus"]) and hp["cov_samples"] == 8
-    assert summary["templates"][0] == ["{}"] and all("{}" in t for g in summary["templates"] for t in g)
+    groups = summary["templates"]["groups"]
+    assert groups[0] == ["{}"] and all("{}" in t for g in groups for t in g)
     for when in ("before", "after"):
         assert set(summary[when]) == {"n", "es", "ps", "ns", "score"}
         assert summary[when]["n"] == 2
@@ -230,6 +231,18 @@ def test_edit_saves_the_edited_model_and_a_summary(files, tmp_path, capsys):
     reloaded = json.loads(metrics.read_text())
     for key in ("n", "es", "ps", "ns", "score"):
         assert reloaded[key] == pytest.approx(summary["after"][key]), key
+
+
+def test_edit_takes_context_templates_as_input(files, tmp_path):
+    """Parties can share templates: the summary's templates feed the next edit unchanged."""
+    templates = tmp_path / "templates.json"
+    templates.write_text(json.dumps({"groups": [["{}"], ["Hello there. {}", "Well. {}"]], "seed": None}))
+    out = tmp_path / "edited"
+    assert main(_edit_argv(files, out, "--n", "1", "--layers", "1,2", "--templates", str(templates))) == 0
+    summary = json.loads((out / "fededit_edit.json").read_text())
+    assert summary["templates"]["groups"] == [["{}"], ["Hello there. {}", "Well. {}"]]
+    templates.write_text(json.dumps({"groups": [["no slot here"]]}))
+    assert main(_edit_argv(files, tmp_path / "other", "--n", "1", "--templates", str(templates))) == 2
 
 
 # --- bad input ------------------------------------------------------------------------------------
