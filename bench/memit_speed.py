@@ -57,27 +57,29 @@ def run(args) -> int:
     requests = load_requests(data, n=args.n)
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     overrides = {k: getattr(args, k, None) for k in ("layers", "mom2_weight", "v_steps", "batch_size",
-                                                      "cov_source", "cov_samples")}
+                                                      "cov_source", "cov_samples", "autocast")}
     hp = hparams_for(model, **overrides)
     unedited = counterfact_metrics(model, tok, requests)
 
     with tempfile.TemporaryDirectory(prefix="fededit-cov-") as cold_root:
+        cov_root = None if args.no_cold else Path(cold_root)  # None: the project cache
         started = time.perf_counter()
-        store = CovarianceStore(model, tok, hp.cov_source, hp.cov_samples, hp.cov_seq_len, root=Path(cold_root))
+        store = CovarianceStore(model, tok, hp.cov_source, hp.cov_samples, hp.cov_seq_len, root=cov_root)
         store.get_many(list(hp.layers))
-        cov_cold = time.perf_counter() - started
+        cov_cold = None if args.no_cold else time.perf_counter() - started
         started = time.perf_counter()
-        cached = CovarianceStore(model, tok, hp.cov_source, hp.cov_samples, hp.cov_seq_len, root=Path(cold_root))
+        cached = CovarianceStore(model, tok, hp.cov_source, hp.cov_samples, hp.cov_seq_len, root=cov_root)
         cached.get_many(list(hp.layers))
         cov_cached = time.perf_counter() - started
         editor = MemitEditor(model, tok, hp, covariance=cached)
 
-        rows, results = [], {}
+        rows, results, zs = [], {}, {}
         for name, reference in (("batched", False), ("one_at_a_time", True)):
             if reference and args.skip_reference:
                 continue
             editor.reset()
             z = editor.compute_z(requests, reference=reference)
+            zs[name] = z
             result = editor.edit(requests, z=z)
             metrics = counterfact_metrics(model, tok, requests)
             results[name] = {"z_s": z.seconds, "layers_s": result.seconds["layers"],
@@ -89,7 +91,7 @@ def run(args) -> int:
         # the same batched z written text-free (MKVs on a fresh copy) and with a WikiText C0
         editor.reset()
         extra, wiki_cov_s = {}, None
-        z = editor.compute_z(requests, progress=False)
+        z = zs["batched"]
         mkvs = compute_mkvs(editor, requests, z=z)
         apply_mkvs(editor, mkvs)
         extra["mkv_apply"] = counterfact_metrics(model, tok, requests)
@@ -126,7 +128,8 @@ def run(args) -> int:
                    reference_es=ref["es"], reference_ps=ref["ps"], reference_ns=ref["ns"])
     print(f"MEMIT on {args.model}, {len(requests)} CounterFact edits from {data.name}, layers {list(hp.layers)}, "
           f"{torch.get_num_threads()} threads")
-    print(f"C0: {cov_cold:.1f} s cold ({hp.cov_source}, {hp.cov_samples} x {hp.cov_seq_len} tokens), "
+    cold_text = "not timed (--no-cold)" if cov_cold is None else f"{cov_cold:.1f} s cold"
+    print(f"C0: {cold_text} ({hp.cov_source}, {hp.cov_samples} x {hp.cov_seq_len} tokens), "
           f"{cov_cached:.2f} s cached" + (f"; WikiText C0 {wiki_cov_s:.1f} s cold" if wiki_cov_s else ""))
     print(format_table([{"z optimiser": "unedited", **{k: unedited[k] for k in ("es", "ps", "ns", "score")}}] + rows,
                        ["z optimiser", "z_s", "layers_s", "total_s", "edits/s", "mean_steps", "es", "ps", "ns", "score"]))

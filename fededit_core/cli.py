@@ -37,13 +37,15 @@ def _add_hparam_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="requests optimised together")
     p.add_argument("--cov-source", help="'self', a text file, or hf:<dataset>")
     p.add_argument("--cov-samples", type=int)
+    p.add_argument("--autocast", choices=["bf16", "fp16"], help="autocast the z optimisation")
     p.add_argument("--templates", help="JSON file of context templates ({\"groups\": [[\"{}\"], [...]]}) "
                                        "instead of sampling them from the model")
 
 
 def _hp_overrides(args) -> dict:
     return dict(layers=args.layers, mom2_weight=args.mom2_weight, v_steps=args.v_steps,
-                batch_size=args.batch_size, cov_source=args.cov_source, cov_samples=args.cov_samples)
+                batch_size=args.batch_size, cov_source=args.cov_source, cov_samples=args.cov_samples,
+                autocast=args.autocast)
 
 
 def _jsonable(value):
@@ -212,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="CounterFact file (default: ../shared/data/counterfact/counterfact-val.json)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--skip-reference", action="store_true", help="skip the one-at-a-time z loop")
+    p.add_argument("--no-cold", action="store_true", help="use the cached C0 instead of timing a cold build")
     p.add_argument("--compare-cov", help="text file for a second C0 (default: ../shared/data/wikitext/wiki.test.raw)")
     p.set_defaults(func=cmd_bench)
     return parser
