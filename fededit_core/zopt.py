@@ -10,10 +10,12 @@ every prompt (each context template followed by the target's first tokens, plus 
 
 with |delta| clamped to clamp_norm_factor * |h_L|.
 
-``optimise_z`` does this for a batch of requests at once and cheaply per step: the frozen layers
-up to L run once (their output is cached and replayed), logits are computed only at the target
-positions and the KL positions, converged requests leave the batch, and bf16/fp16 autocast is
-available. ``optimise_z_reference`` is the one-request-at-a-time loop of the reference code (full
+``optimise_z`` does this for a batch of requests at once and cheaply per step. Each prompt is cut
+at the last subject token: the prefix before it never sees delta, so its keys/values are computed
+once for every block and reused as a KV cache; blocks 0..L run once over the suffix and their
+output is replayed with delta injected; each step runs only the blocks above L over the suffix
+tokens, in length-sorted chunks. Logits are computed only at the target and KL positions,
+converged requests leave the batch, and bf16/fp16 autocast is available. ``optimise_z_reference`` is the one-request-at-a-time loop of the reference code (full
 forward, full logits, stop on total loss < 5e-2), kept as the speed baseline.
 """
 
