@@ -144,18 +144,23 @@ def tiny_model_and_tokenizer(
     The weights depend only on ``family``, ``seed`` and the overrides (the global RNG is left alone).
     ``add_bos`` defaults to the family's habit (Llama and Mistral prepend ``<s>``).
     """
+    tok = tiny_tokenizer(add_bos=family in BOS_FAMILIES if add_bos is None else add_bos, pad_token=pad_token)
+    return _build(family, tok, seed, single_thread, config_overrides), tok
+
+
+def _build(family: str, tok, seed: int, single_thread: bool, config_overrides: dict):
+    """A random-weight model of ``family`` sized for ``tok``, seeded without touching global RNG."""
     if family not in _MODEL_CLASSES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     if single_thread:
         torch.set_num_threads(1)
-    tok = tiny_tokenizer(add_bos=family in BOS_FAMILIES if add_bos is None else add_bos, pad_token=pad_token)
     config = tiny_config(family, tok, **config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _MODEL_CLASSES[family](config)
     model.to(torch.float32)
     model.eval()
-    return model, tok
+    return model
 
 
 def tiny_model_with_words(
@@ -175,19 +180,10 @@ def tiny_model_with_words(
     ``head_scale`` multiplies the LM head so that the model can be confident (a random head with
     std 0.02 caps every probability near 1/vocab). The extra tokens get ids 259, 260, ...
     """
-    if family not in _MODEL_CLASSES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-    if single_thread:
-        torch.set_num_threads(1)
     tok = tiny_tokenizer(add_bos=family in BOS_FAMILIES, pad_token=pad_token)
     if words:
         tok.add_tokens(list(words))
-    config = tiny_config(family, tok, **config_overrides)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = _MODEL_CLASSES[family](config)
-    model.to(torch.float32)
-    model.eval()
+    model = _build(family, tok, seed, single_thread, config_overrides)
     if head_scale != 1.0:
         with torch.no_grad():
             model.get_output_embeddings().weight.mul_(head_scale)
