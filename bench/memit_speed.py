@@ -73,14 +73,14 @@ def run(args) -> int:
         cov_cached = time.perf_counter() - started
         editor = MemitEditor(model, tok, hp, covariance=cached)
 
-        rows, results, zs = [], {}, {}
+        rows, results, edits = [], {}, {}
         for name, reference in (("batched", False), ("one_at_a_time", True)):
             if reference and args.skip_reference:
                 continue
             editor.reset()
             z = editor.compute_z(requests, reference=reference)
-            zs[name] = z
             result = editor.edit(requests, z=z)
+            edits[name] = result
             metrics = counterfact_metrics(model, tok, requests)
             results[name] = {"z_s": z.seconds, "layers_s": result.seconds["layers"],
                              "total_s": z.seconds + result.seconds["layers"],
@@ -91,11 +91,12 @@ def run(args) -> int:
         # the same batched z written text-free (MKVs on a fresh copy) and with a WikiText C0
         editor.reset()
         extra, wiki_cov_s = {}, None
-        z = zs["batched"]
-        mkvs = compute_mkvs(editor, requests, z=z)
-        apply_mkvs(editor, mkvs)
-        extra["mkv_apply"] = counterfact_metrics(model, tok, requests)
-        editor.reset()
+        z = edits["batched"].z
+        for keys_from, mkvs in (("edit", compute_mkvs(editor, requests, edit=edits["batched"])),
+                                ("base", compute_mkvs(editor, requests, z=z))):
+            apply_mkvs(editor, mkvs)
+            extra[f"mkv_apply_{keys_from}_keys"] = counterfact_metrics(model, tok, requests)
+            editor.reset()
         wiki = args.compare_cov or default_wikitext()
         if wiki and Path(wiki).is_file():
             wiki_store = CovarianceStore(model, tok, str(wiki), hp.cov_samples, hp.cov_seq_len, root=Path(cold_root))

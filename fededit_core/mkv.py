@@ -1,7 +1,8 @@
 """Mediator knowledge vectors (FedLEKE, Zhao et al. 2025): what a client shares instead of its facts.
 
-For each edit request: z (the target hidden state at layer L), delta = z - h_L(base) and the
-template-averaged key k_l at every edited layer l, all computed on the shared base model. No text.
+For each edit request: z (the target hidden state at layer L), delta = z - h_L(base) on the shared
+base model, and the template-averaged key k_l at every edited layer l (as the sender's MEMIT edit
+used it, see ``compute_mkvs``). No text.
 
 Applying MKVs needs no request text and no gradient descent. MEMIT's residual at layer i is
 z - h_L(current model); without the text, h_L(current) is estimated to first order as
@@ -13,7 +14,7 @@ those made so far by this apply) write into the residual stream at the request's
 
 This ignores how a change at layer l < L is transformed by the blocks between l and L (attention
 mixing, norms, the MLPs), which is small for the consecutive early layers MEMIT edits; the test
-suite and ``bench`` measure it against the text-based path.
+suite and ``bench.memit_speed`` measure it against the text-based path.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .memit import MemitEditor, compute_keys, hidden_at_subject, memit_delta
+from .memit import EditResult, MemitEditor, compute_keys, hidden_at_subject, memit_delta
 from .requests import EditRequest
 from .zopt import ZResult
 
@@ -102,19 +103,32 @@ class MKVSet:
 
 
 def compute_mkvs(editor: MemitEditor, requests: list[EditRequest], z: ZResult | None = None,
-                 ids: list[str] | None = None) -> MKVSet:
-    """MKVs of ``requests``: z (optimised on the current model unless given), and delta and keys on the base."""
+                 ids: list[str] | None = None, edit: EditResult | None = None) -> MKVSet:
+    """MKVs of ``requests``: z, delta = z - h_L(base), and the key at every edited layer.
+
+    After a local text-based edit, pass its ``EditResult``: z and the keys are taken from it, the
+    keys as MEMIT used them, each read on the model with the earlier layers of this very edit
+    written. A receiver applies the layers in the same order, so these keys are what its model
+    shows at the request's subject, and the text-free apply then reproduces the text-based edit
+    closely (README, "Text-free MKV apply"). Without ``edit`` nothing is applied: z is optimised on
+    the current model unless given, and the keys are read on the base model.
+    """
+    if edit is not None:
+        z = edit.z
     z = z or editor.compute_z(requests)
     current = editor.edited_layers()
     editor.reset()
     try:
         h_base = hidden_at_subject(editor.model, editor.tok, requests, editor.hp.z_layer)
-        keys = torch.stack([compute_keys(editor.model, editor.tok, requests, l, editor.templates)
-                            for l in editor.hp.layers], dim=1)
+        if edit is not None:
+            keys = torch.stack([edit.keys[l] for l in editor.hp.layers], dim=1)
+        else:
+            keys = torch.stack([compute_keys(editor.model, editor.tok, requests, l, editor.templates)
+                                for l in editor.hp.layers], dim=1)
     finally:
         editor.load_layers(current)
     ids = ids or [str(r.case_id) for r in requests]
-    return MKVSet(ids, tuple(editor.hp.layers), z.z.float(), (z.z - h_base).float(), keys)
+    return MKVSet(ids, tuple(editor.hp.layers), z.z.float(), (z.z - h_base).float(), keys.float())
 
 
 def apply_mkvs(editor: MemitEditor, mkvs: MKVSet) -> dict[int, torch.Tensor]:

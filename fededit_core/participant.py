@@ -119,11 +119,11 @@ class Participant:
             h = hidden_at_subject(self.editor.model, self.editor.tok, requests, self.editor.hp.z_layer)
             report.seconds["z"] = time.perf_counter() - started
             started = time.perf_counter()
-            self.editor.edit(requests, z=ZResult(z, h), progress=False)
+            result = self.editor.edit(requests, z=ZResult(z, h), progress=False)
             report.seconds["edit"] = time.perf_counter() - started
             started = time.perf_counter()
             ids = [f"{self.name}/{slot}/{i}" for i in range(len(requests))]  # opaque: no text
-            mkvs = compute_mkvs(self.editor, requests, z=ZResult(z, h), ids=ids)
+            mkvs = compute_mkvs(self.editor, requests, ids=ids, edit=result)
             report.seconds["mkv"] = time.perf_counter() - started
             self.own = mkvs if self.own is None else MKVSet.concat([self.own, mkvs])
         else:
