@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .families import family_for
 from .paths import cache_dir
@@ -157,6 +156,3 @@ def load_model(spec: str = "smollm2-135m", device: str = "cpu", dtype: str | tor
     tok = load_tokenizer(spec)
     return model, tok
 
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device

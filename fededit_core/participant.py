@@ -109,14 +109,17 @@ class Participant:
             reused = reused or {}
             todo = [i for i, tag in enumerate(tags) if tag is None or tag not in reused]
             z = torch.zeros(len(requests), self.editor.d_model)
+            h = torch.zeros_like(z)
             if todo:
                 fresh = self.editor.compute_z([requests[i] for i in todo], progress=False)
-                z[todo] = fresh.z
-            for i, tag in enumerate(tags):
-                if tag is not None and tag in reused:
-                    z[i] = torch.as_tensor(reused[tag], dtype=torch.float32)
-            report.optimised, report.reused = len(todo), len(requests) - len(todo)
-            h = hidden_at_subject(self.editor.model, self.editor.tok, requests, self.editor.hp.z_layer)
+                z[todo], h[todo] = fresh.z, fresh.h
+            taken = sorted(set(range(len(requests))) - set(todo))
+            for i in taken:
+                z[i] = torch.as_tensor(reused[tags[i]], dtype=torch.float32)
+            if taken:  # h_L of a reused request, read here since no optimisation measured it
+                h[taken] = hidden_at_subject(self.editor.model, self.editor.tok, [requests[i] for i in taken],
+                                             self.editor.hp.z_layer)
+            report.optimised, report.reused = len(todo), len(taken)
             report.seconds["z"] = time.perf_counter() - started
             started = time.perf_counter()
             result = self.editor.edit(requests, z=ZResult(z, h), progress=False)

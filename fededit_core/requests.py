@@ -50,10 +50,5 @@ class EditRequest(BaseModel):
         return self.prompt.replace("{}", self.subject)
 
     @property
-    def relation(self) -> str:
-        """The relation template: the prompt with the subject replaced by ``{}``."""
-        return self.prompt
-
-    @property
     def locality_target(self) -> str | None:
         return self.neighborhood_target if self.neighborhood_target is not None else self.target_true
