@@ -13,8 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-KIND_COLUMNS = {"counterfact": ["n", "es", "ps", "ns", "score"], "requests": ["n", "es", "ps", "ns", "score"],
-                "zsre": ["n", "ea", "pa", "na", "score"]}
+from .report import KIND_COLUMNS
 
 
 def _layers(text: str) -> tuple[int, ...]:

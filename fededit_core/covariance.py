@@ -178,6 +178,14 @@ class CovarianceStore:
         return {"source": source, "n_samples": self.n_samples, "seq_len": self.seq_len, "seed": self.seed,
                 "model": self.fingerprint}
 
+    def corpus_digest(self) -> str:
+        """A short hash of the corpus' token ids: equal only when every party measures C0 on the same
+        tokens (a self-sampled corpus can differ between hardware; then ship it as a file)."""
+        if self.corpus_id is None:
+            self._chunks, self.corpus_id = corpus_chunks(
+                self.model, self.tok, self.source, self.n_samples, self.seq_len, self.seed, root=self.root)
+        return self.corpus_id
+
     def in_memory(self, layers: list[int]) -> bool:
         return all(layer in self._memory for layer in layers)
 

@@ -371,3 +371,17 @@ def save_requests_jsonl(requests: Iterable[EditRequest], path: str | Path) -> Pa
     lines = [json.dumps(request_to_record(r), ensure_ascii=False) for r in requests]
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
+
+
+def record_clients(path: str | Path, n: int | None = None) -> list[str | None]:
+    """The optional ``"client"`` field of each record (``None`` where absent), in file order."""
+    path = Path(path)
+    records = _read_records(path)
+    selected = records if n is None else records[:n]
+    out: list[str | None] = []
+    for index, record in enumerate(selected):
+        value = record.get("client") if isinstance(record, dict) else None
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise DataError(f"{path}: record {index}: field 'client' must be a non-empty string, got {value!r}")
+        out.append(value)
+    return out

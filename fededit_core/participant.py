@@ -69,6 +69,8 @@ class Participant:
         self.next_slot = 0
         self.reports: list[SlotReport] = []
         self.reedited_ids: list[str] = []
+        self.pending: dict[str, torch.Tensor] = {}  # mid-slot state of EditAvg / CollabEdit
+        self.version = 0  # bumped by every checkpoint (a cached copy compares it to the disk's)
         if self.checkpoint_dir:
             old = self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".old")
             if not (self.checkpoint_dir / "state.json").is_file() and (old / "state.json").is_file():
@@ -94,6 +96,24 @@ class Participant:
 
     def own_z(self) -> torch.Tensor:
         return self.own.z if self.own is not None else torch.zeros(0, self.editor.d_model)
+
+    def edited_requests(self) -> list[EditRequest]:
+        """Every request of the slots edited so far."""
+        return [r for slot in self.slots[: self.next_slot] for r in slot]
+
+    def mkvs_of(self, slot: int) -> MKVSet:
+        """The MKVs this participant uploaded for an already edited ``slot`` (for a repeated request)."""
+        if slot >= self.next_slot:
+            raise ValueError(f"{self.name}: slot {slot} is not edited yet")
+        if self.own is None:
+            return self._empty_mkvs()
+        prefix = f"{self.name}/{slot}/"
+        return self.own.select([i for i, rid in enumerate(self.own.ids) if rid.startswith(prefix)])
+
+    def _empty_mkvs(self) -> MKVSet:
+        d, n_layers = self.editor.d_model, len(self.editor.hp.layers)
+        return MKVSet([], tuple(self.editor.hp.layers), torch.zeros(0, d), torch.zeros(0, d),
+                      torch.zeros(0, n_layers, self.editor.d_ff))
 
     # --- the two steps of a time slot -----------------------------------------------------------
     def edit_slot(self, slot: int, reused: dict[str, torch.Tensor] | None = None) -> tuple[MKVSet, SlotReport]:
@@ -130,21 +150,26 @@ class Participant:
             report.seconds["mkv"] = time.perf_counter() - started
             self.own = mkvs if self.own is None else MKVSet.concat([self.own, mkvs])
         else:
-            mkvs = MKVSet([], tuple(self.editor.hp.layers), torch.zeros(0, self.editor.d_model),
-                          torch.zeros(0, self.editor.d_model),
-                          torch.zeros(0, len(self.editor.hp.layers), self.editor.d_ff))
+            mkvs = self._empty_mkvs()
         self._capture()
         self.next_slot = slot + 1
         self.reports.append(report)
         self.checkpoint()
         return mkvs, report
 
-    def reedit(self, received: list[MKVSet], alpha: float, gate: bool = True) -> SlotReport:
-        """FedEdit's re-edit: apply every received set that passes Eq. 8 (all of them with ``gate=False``)."""
+    def reedit(self, received: list[MKVSet], alpha: float, gate: bool = True, vector: str = "z") -> SlotReport:
+        """FedEdit's re-edit: apply every received set that passes Eq. 8 (all of them with ``gate=False``).
+
+        ``vector``: what Eq. 8 compares, ``"z"`` (the paper) or ``"delta"`` (z - h_L(base), the edit's
+        direction without the subject's own hidden state; see gating.py)."""
+        if vector not in ("z", "delta"):
+            raise ValueError(f"the re-edit condition compares 'z' or 'delta', got {vector!r}")
         report = self.reports[-1] if self.reports else SlotReport(slot=self.next_slot - 1)
         started = time.perf_counter()
-        own = self.own_z()
-        kept = [s for s in received if len(s) and (not gate or reedit_decision(own, s.z, alpha)[0])]
+        own = getattr(self.own, vector) if self.own is not None else torch.zeros(0, self.editor.d_model)
+        done = set(self.reedited_ids)  # a repeated message must not apply a set twice
+        received = [s for s in received if not set(s.ids) <= done]
+        kept = [s for s in received if len(s) and (not gate or reedit_decision(own, getattr(s, vector), alpha)[0])]
         report.received_sets += len(received)
         report.kept_sets += len(kept)
         if kept:
@@ -158,6 +183,63 @@ class Participant:
         self.checkpoint()
         return report
 
+    # --- EditAvg: send the slot's update, then take the federation's average ------------------
+    def editavg_update(self, slot: int) -> tuple[dict[int, torch.Tensor], SlotReport]:
+        """Edit this slot on the current (global) model; returns Delta_l = W_l(after) - W_l(before)."""
+        start = {l: w.clone() for l, w in self.layers.items()}
+        self.pending = {f"start.{l}": w for l, w in start.items()}
+        _, report = self.edit_slot(slot)  # checkpoints, with the slot's start kept in ``pending``
+        return {l: (self.layers[l].double() - start[l].double()).float() for l in start}, report
+
+    def editavg_apply(self, average: dict[int, torch.Tensor]) -> None:
+        """W_l = W_l(slot start) + averaged Delta_l: every client ends the slot with the same model."""
+        if not self.pending:
+            raise ValueError(f"{self.name}: no EditAvg update is waiting for its average")
+        self.layers = {l: (self.pending[f"start.{l}"].double() + average[l].double()).to(self.layers[l].dtype)
+                       for l in self.layers}
+        self.pending = {}
+        self.activate()
+        self.checkpoint()
+
+    # --- CollabEdit: per layer, statistics out, summed statistics in ------------------------------
+    def collab_statistics(self, slot: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """R K^T (d, d_ff) and K K^T (d_ff, d_ff) of this slot's requests at the ``index``-th edited
+        layer, read on the current (shared, partly edited) model; z is optimised at index 0."""
+        from .memit import layer_statistics
+
+        if slot != self.next_slot:
+            raise ValueError(f"{self.name}: slot {slot} asked for, but the next slot to edit is {self.next_slot}")
+        requests = self.slots[slot]
+        self.activate()
+        if index == 0:
+            report = SlotReport(slot=slot, edited=len(requests), optimised=len(requests))
+            started = time.perf_counter()
+            z = self.editor.compute_z(requests, progress=False).z if requests else torch.zeros(0, self.editor.d_model)
+            report.seconds["z"] = time.perf_counter() - started
+            self.pending = {"z": z.float()}
+            self.reports.append(report)
+            self.checkpoint()
+        if not requests:
+            d, d_ff = self.editor.d_model, self.editor.d_ff
+            return torch.zeros(d, d_ff, dtype=torch.float64), torch.zeros(d_ff, d_ff, dtype=torch.float64)
+        keys, resid = self.editor.layer_inputs(requests, self.pending["z"].to(self.editor.device), index)
+        return layer_statistics(keys.to(self.editor.device), resid.to(self.editor.device))
+
+    def collab_apply(self, slot: int, index: int, rk: torch.Tensor, kk: torch.Tensor) -> None:
+        """W += (sum R K^T)(lambda C0 + sum K K^T)^-1 at the ``index``-th layer; the slot ends after the last."""
+        if slot != self.next_slot or "z" not in self.pending:
+            raise ValueError(f"{self.name}: no CollabEdit step of slot {slot} is open")
+        started = time.perf_counter()
+        self.activate()
+        self.editor.apply_statistics(self.editor.hp.layers[index], rk, kk)
+        self._capture()
+        report = self.reports[-1]
+        report.seconds["edit"] = report.seconds.get("edit", 0.0) + time.perf_counter() - started
+        if index == len(self.editor.hp.layers) - 1:
+            self.pending = {}
+            self.next_slot = slot + 1
+        self.checkpoint()
+
     # --- checkpoints ----------------------------------------------------------------------------
     def checkpoint(self) -> None:
         """Edited layers, own MKVs and slot position to disk, replacing the previous checkpoint whole."""
@@ -169,8 +251,11 @@ class Participant:
         save_file({f"layer.{l}": w.contiguous().cpu() for l, w in self.layers.items()}, str(staging / "layers.safetensors"))
         if self.own is not None:
             np.savez(staging / "own_mkvs.npz", ids=np.asarray(self.own.ids), **self.own.to_arrays())
+        if self.pending:
+            save_file({k: v.contiguous().cpu() for k, v in self.pending.items()}, str(staging / "pending.safetensors"))
+        self.version += 1
         state = {"name": self.name, "next_slot": self.next_slot, "reports": [asdict(r) for r in self.reports],
-                 "reedited_ids": self.reedited_ids}
+                 "reedited_ids": self.reedited_ids, "version": self.version}
         (staging / "state.json").write_text(json.dumps(state))
         old = self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -189,6 +274,17 @@ class Participant:
         if own.is_file():
             data = np.load(own)
             self.own = MKVSet.from_arrays([str(i) for i in data["ids"]], {k: data[k] for k in ("z", "delta", "keys", "layers")})
+        pending = self.checkpoint_dir / "pending.safetensors"
+        self.pending = load_file(str(pending)) if pending.is_file() else {}
         self.next_slot = state["next_slot"]
+        self.version = state.get("version", 0)
         self.reports = [SlotReport(**r) for r in state["reports"]]
         self.reedited_ids = state["reedited_ids"]
+
+
+def checkpoint_version(folder: str | Path) -> int | None:
+    """The version of the checkpoint in ``folder`` (``None`` when there is none)."""
+    state = Path(folder) / "state.json"
+    if not state.is_file():
+        return None
+    return json.loads(state.read_text()).get("version", 0)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# the parts whose harmonic mean is the Score, by data set kind
+SCORE_PARTS = {"counterfact": ("es", "ps", "ns"), "requests": ("es", "ps", "ns"), "zsre": ("ea", "pa", "na")}
+KIND_COLUMNS = {kind: ["n", *parts, "score"] for kind, parts in SCORE_PARTS.items()}
+
 
 def _cell(value) -> str:
     if isinstance(value, float):

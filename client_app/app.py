@@ -1,0 +1,94 @@
+"""fededit's ClientApp: a thin client that forwards each step to this organisation's edit worker.
+
+Deployment: the node config names the worker (``worker="unix:/path"`` or ``"127.0.0.1:PORT"``),
+the private request file (``requests=...``), the client's ``name``, its ``device``, its checkpoint
+folder (``state-dir``) and the federation secret (``secret-file``, enables reuse). Flower starts a
+new ClientApp process per message, so nothing is loaded here.
+
+Simulation: no worker in the node config, so the worker lives in this process (one per Ray actor,
+shared by the virtual clients on it, which swap their own edited layers in); the client takes
+partition ``partition-id`` of the run config's ``data``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fededit_core.paths import cache_dir
+from fededit_core.worker import ClientSpec, EditWorker
+from fededit_core.worker_service import RemoteWorker
+from server_app.protocol import hparam_overrides, pack, run_name, unpack
+
+log = logging.getLogger("fededit.client")
+app = ClientApp()
+_IN_PROCESS: EditWorker | None = None
+
+
+def client_spec(context: Context) -> ClientSpec:
+    """This client's local settings from the node config (deployment) or partition id (simulation)."""
+    node, cfg = context.node_config, context.run_config
+    run = run_name(cfg, context.run_id)
+    common = dict(run=run, model=str(cfg["model"]), dtype=str(node.get("dtype", cfg.get("dtype", "fp32"))),
+                  device=str(node.get("device", cfg.get("device", "cpu"))), hparams=hparam_overrides(cfg),
+                  num_slots=int(cfg["num-slots"]), seed=int(cfg.get("seed", 0)),
+                  max_requests=int(cfg.get("max-requests", 0)))
+    if "requests" in node:  # deployment: this organisation's own file
+        return ClientSpec(**common, name=str(node.get("name", f"node-{context.node_id}")),
+                          requests=str(node["requests"]), partition="all",
+                          state_dir=str(node.get("state-dir", cache_dir("state"))),
+                          secret_file=str(node["secret-file"]) if node.get("secret-file") else None)
+    index = int(node["partition-id"])
+    secret = os.environ.get("FEDEDIT_FEDERATION_SECRET_FILE") or str(cache_dir() / "federation.secret")
+    return ClientSpec(**common, name=f"client-{index}", requests=str(cfg.get("data", "builtin")),
+                      partition=str(cfg.get("partition", "field")), index=index,
+                      count=int(node["num-partitions"]),
+                      state_dir=str(os.path.abspath(os.path.join(str(cfg.get("output-dir", "runs")), run, "clients"))),
+                      secret_file=secret, oracle=True)
+
+
+def _worker(context: Context):
+    global _IN_PROCESS
+    address = context.node_config.get("worker")
+    if address:
+        return RemoteWorker(str(address))
+    if _IN_PROCESS is None:
+        _IN_PROCESS = EditWorker()
+    return _IN_PROCESS
+
+
+def _step(msg: Message, context: Context) -> Message:
+    try:
+        body, arrays = unpack(msg.content)
+        op = body.pop("op")
+        spec = client_spec(context)
+        worker = _worker(context)
+        if op == "whoami":  # discovery and a health check, without loading anything
+            if isinstance(worker, RemoteWorker):
+                worker.health()
+            reply, out = {"client": spec.name}, {}
+        else:
+            reply, out = worker.handle(op, spec, body, arrays)
+    except Exception as err:  # reported to the server as this client's failure
+        log.error("step failed: %s", traceback.format_exc())
+        reply, out = {"error": f"{type(err).__name__}: {err}"}, {}
+    return Message(pack(reply, out), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    return _step(msg, context)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _step(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return _step(msg, context)

@@ -1,0 +1,76 @@
+"""Which client holds which edit requests (simulation and benchmarks; a real client reads its own file).
+
+Schemes:
+- ``field``: each record's ``"client"`` field names its holder (the built-in federation set);
+- ``iid``: a seeded shuffle dealt round-robin, so client sizes differ by at most one;
+- ``contiguous``: the file cut into equal consecutive blocks (keeps timestamps/topics together).
+
+Clients are named ``client-0`` .. ``client-{n-1}``; with ``field`` the names in the file must be
+exactly those (so a simulation's partition-id maps to one of them).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from .datasets import DataError, load_requests, record_clients
+from .requests import EditRequest
+
+SCHEMES = ("field", "iid", "contiguous")
+BUILTIN_FEDERATION = Path(__file__).parent / "data" / "federation_demo.jsonl"
+
+
+def client_name(index: int) -> str:
+    return f"client-{index}"
+
+
+def resolve_data(data: str) -> Path:
+    """``builtin`` (the packaged federation demo set) or a path to a request file."""
+    if data in ("", "builtin"):
+        return BUILTIN_FEDERATION
+    path = Path(data).expanduser()
+    if not path.is_file():
+        raise DataError(f"data {data!r}: no such file (use 'builtin' or a CounterFact / zsRE / JSONL file)")
+    return path
+
+
+def partition_requests(requests: list[EditRequest], n_clients: int, scheme: str = "iid", seed: int = 0,
+                       holders: list[str | None] | None = None) -> dict[str, list[EditRequest]]:
+    """``{client name: its requests}`` for ``n_clients`` clients (module docstring)."""
+    if n_clients < 1:
+        raise ValueError(f"need at least one client, got {n_clients}")
+    names = [client_name(i) for i in range(n_clients)]
+    parts: dict[str, list[EditRequest]] = {name: [] for name in names}
+    if scheme == "field":
+        if holders is None or len(holders) != len(requests) or any(h is None for h in holders):
+            raise DataError("partition 'field' needs a 'client' field in every record")
+        unknown = sorted(set(holders) - set(names))
+        if unknown:
+            raise DataError(f"records name clients {unknown}, but the federation has {names} "
+                            f"(set the number of clients to match, or use partition 'iid')")
+        for request, holder in zip(requests, holders):
+            parts[holder].append(request)
+    elif scheme == "iid":
+        order = list(range(len(requests)))
+        random.Random(seed).shuffle(order)
+        for position, index in enumerate(order):
+            parts[names[position % n_clients]].append(requests[index])
+    elif scheme == "contiguous":
+        for position, request in enumerate(requests):
+            parts[names[position * n_clients // max(1, len(requests))]].append(request)
+    else:
+        raise ValueError(f"unknown partition scheme {scheme!r}; expected one of {list(SCHEMES)}")
+    return parts
+
+
+def load_partitions(data: str, n_clients: int, scheme: str, seed: int = 0,
+                    max_requests: int = 0) -> dict[str, list[EditRequest]]:
+    """Read ``data`` and partition it; ``max_requests`` > 0 keeps that many per client (first ones)."""
+    path = resolve_data(data)
+    requests = load_requests(path)
+    holders = record_clients(path) if scheme == "field" else None
+    parts = partition_requests(requests, n_clients, scheme, seed, holders)
+    if max_requests > 0:
+        parts = {name: reqs[:max_requests] for name, reqs in parts.items()}
+    return parts

@@ -1,0 +1,296 @@
+"""The edit worker: one organisation's model, loaded once, doing every step the federation asks for.
+
+In deployment Flower starts a new ClientApp process per message, so the model lives here instead, in
+a long-lived process (``fededit_core.worker_service`` serves this object over gRPC); in simulation
+the ClientApp calls it in-process. One worker may serve several clients (virtual clients sharing a
+Ray actor): each client is a ``Participant`` with its own edited layers, swapped into the shared
+model for each step, and checkpointed after every step, so a restarted client resumes.
+
+A step is ``handle(op, spec, args, arrays) -> (reply, arrays)``: ``spec`` is what the client knows
+locally (its name, its private request file, device, run settings), ``args`` and ``arrays`` come
+from the server. Replies carry numbers, opaque ids, tags and arrays, never request text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .datasets import dataset_kind, load_requests
+from .memit import MemitEditor
+from .metrics import evaluate, generate_greedy
+from .mkv import MKVSet
+from .participant import Participant, checkpoint_version
+from .partition import load_partitions, resolve_data
+from .pipeline import make_editor
+
+log = logging.getLogger("fededit.worker")
+
+
+class WorkerError(RuntimeError):
+    """A step the worker cannot do (bad arguments, wrong slot, missing arrays)."""
+
+
+class ClientSpec(BaseModel):
+    """What a client knows locally and never sends to the server."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run: str = Field(description="run name: checkpoints live in state_dir/run/name")
+    name: str
+    model: str = "smollm2-135m"
+    device: str = "cpu"
+    dtype: str = "fp32"
+    hparams: dict = Field(default_factory=dict, description="MEMIT hyperparameter overrides")
+    requests: str = Field(description="'builtin' or the path of this client's request file")
+    partition: str = Field("all", description="'all' (the whole file is this client's) or a scheme of partition.py")
+    index: int = 0
+    count: int = 1
+    seed: int = 0
+    max_requests: int = 0
+    num_slots: int = 1
+    state_dir: str
+    secret_file: str | None = None
+    oracle: bool = Field(False, description="simulation only: may read the other clients' partitions to evaluate them")
+
+    def requests_by_client(self) -> dict[str, list]:
+        return load_partitions(self.requests, self.count, self.partition, self.seed, self.max_requests)
+
+    def own_requests(self) -> list:
+        if self.partition == "all":
+            requests = load_requests(resolve_data(self.requests))
+            return requests[: self.max_requests] if self.max_requests > 0 else requests
+        parts = self.requests_by_client()
+        if self.name not in parts:
+            raise WorkerError(f"client {self.name!r} is not one of the partitions {sorted(parts)}")
+        return parts[self.name]
+
+
+def read_secret(path: str | None, create: bool = False) -> bytes | None:
+    """The federation secret from a file (created with 32 random bytes when ``create`` and absent)."""
+    if not path:
+        return None
+    file = Path(path).expanduser()
+    if not file.is_file():
+        if not create:
+            raise WorkerError(f"federation secret file {file} does not exist")
+        file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another client created it first
+        else:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(secrets.token_bytes(32))
+    secret = file.read_bytes()
+    if len(secret) < 16:
+        raise WorkerError(f"federation secret file {file} holds {len(secret)} bytes; at least 16 are needed")
+    return secret
+
+
+def _metrics(result: dict | None) -> dict | None:
+    return None if result is None else {k: v for k, v in result.items() if k != "per_request"}
+
+
+class EditWorker:
+    """Engines (model + MEMIT editor) by model settings, participants by (run, client)."""
+
+    def __init__(self):
+        self._editors: dict[str, MemitEditor] = {}
+        self._participants: dict[tuple[str, str], Participant] = {}
+        self._lock = threading.Lock()
+
+    # --- state ----------------------------------------------------------------------------------
+    def editor(self, spec: ClientSpec) -> MemitEditor:
+        key = json.dumps([spec.model, spec.device, spec.dtype, spec.hparams], sort_keys=True)
+        if key not in self._editors:
+            log.info("loading %s on %s (%s)", spec.model, spec.device, spec.dtype)
+            self._editors[key] = make_editor(spec.model, spec.device, spec.dtype, **spec.hparams)
+        return self._editors[key]
+
+    def participant(self, spec: ClientSpec) -> Participant:
+        """The client's participant, re-read from its checkpoint when another process moved it on."""
+        folder = Path(spec.state_dir) / spec.run / spec.name
+        key = (spec.run, spec.name)
+        cached = self._participants.get(key)
+        if cached is None or cached.editor is not self.editor(spec) or cached.version != checkpoint_version(folder):
+            secret = read_secret(spec.secret_file, create=spec.oracle)
+            cached = Participant(spec.name, self.editor(spec), spec.own_requests(), spec.num_slots,
+                                 secret=secret, checkpoint_dir=folder)
+            self._participants[key] = cached
+        return cached
+
+    # --- dispatch -------------------------------------------------------------------------------
+    def handle(self, op: str, spec: ClientSpec, args: dict, arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        method = getattr(self, f"op_{op}", None)
+        if method is None:
+            raise WorkerError(f"unknown step {op!r}")
+        with self._lock:  # one step at a time: the model is shared
+            return method(spec, args, arrays)
+
+    @staticmethod
+    def _slot(args: dict, participant: Participant) -> int:
+        slot = args.get("slot")
+        if not isinstance(slot, int) or not 0 <= slot < len(participant.slots):
+            raise WorkerError(f"slot must be an integer in [0, {len(participant.slots)}), got {slot!r}")
+        return slot
+
+    # --- steps ----------------------------------------------------------------------------------
+    def op_hello(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        """What the server compares across clients: base model, templates, C0 source; plus counts."""
+        participant = self.participant(spec)
+        editor = participant.editor
+        editor.c0()  # built (or loaded) now, before the first slot, so that its corpus is known
+        current = editor.edited_layers()
+        editor.reset()  # a self-sampled corpus comes from the base model
+        try:
+            corpus = editor.covariance.corpus_digest()
+        finally:
+            editor.load_layers(current)
+        return {
+            "client": spec.name,
+            "fingerprint": editor.covariance.fingerprint,
+            "templates": editor.templates.digest(),
+            "covariance": {**editor.covariance.describe(), "corpus": corpus},
+            "hparams": editor.hp.model_dump(mode="json"),
+            "d_model": editor.d_model, "d_ff": editor.d_ff, "layers": list(editor.hp.layers),
+            "n_requests": sum(len(s) for s in participant.slots),
+            "slot_sizes": [len(s) for s in participant.slots],
+            "next_slot": participant.next_slot,
+            "kind": dataset_kind(resolve_data(spec.requests)),
+            "reuse": participant.secret is not None,
+        }, {}
+
+    def op_tags(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        participant = self.participant(spec)
+        return {"tags": participant.tags_of(self._slot(args, participant))}, {}
+
+    def op_edit(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        """MEMIT of the slot's requests (z reused for the tags the server found); returns the MKVs."""
+        participant = self.participant(spec)
+        slot = self._slot(args, participant)
+        if slot < participant.next_slot:  # a repeated request (e.g. the server restarted): same answer
+            mkvs, report = participant.mkvs_of(slot), participant.reports[slot]
+        else:
+            reuse_tags = list(args.get("reuse_tags", []))
+            reuse_z = arrays.get("reuse_z", np.zeros((0, participant.editor.d_model), np.float32))
+            if len(reuse_tags) != len(reuse_z):
+                raise WorkerError(f"{len(reuse_tags)} reuse tags but {len(reuse_z)} reuse vectors")
+            reused = {tag: torch.from_numpy(np.asarray(z, dtype=np.float32)) for tag, z in zip(reuse_tags, reuse_z)}
+            mkvs, report = participant.edit_slot(slot, reused)
+        if not args.get("upload", True):  # strategy 'local': nothing leaves the client
+            return {"report": asdict(report)}, {}
+        tags = participant.tags_of(slot)
+        return ({"ids": mkvs.ids, "tags": [t or "" for t in tags], "report": asdict(report),
+                 "fingerprint": participant.editor.covariance.fingerprint}, mkvs.to_arrays())
+
+    def op_reedit(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        """FedEdit's re-edit of the sets other clients uploaded (grouped by sender, Eq. 8 per set)."""
+        participant = self.participant(spec)
+        ids, senders = list(args.get("ids", [])), list(args.get("senders", []))
+        if len(ids) != len(senders):
+            raise WorkerError(f"{len(ids)} ids but {len(senders)} senders")
+        received: list[MKVSet] = []
+        if ids:
+            merged = MKVSet.from_arrays(ids, arrays)
+            merged.validate(participant.editor.d_model, participant.editor.d_ff, tuple(participant.editor.hp.layers))
+            for sender in dict.fromkeys(senders):
+                received.append(merged.select([i for i, s in enumerate(senders) if s == sender]))
+        report = participant.reedit(received, float(args["alpha"]), gate=bool(args.get("gate", True)),
+                                    vector=str(args.get("vector", "z")))
+        return {"report": asdict(report)}, {}
+
+    def op_editavg_update(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        participant = self.participant(spec)
+        slot = self._slot(args, participant)
+        update, report = participant.editavg_update(slot)
+        return ({"n": report.edited, "report": asdict(report), "fingerprint": participant.editor.covariance.fingerprint},
+                {f"delta.{l}": d.cpu().numpy() for l, d in update.items()})
+
+    def op_editavg_apply(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        participant = self.participant(spec)
+        layers = participant.editor.hp.layers
+        missing = [l for l in layers if f"delta.{l}" not in arrays]
+        if missing:
+            raise WorkerError(f"the averaged update lacks layers {missing}")
+        participant.editavg_apply({l: torch.from_numpy(np.asarray(arrays[f"delta.{l}"])) for l in layers})
+        return {}, {}
+
+    def op_collab(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        """CollabEdit: apply the summed statistics of layer ``apply`` (if given), then return this
+        client's statistics of layer ``stats`` (if given), read on the updated model."""
+        participant = self.participant(spec)
+        slot = args.get("slot")
+        reply: dict = {}
+        if args.get("apply") is not None:
+            participant.collab_apply(slot, int(args["apply"]), torch.from_numpy(np.asarray(arrays["rk"])),
+                                     torch.from_numpy(np.asarray(arrays["kk"])))
+            reply["report"] = asdict(participant.reports[-1])
+        out: dict = {}
+        if args.get("stats") is not None:
+            rk, kk = participant.collab_statistics(slot, int(args["stats"]))
+            out = {"rk": rk.float().cpu().numpy(), "kk": kk.float().cpu().numpy()}
+            reply["n"] = len(participant.slots[slot])
+            reply["fingerprint"] = participant.editor.covariance.fingerprint
+        return reply, out
+
+    def op_rejected(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        log.error("the server rejected %s's upload: %s", spec.name, args.get("error"))
+        return {"acknowledged": True}, {}
+
+    def op_evaluate(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        """Metrics of the client's own edited requests and, in simulation (oracle), of the other
+        clients' requests it absorbed: ``others='reedited'`` (FedEdit), ``'all'`` (merged strategies)."""
+        participant = self.participant(spec)
+        editor = participant.editor
+        kind = dataset_kind(resolve_data(spec.requests))
+        own = participant.edited_requests()
+        others = self._absorbed(spec, participant, args.get("others", "none"))
+        fluency = bool(args.get("fluency", False))
+        participant.activate()
+        reply = {"client": spec.name, "kind": kind, "n_own": len(own), "n_others": len(others),
+                 "own": _metrics(evaluate(editor.model, editor.tok, own, kind, fluency=fluency)) if own else None,
+                 "others": _metrics(evaluate(editor.model, editor.tok, others, kind)) if others else None,
+                 "reports": [asdict(r) for r in participant.reports]}
+        shown = own[:1] + others[:1]
+        after = generate_greedy(editor.model, editor.tok, [r.text for r in shown], max_new_tokens=10)
+        editor.reset()
+        try:
+            if args.get("baseline", True):
+                reply["own_before"] = _metrics(evaluate(editor.model, editor.tok, own, kind)) if own else None
+                reply["others_before"] = _metrics(evaluate(editor.model, editor.tok, others, kind)) if others else None
+            before = generate_greedy(editor.model, editor.tok, [r.text for r in shown], max_new_tokens=10)
+        finally:
+            participant.activate()
+        reply["generations"] = [
+            {"prompt": r.text, "target": r.target_new, "whose": "own" if i < len(own[:1]) else "other",
+             "before": b[len(r.text):].strip(), "after": a[len(r.text):].strip()}
+            for i, (r, b, a) in enumerate(zip(shown, before, after))]
+        return reply, {}
+
+    @staticmethod
+    def _absorbed(spec: ClientSpec, participant: Participant, which: str) -> list:
+        if which == "none" or not spec.oracle:
+            return []
+        from .participant import split_into_slots
+
+        slots = {name: split_into_slots(reqs, spec.num_slots) for name, reqs in spec.requests_by_client().items()}
+        if which == "all":
+            return [r for name, s in slots.items() if name != spec.name for slot in s[: participant.next_slot]
+                    for r in slot]
+        if which == "reedited":
+            out = []
+            for rid in participant.reedited_ids:
+                name, slot, index = rid.rsplit("/", 2)
+                out.append(slots[name][int(slot)][int(index)])
+            return out
+        raise WorkerError(f"others must be 'none', 'reedited' or 'all', got {which!r}")

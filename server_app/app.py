@@ -1,0 +1,134 @@
+"""fededit's ServerApp: runs one federated edit with the strategy named in the run config.
+
+The federated logic lives in ``strategies`` (plain records, no Flower); this module only turns its
+steps into Flower messages, finds the clients, and writes ``<output-dir>/<run>/report.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from server_app.protocol import hparam_overrides, message_type, pack, run_name, unpack
+from strategies.federation import RunSettings, run_federation
+from strategies.report import client_table, generations_table, summary_line, write_report
+from strategies.session import FederationError, Instruction, Reply
+
+log = logging.getLogger("fededit.server")
+app = ServerApp()
+
+
+class FlowerTransport:
+    """Sends each client its step as a Flower message and returns the replies by client name.
+    With ``capture`` set, every payload (both ways) is also written there (privacy tests)."""
+
+    def __init__(self, grid: Grid, nodes: dict[str, int], timeout: float | None, capture: Path | None = None):
+        self.grid, self.nodes, self.timeout, self.capture = grid, nodes, timeout, capture
+        self.names = {node: name for name, node in nodes.items()}
+        self.count = 0
+
+    def _capture(self, direction: str, name: str, content) -> None:
+        if self.capture is None:
+            return
+        self.capture.mkdir(parents=True, exist_ok=True)
+        body, arrays = unpack(content)
+        self.count += 1
+        stem = self.capture / f"{self.count:05d}-{direction}-{name}"
+        stem.with_suffix(".json").write_text(json.dumps(body))
+        stem.with_suffix(".bin").write_bytes(b"".join(a.tobytes() for a in arrays.values()))
+
+    def __call__(self, instructions: dict[str, Instruction]) -> dict[str, Reply]:
+        messages = []
+        for name, ins in instructions.items():
+            content = pack({"op": ins.op, **ins.args}, ins.arrays)
+            self._capture("to", name, content)
+            messages.append(Message(content, dst_node_id=self.nodes[name], message_type=message_type(ins.op)))
+        replies: dict[str, Reply] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            name = self.names.get(reply.metadata.src_node_id)
+            if name is None:
+                continue
+            if reply.has_error():
+                replies[name] = Reply(name, error=f"Flower error {reply.error.code}: {reply.error.reason}")
+                continue
+            self._capture("from", name, reply.content)
+            body, arrays = unpack(reply.content)
+            replies[name] = Reply(name, error=body["error"]) if "error" in body else Reply(name, body, arrays)
+        return replies
+
+
+def discover(grid: Grid, min_clients: int, wait_s: float, timeout: float | None) -> dict[str, int]:
+    """Client name -> node id, once at least ``min_clients`` nodes are connected (their workers healthy)."""
+    deadline = time.monotonic() + wait_s
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < min_clients and time.monotonic() < deadline:
+        time.sleep(2.0)
+        nodes = list(grid.get_node_ids())
+    if len(nodes) < min_clients:
+        raise FederationError(f"{len(nodes)} node(s) connected within {wait_s:.0f} s; the run needs {min_clients}")
+    messages = [Message(pack({"op": "whoami"}, {}), dst_node_id=n, message_type="query") for n in nodes]
+    names: dict[str, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        body = {"error": reply.error.reason} if reply.has_error() else unpack(reply.content)[0]
+        if "error" in body:
+            log.error("node %s cannot take part: %s", node, body["error"])
+            continue
+        if body["client"] in names:
+            raise FederationError(f"two nodes call themselves {body['client']!r}: give each a distinct node-config name")
+        names[body["client"]] = node
+    if len(names) < min_clients:
+        raise FederationError(f"only {len(names)} healthy client(s) {sorted(names)}; the run needs {min_clients}")
+    return names
+
+
+def _centralised(cfg, names: list[str]):
+    """The centralised upper bound (simulation: the server may read the shared data file)."""
+    def run(hellos: dict[str, dict]) -> dict[str, dict]:
+        from fededit_core.centralised import centralised_metrics
+        from fededit_core.partition import load_partitions
+        from fededit_core.pipeline import make_editor
+
+        parts = load_partitions(str(cfg.get("data", "builtin")), len(names), str(cfg.get("partition", "field")),
+                                int(cfg.get("seed", 0)), int(cfg.get("max-requests", 0)))
+        parts = {name: parts[name] for name in names if name in parts}
+        editor = make_editor(str(cfg["model"]), str(cfg.get("device", "cpu")), str(cfg.get("dtype", "fp32")),
+                             **hparam_overrides(cfg))
+        kind = next(iter(hellos.values()))["kind"]
+        log.info("centralised MEMIT of all %d requests", sum(len(r) for r in parts.values()))
+        metrics, _ = centralised_metrics(editor, parts, kind, fluency=bool(cfg.get("fluency", False)))
+        return metrics
+    return run
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("fededit").addHandler(handler)
+        logging.getLogger("fededit").setLevel(logging.INFO)
+    cfg = context.run_config
+    run = run_name(cfg, context.run_id)
+    out = Path(str(cfg.get("output-dir", "runs"))).resolve() / run
+    settings = RunSettings(run=run, strategy=str(cfg["strategy"]), num_slots=int(cfg["num-slots"]),
+                           alpha=float(cfg.get("alpha", 0.22)), vector=str(cfg.get("reedit-vector", "delta")),
+                           min_clients=int(cfg.get("min-clients", 2)), reuse=bool(cfg.get("reuse", True)),
+                           fluency=bool(cfg.get("fluency", False)), store_path=out / "mkv_store.sqlite")
+    timeout = float(cfg.get("step-timeout-s", 0)) or None
+    names = discover(grid, settings.min_clients, float(cfg.get("wait-clients-s", 60)), timeout)
+    log.info("clients: %s", ", ".join(f"{n} (node {i})" for n, i in sorted(names.items())))
+    capture = Path(str(cfg["capture-dir"])) if str(cfg.get("capture-dir", "")) else None
+    transport = FlowerTransport(grid, names, timeout, capture)
+    centralised = _centralised(cfg, sorted(names)) if bool(cfg.get("centralised", False)) else None
+    config = {k: v for k, v in cfg.items()}
+    report = run_federation(transport, list(names), settings, config, centralised=centralised)
+    json_path, md_path = write_report(report, out)
+    print("\n" + client_table(report) + "\n\n" + generations_table(report) + "\n\n" + summary_line(report))
+    print(f"report: {json_path} and {md_path}", flush=True)

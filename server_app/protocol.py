@@ -1,0 +1,56 @@
+"""What both Flower apps agree on: how a step travels in a Flower Message, and the run config.
+
+A step is a ``RecordDict`` with a ``ConfigRecord`` "step" (one JSON string: the step name and its
+arguments, or the reply body) and an ``ArrayRecord`` "arrays" (named numpy arrays, stacked).
+Message types: ``query`` (handshake, tags), ``evaluate`` (metrics) and ``train`` (every edit step).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+QUERY_STEPS = ("whoami", "hello", "tags", "rejected")
+
+
+def message_type(op: str) -> str:
+    if op in QUERY_STEPS:
+        return "query"
+    return "evaluate" if op == "evaluate" else "train"
+
+
+def pack(body: dict, arrays: dict[str, np.ndarray]) -> RecordDict:
+    record = ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+    return RecordDict({"step": ConfigRecord({"json": json.dumps(body)}), "arrays": record})
+
+
+def unpack(content: RecordDict) -> tuple[dict, dict[str, np.ndarray]]:
+    if "step" not in content:
+        raise ValueError("message has no 'step' record (not a fededit message)")
+    body = json.loads(content["step"]["json"])
+    arrays = {name: array.numpy() for name, array in content["arrays"].items()} if "arrays" in content else {}
+    return body, arrays
+
+
+def hparam_overrides(run_config) -> dict:
+    """MEMIT overrides from the run config (0 or "" keeps the model's default)."""
+    out: dict = {}
+    layers = str(run_config.get("layers", "")).strip()
+    if layers:
+        out["layers"] = tuple(int(x) for x in layers.replace(",", " ").split())
+    for key, name, cast in (("mom2-weight", "mom2_weight", float), ("v-steps", "v_steps", int),
+                            ("cov-samples", "cov_samples", int)):
+        value = run_config.get(key, 0)
+        if value:
+            out[name] = cast(value)
+    source = str(run_config.get("cov-source", "self"))
+    if source and source != "self":
+        out["cov_source"] = source
+    return out
+
+
+def run_name(run_config, run_id: int) -> str:
+    name = str(run_config.get("run-name", "")).strip()
+    return name or f"run-{run_id}"

@@ -1,0 +1,103 @@
+"""``fededit`` (FedLEKE, Zhao et al. 2025) and ``fededit-noreedit`` (the paper's "w/o Z" ablation).
+
+Per time slot:
+1. reuse: clients send the keyed tags of the slot's requests; for every tag already in the store the
+   server returns the stored z, and the client skips that optimisation;
+2. edit: clients run MEMIT on the slot and upload MKVs (z, delta, keys per layer; opaque ids, tags),
+   which are validated and stored durably;
+3. serve and re-edit: each client receives the sets the other clients uploaded in this slot and keeps
+   a sender's set when at least half of its own z have best-match cosine > alpha with it (Eq. 8; every
+   set with ``gate=False``), then applies the kept ones without text.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .base import Strategy
+from .session import Instruction, Session
+from .store import MKVStore
+from .validation import FederationSpec, UploadError, validate_mkv_upload
+
+TAG = re.compile(r"^[0-9a-f]{64}$")
+
+
+class FedEdit(Strategy):
+    name = "fededit"
+    absorbed = "reedited"
+
+    def __init__(self, spec: FederationSpec, run: str, store: MKVStore, alpha: float, gate: bool = True,
+                 reuse: bool = True, vector: str = "z"):
+        super().__init__(spec, run)
+        self.store, self.alpha, self.gate, self.reuse, self.vector = store, alpha, gate, reuse, vector
+        if not gate:
+            self.name = "fededit-noreedit"
+        self.reused = 0
+
+    # --- 1. reuse ---------------------------------------------------------------------------------
+    def _stored_z(self, tags: list[str]) -> tuple[list[str], np.ndarray]:
+        found = self.store.find_tags(self.run, tags)
+        uploads: dict[int, np.ndarray] = {}
+        keep, vectors = [], []
+        for tag, (upload_id, position) in found.items():
+            if upload_id not in uploads:
+                uploads[upload_id] = self.store.get(upload_id).arrays["z"]
+            keep.append(tag)
+            vectors.append(uploads[upload_id][position])
+        z = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, self.spec.d_model), np.float32)
+        return keep, z
+
+    def _reuse_plan(self, slot: int, session: Session) -> dict[str, tuple[list[str], np.ndarray]]:
+        if not self.reuse:
+            return {}
+        plan = {}
+        for client, reply in session.broadcast("tags", {"slot": slot}, phase="reuse").items():
+            tags = [t for t in reply.body.get("tags", []) if isinstance(t, str) and TAG.match(t)]
+            plan[client] = self._stored_z(tags)
+        return plan
+
+    # --- 2. edit and store ------------------------------------------------------------------------
+    def _store_upload(self, slot: int, client: str, body: dict, arrays: dict, session: Session) -> None:
+        try:
+            ids = body.get("ids")
+            if not isinstance(ids, list):
+                raise UploadError(f"client {client}: the upload has no list of ids")
+            validate_mkv_upload(client, str(body.get("fingerprint")), ids, arrays, self.spec)
+            tags = body.get("tags", [""] * len(ids))
+            if not isinstance(tags, list) or len(tags) != len(ids) or any(t and not TAG.match(str(t)) for t in tags):
+                raise UploadError(f"client {client}: tags must be one 64-hex-digit string (or '') per id")
+        except UploadError as err:
+            session.reject(client, str(err))
+            return
+        self.store.put(self.run, client, slot, body["fingerprint"], ids, [t or None for t in tags],
+                       {k: arrays[k] for k in ("z", "delta", "keys", "layers")})
+
+    # --- 3. serve ---------------------------------------------------------------------------------
+    def _serve(self, slot: int, client: str) -> Instruction:
+        uploads = [u for u in self.store.uploads(self.run, slot=slot, exclude_client=client) if u.ids]
+        args = {"alpha": self.alpha, "gate": self.gate, "vector": self.vector,
+                "ids": [i for u in uploads for i in u.ids],
+                "senders": [u.client for u in uploads for _ in u.ids]}
+        arrays = {}
+        if uploads:
+            arrays = {k: np.concatenate([u.arrays[k] for u in uploads]) for k in ("z", "delta", "keys")}
+            arrays["layers"] = np.asarray(self.spec.layers, dtype=np.int64)
+        return Instruction("reedit", args, arrays)
+
+    def run_slot(self, slot: int, session: Session) -> None:
+        plan = self._reuse_plan(slot, session)
+        empty = ([], np.zeros((0, self.spec.d_model), np.float32))
+        edits = {}
+        for client in session.active:
+            tags, z = plan.get(client, empty)
+            self.reused += len(tags)
+            edits[client] = Instruction("edit", {"slot": slot, "reuse_tags": tags}, {"reuse_z": z})
+        for client, reply in session.exchange(edits, phase="edit").items():
+            self._store_upload(slot, client, reply.body, reply.arrays, session)
+        session.exchange({c: self._serve(slot, c) for c in session.active}, phase="reedit")
+
+    def summary(self) -> dict:
+        return {"stored_mkvs": self.store.count(self.run), "z_served_for_reuse": self.reused, "alpha": self.alpha,
+                "gate": self.gate, "vector": self.vector}

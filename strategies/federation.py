@@ -1,0 +1,101 @@
+"""One federated edit from start to end, on any transport: handshake, time slots, evaluation, report.
+
+``run_federation`` is what the ServerApp runs (with Flower messages as the transport) and what the
+fast tests run (with in-process workers); nothing here imports Flower.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from .base import Strategy
+from .collabedit import CollabEdit
+from .editavg import EditAvg
+from .fededit import FedEdit
+from .handshake import check_agreement
+from .local import Local
+from .report import build_report
+from .session import FederationError, Session, Transport
+from .store import MKVStore
+from .validation import FederationSpec
+
+log = logging.getLogger("fededit.server")
+
+STRATEGIES = ("fededit", "fededit-noreedit", "editavg", "collabedit", "local")
+
+
+@dataclass
+class RunSettings:
+    run: str
+    strategy: str = "fededit"
+    num_slots: int = 3
+    alpha: float = 0.22
+    vector: str = "delta"  # what FedEdit's Eq. 8 compares: "z" (the paper) or "delta"
+    min_clients: int = 1
+    reuse: bool = True
+    fluency: bool = False
+    store_path: Path | None = None  # FedEdit's MKV store (SQLite); default: runs/<run>/mkv_store.sqlite
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise FederationError(f"unknown strategy {self.strategy!r}; expected one of {list(STRATEGIES)}")
+        if self.num_slots < 1:
+            raise FederationError(f"num-slots must be >= 1, got {self.num_slots}")
+        if not -1.0 <= self.alpha <= 1.0:
+            raise FederationError(f"alpha is a cosine threshold in [-1, 1], got {self.alpha}")
+        if self.vector not in ("z", "delta"):
+            raise FederationError(f"reedit-vector must be 'z' or 'delta', got {self.vector!r}")
+
+
+def make_strategy(settings: RunSettings, spec: FederationSpec, store: MKVStore | None) -> Strategy:
+    if settings.strategy in ("fededit", "fededit-noreedit"):
+        return FedEdit(spec, settings.run, store, settings.alpha, gate=settings.strategy == "fededit",
+                       reuse=settings.reuse, vector=settings.vector)
+    return {"editavg": EditAvg, "collabedit": CollabEdit, "local": Local}[settings.strategy](spec, settings.run)
+
+
+# (hellos by client) -> {client: metrics of the centralised edit on that client's requests}
+Centralised = Callable[[dict[str, dict]], dict[str, dict]]
+
+
+def run_federation(transport: Transport, clients: list[str], settings: RunSettings, config: dict,
+                   centralised: Centralised | None = None, progress: bool = True) -> dict:
+    """Run every time slot and return the report (see ``strategies.report``)."""
+    session = Session(transport, sorted(clients), settings.min_clients)
+    if len(session.active) < settings.min_clients:
+        raise FederationError(f"{len(clients)} client(s) connected, the run needs at least {settings.min_clients}")
+    hellos = {c: r.body for c, r in session.broadcast("hello", phase="handshake").items()}
+    spec = check_agreement(hellos, settings.num_slots)
+    kind = next(iter(hellos.values()))["kind"]
+    log.info("%d clients agree on model %s, layers %s", len(hellos), spec.fingerprint, list(spec.layers))
+
+    store = None
+    if settings.strategy.startswith("fededit"):
+        store = MKVStore(settings.store_path or Path("runs") / settings.run / "mkv_store.sqlite")
+    strategy = make_strategy(settings, spec, store)
+    starts = {h["next_slot"] for h in hellos.values()}
+    if len(starts) > 1 and not settings.strategy.startswith("fededit"):
+        raise FederationError(f"cannot resume {settings.strategy}: clients stopped at different slots {sorted(starts)}")
+    first = min(starts)
+    if first:
+        log.info("resuming run %s at slot %d", settings.run, first)
+    try:
+        for slot in tqdm(range(first, settings.num_slots), desc=f"{strategy.name} time slots", disable=not progress,
+                         initial=first, total=settings.num_slots):
+            session.slot = slot
+            strategy.run_slot(slot, session)
+        session.slot = -1
+        evaluations = {c: r.body for c, r in session.broadcast(
+            "evaluate", {"others": strategy.absorbed, "fluency": settings.fluency}, phase="evaluate").items()}
+        central = centralised(hellos) if centralised else None
+        summary = strategy.summary()
+    finally:
+        if store is not None:
+            store.close()
+    return build_report(settings.run, strategy.name, config, kind, evaluations, session.ledgers,
+                        session.seconds, central, summary)

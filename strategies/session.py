@@ -1,0 +1,115 @@
+"""One run's conversation with its clients, independent of the transport (Flower or direct calls).
+
+A strategy sends ``Instruction``s (a step name, JSON arguments, numpy arrays) to clients through
+``Session.exchange`` and gets ``Reply``s back. The session counts the bytes each way per client and
+slot, drops clients whose step failed (the run goes on while at least ``min_clients`` remain) and
+tells a client when the server rejected its upload.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger("fededit.server")
+
+
+class FederationError(RuntimeError):
+    """The run cannot go on (mismatched clients, too few clients left)."""
+
+
+@dataclass
+class Instruction:
+    op: str
+    args: dict = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class Reply:
+    client: str
+    body: dict = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    error: str | None = None
+
+
+# (instructions by client) -> replies by client; a transport failure is a Reply with ``error``
+Transport = Callable[[dict[str, Instruction]], dict[str, Reply]]
+
+
+def payload_bytes(body: dict, arrays: dict[str, np.ndarray]) -> int:
+    """Bytes of a message's content: its JSON arguments plus its arrays."""
+    return len(json.dumps(body).encode()) + sum(int(np.asarray(a).nbytes) for a in arrays.values())
+
+
+@dataclass
+class ClientLedger:
+    """What the server saw of one client: bytes per slot and step reports."""
+
+    sent: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # server -> client, by slot
+    received: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # client -> server
+    failed: str | None = None
+
+    def bytes_by_slot(self) -> list[dict]:
+        slots = sorted(set(self.sent) | set(self.received))
+        return [{"slot": s, "sent_to_server": self.received.get(s, 0), "received_from_server": self.sent.get(s, 0)}
+                for s in slots]
+
+
+class Session:
+    def __init__(self, transport: Transport, clients: list[str], min_clients: int = 1):
+        self.transport = transport
+        self.active = list(clients)
+        self.min_clients = min_clients
+        self.ledgers = {c: ClientLedger() for c in clients}
+        self.slot = -1  # -1: handshake and evaluation
+        self.seconds: dict[str, float] = defaultdict(float)  # server wall time per phase
+
+    def exchange(self, instructions: dict[str, Instruction], phase: str = "other") -> dict[str, Reply]:
+        """Send, receive, account; failed clients are dropped and left out of the result."""
+        instructions = {c: i for c, i in instructions.items() if c in self.active}
+        if not instructions:
+            return {}
+        started = time.perf_counter()
+        for client, instruction in instructions.items():
+            self.ledgers[client].sent[self.slot] += payload_bytes({"op": instruction.op, **instruction.args},
+                                                                  instruction.arrays)
+        replies = self.transport(instructions)
+        ok: dict[str, Reply] = {}
+        for client in instructions:
+            reply = replies.get(client) or Reply(client, error="no reply")
+            self.ledgers[client].received[self.slot] += payload_bytes(reply.body, reply.arrays)
+            if reply.error:
+                self.drop(client, f"step {instructions[client].op!r} failed: {reply.error}")
+            else:
+                ok[client] = reply
+        self.seconds[phase] += time.perf_counter() - started
+        return ok
+
+    def broadcast(self, op: str, args: dict | None = None, arrays: dict | None = None,
+                  phase: str = "other") -> dict[str, Reply]:
+        """The same instruction to every active client."""
+        return self.exchange({c: Instruction(op, dict(args or {}), dict(arrays or {})) for c in self.active}, phase)
+
+    def drop(self, client: str, reason: str) -> None:
+        log.error("client %s leaves the run: %s", client, reason)
+        if client in self.active:
+            self.active.remove(client)
+        self.ledgers[client].failed = reason
+        if len(self.active) < self.min_clients:
+            raise FederationError(f"only {len(self.active)} client(s) left ({self.active}), fewer than the "
+                                  f"minimum of {self.min_clients}; last failure: {client}: {reason}")
+
+    def reject(self, client: str, error: str) -> None:
+        """A bad upload: log it, tell the client, and go on without it."""
+        log.error("rejected upload: %s", error)
+        try:
+            self.transport({client: Instruction("rejected", {"error": error})})
+        finally:
+            self.drop(client, f"upload rejected: {error}")
