@@ -178,6 +178,20 @@ def cmd_bench(args) -> int:
     raise SystemExit(f"unknown benchmark {args.bench!r}")
 
 
+def cmd_worker(args) -> int:
+    """A long-lived edit worker beside a SuperNode (deployment)."""
+    from .worker import ClientSpec
+    from .worker_service import run_forever
+
+    logging.getLogger("fededit").setLevel(logging.INFO)
+    preload = None
+    if args.preload:
+        preload = ClientSpec(run="preload", name="preload", model=args.preload, device=args.device,
+                             dtype=args.dtype, requests="builtin", state_dir=".")
+    run_forever(args.address, preload)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fededit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -204,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the metrics here")
     p.add_argument("--fluency", action="store_true", help="also generate text and measure n-gram entropy")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("worker", help="serve an edit worker for a SuperNode's ClientApp (deployment)")
+    p.add_argument("--address", required=True, help="unix:/path/worker.sock or 127.0.0.1:PORT")
+    p.add_argument("--preload", help="load this model before serving (e.g. smollm2-135m)")
+    p.add_argument("--device", default="cpu", help="device of the preloaded model (cpu, cuda, cuda:1, auto)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("bench", help="benchmarks")
     p.add_argument("bench", choices=["memit"])
