@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# the main job: FedEdit over 4 simulated clients on the embedded SmolLM2-135M (Flower simulation)
 demo: $(STAMP)
-	$(VENV)/bin/fededit demo
+	$(PY) -m deploy.simulate
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

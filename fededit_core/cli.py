@@ -143,7 +143,8 @@ DEMO_EDITS = Path(__file__).parent / "data" / "demo_edits.jsonl"
 
 
 def cmd_demo(args) -> int:
-    """The main job until the federation lands: MEMIT on the embedded model with the built-in edits."""
+    """One model, no federation: MEMIT on the embedded model with the built-in edits (``make demo``
+    runs the federated main job)."""
     args.requests, args.n = str(DEMO_EDITS), None
     return cmd_edit(args)
 

@@ -31,7 +31,7 @@ from .metrics import evaluate, generate_greedy
 from .mkv import MKVSet
 from .participant import Participant, checkpoint_version
 from .partition import load_partitions, resolve_data
-from .pipeline import make_editor
+from .pipeline import hparams_for, make_editor
 
 log = logging.getLogger("fededit.worker")
 
@@ -111,8 +111,21 @@ class EditWorker:
 
     # --- state ----------------------------------------------------------------------------------
     def editor(self, spec: ClientSpec) -> MemitEditor:
+        """The editor for the spec's model and MEMIT settings; one copy of the weights per model and
+        device: other settings (e.g. a run's overrides after ``--preload``) reuse the loaded model."""
         key = json.dumps([spec.model, spec.device, spec.dtype, spec.hparams], sort_keys=True)
-        if key not in self._editors:
+        if key in self._editors:
+            return self._editors[key]
+        same = [k for k in self._editors if json.loads(k)[:3] == [spec.model, spec.device, spec.dtype]]
+        if same:
+            old = self._editors[same[0]]
+            for k in same:
+                del self._editors[k]
+            old.reset()  # base weights back before the new editor keeps them as its base
+            self._participants = {k: p for k, p in self._participants.items() if p.editor is not old}
+            log.info("reusing the loaded %s with other MEMIT settings", spec.model)
+            self._editors[key] = MemitEditor(old.model, old.tok, hparams_for(old.model, **spec.hparams))
+        else:
             log.info("loading %s on %s (%s)", spec.model, spec.device, spec.dtype)
             self._editors[key] = make_editor(spec.model, spec.device, spec.dtype, **spec.hparams)
         return self._editors[key]
@@ -273,7 +286,7 @@ class EditWorker:
             participant.activate()
         reply["generations"] = [
             {"prompt": r.text, "target": r.target_new, "whose": "own" if i < len(own[:1]) else "other",
-             "before": b[len(r.text):].strip(), "after": a[len(r.text):].strip()}
+             "before": " ".join(b[len(r.text):].split()), "after": " ".join(a[len(r.text):].split())}
             for i, (r, b, a) in enumerate(zip(shown, before, after))]
         return reply, {}
 

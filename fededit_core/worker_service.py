@@ -15,6 +15,7 @@ import os
 import signal
 import struct
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -76,7 +77,10 @@ class _Servicer:
         try:
             header, arrays = decode(request)
             spec = ClientSpec.model_validate(header["spec"])
+            started = time.perf_counter()
             body, out = self.worker.handle(header["op"], spec, header.get("args", {}), arrays)
+            log.info("%s: %s of slot %s in %.1f s", spec.name, header["op"], header.get("args", {}).get("slot", "-"),
+                     time.perf_counter() - started)
             return encode({"ok": True, "body": body}, out)
         except Exception as err:  # the error goes back to the ClientApp, the worker keeps serving
             log.exception("step failed")

@@ -1,0 +1,79 @@
+"""A tiny federation for tests: a saved tiny Llama, a corpus, request files, in-process clients.
+
+``DirectTransport`` delivers a strategy's instructions straight to an ``EditWorker`` (the same
+worker the ClientApp uses), so the strategies run end to end in seconds without Flower.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fededit_core.worker import ClientSpec, EditWorker
+from strategies.session import Reply
+
+try:
+    from tests.tiny import tiny_model_with_words
+except ImportError:  # pragma: no cover
+    from tiny import tiny_model_with_words
+
+WORDS = (" Rome", " Paris", " Berlin", " London")
+SUBJECTS = ["Eiffel Tower", "Colosseum", "Big Ben", "Louvre", "Brandenburg Gate", "Tower Bridge", "Pantheon",
+            "Reichstag"]
+TINY_HPARAMS = {"cov_samples": 16, "v_steps": 5, "mom2_weight": 10.0}
+
+
+def request_record(i: int, subject: str, client: str | None = None) -> dict:
+    new, true = WORDS[i % 4].strip(), WORDS[(i + 1) % 4].strip()
+    record = {"case_id": f"c{i}", "subject": subject, "prompt": "The {} is in", "target_new": new,
+              "target_true": true, "paraphrase_prompts": [f"Where is the {subject}? In"],
+              "neighborhood_prompts": ["The Museum is in"]}
+    if client:
+        record["client"] = client
+    return record
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def tiny_world(root: Path) -> dict:
+    """Model folder, corpus file and a 2-client data file (4 requests each, ``client`` field) under ``root``."""
+    model, tok = tiny_model_with_words("llama", words=WORDS, head_scale=50.0)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    words = "the a of city tower river king queen museum old new bridge gate language".split()
+    (root / "corpus.txt").write_text("\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(30))
+                                              for i in range(40)))
+    data = write_jsonl(root / "data.jsonl", [request_record(i, s, f"client-{i % 2}") for i, s in enumerate(SUBJECTS)])
+    hparams = {**TINY_HPARAMS, "cov_source": str(root / "corpus.txt")}
+    return {"model": str(root / "model"), "corpus": str(root / "corpus.txt"), "data": str(data), "hparams": hparams}
+
+
+def client_specs(world: dict, root: Path, run: str, n_clients: int = 2, num_slots: int = 2, data: str | None = None,
+                 **overrides) -> dict[str, ClientSpec]:
+    return {f"client-{i}": ClientSpec(run=run, name=f"client-{i}", model=world["model"], hparams=world["hparams"],
+                                      requests=data or world["data"], partition="field", index=i, count=n_clients,
+                                      num_slots=num_slots, state_dir=str(root / "state"),
+                                      secret_file=str(root / "secret"), oracle=True, **overrides)
+            for i in range(n_clients)}
+
+
+class DirectTransport:
+    """Instructions straight to in-process workers; every instruction and reply is kept in ``log``."""
+
+    def __init__(self, specs: dict[str, ClientSpec], worker: EditWorker | None = None):
+        self.specs, self.worker = specs, worker or EditWorker()
+        self.log: list[tuple[str, object, Reply]] = []
+
+    def __call__(self, instructions):
+        replies = {}
+        for client, ins in instructions.items():
+            try:
+                body, arrays = self.worker.handle(ins.op, self.specs[client], ins.args, ins.arrays)
+                replies[client] = Reply(client, body, arrays)
+            except Exception as err:  # as the ClientApp does: the failure goes back as the reply
+                replies[client] = Reply(client, error=f"{type(err).__name__}: {err}")
+            self.log.append((client, ins, replies[client]))
+        return replies

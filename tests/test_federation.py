@@ -1,0 +1,184 @@
+"""Every strategy end to end on a tiny model, with in-process clients (no Flower): what the server
+stores and serves, reuse, CollabEdit = global MEMIT, EditAvg, validation, handshake, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fededit_core.partition import load_partitions
+from fededit_core.zopt import ZResult
+from strategies.federation import RunSettings, run_federation
+from strategies.session import FederationError, Reply
+from strategies.store import MKVStore
+
+try:
+    from tests.federation_kit import DirectTransport, client_specs, request_record, tiny_world, write_jsonl
+except ImportError:  # pragma: no cover
+    from federation_kit import DirectTransport, client_specs, request_record, tiny_world, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEDEDIT_CACHE", str(root / "cache"))
+    yield {**tiny_world(root), "root": root}
+    mp.undo()
+
+
+def run(world, tmp_path, strategy, run="r", transport=None, specs=None, **settings):
+    specs = specs or client_specs(world, tmp_path, run)
+    transport = transport or DirectTransport(specs)
+    settings = RunSettings(run=run, strategy=strategy, num_slots=2, alpha=settings.pop("alpha", 0.0),
+                           store_path=tmp_path / "store.sqlite", **settings)
+    report = run_federation(transport, list(specs), settings, {"strategy": strategy}, progress=False)
+    return report, transport
+
+
+def test_fededit_stores_exactly_the_uploads_and_serves_only_the_others(world, tmp_path):
+    report, transport = run(world, tmp_path, "fededit")
+    store = MKVStore(tmp_path / "store.sqlite")
+    uploads = store.uploads("r")
+    assert store.count("r") == 8 and len(uploads) == 4  # 2 clients x 2 slots, 2 requests each
+    edits = {(c, ins.args["slot"]): reply for c, ins, reply in transport.log if ins.op == "edit"}
+    for upload in uploads:  # byte for byte what the client sent, under its name and slot
+        sent = edits[(upload.client, upload.slot)]
+        assert upload.ids == sent.body["ids"] and all(i.startswith(f"{upload.client}/{upload.slot}/") for i in upload.ids)
+        for name in ("z", "delta", "keys"):
+            np.testing.assert_array_equal(upload.arrays[name], sent.arrays[name])
+    served = [(c, ins) for c, ins, _ in transport.log if ins.op == "reedit"]
+    assert len(served) == 4
+    for client, ins in served:
+        assert ins.args["ids"] and client not in ins.args["senders"]
+        assert not any(i.startswith(client + "/") for i in ins.args["ids"])
+        assert len(ins.arrays["z"]) == len(ins.args["ids"])
+    # alpha 0: every z is similar enough, so each client re-edited all 4 of the other's requests
+    assert [c["applied"] for c in report["clients"]] == [4, 4]
+    assert [c["n_others"] for c in report["clients"]] == [4, 4]
+    assert report["strategy"] == "fededit" and report["weighted"]["n"] == 8
+    assert all(c["bytes_sent"] > 0 and c["bytes_received"] > 0 for c in report["clients"])
+
+
+def test_the_reedit_gate_keeps_nothing_at_alpha_one_and_everything_without_gate(world, tmp_path):
+    gated, _ = run(world, tmp_path / "a", "fededit", alpha=1.0)
+    assert [c["applied"] for c in gated["clients"]] == [0, 0]
+    assert [c["received_sets"] for c in gated["clients"]] == [2, 2]
+    ungated, _ = run(world, tmp_path / "b", "fededit-noreedit", alpha=1.0)
+    assert [c["kept_sets"] for c in ungated["clients"]] == [2, 2]
+    assert ungated["strategy"] == "fededit-noreedit"
+
+
+def test_a_request_computed_before_is_reused_not_optimised(world, tmp_path):
+    records = [request_record(i, s, f"client-{i % 2}") for i, s in enumerate(["Eiffel Tower", "Colosseum",
+                                                                               "Big Ben", "Louvre"])]
+    records[3] = {**records[0], "case_id": "again", "client": "client-1"}  # client-1, slot 1 = client-0, slot 0
+    data = write_jsonl(tmp_path / "repeat.jsonl", records)
+    specs = client_specs(world, tmp_path, "reuse", data=str(data))
+    report, transport = run(world, tmp_path, "fededit", run="reuse", specs=specs)
+    c1 = next(c for c in report["clients"] if c["client"] == "client-1")
+    assert c1["reused"] == 1 and c1["optimised"] == 1
+    assert report["server"]["z_served_for_reuse"] == 1
+    first = next(r for c, i, r in transport.log if i.op == "edit" and c == "client-0" and i.args["slot"] == 0)
+    again = next(r for c, i, r in transport.log if i.op == "edit" and c == "client-1" and i.args["slot"] == 1)
+    np.testing.assert_array_equal(again.arrays["z"][0], first.arrays["z"][0])
+    assert again.body["tags"][0] == first.body["tags"][0]
+
+
+def test_collabedit_equals_one_global_memit_edit(world, tmp_path):
+    specs = client_specs(world, tmp_path, "collab", num_slots=1)
+    transport = DirectTransport(specs)
+    settings = RunSettings(run="collab", strategy="collabedit", num_slots=1, store_path=tmp_path / "s.sqlite")
+    run_federation(transport, list(specs), settings, {}, progress=False)
+    worker = transport.worker
+    editor = worker.editor(specs["client-0"])
+    merged = {name: worker.participant(spec).layers for name, spec in specs.items()}
+    # the reference: one MEMIT edit of the union, with each client's z (optimised on the base model)
+    parts = load_partitions(world["data"], 2, "field")
+    editor.reset()
+    zs = [editor.compute_z(parts[name], progress=False) for name in sorted(parts)]
+    union = [r for name in sorted(parts) for r in parts[name]]
+    editor.edit(union, z=ZResult(torch.cat([z.z for z in zs]), torch.cat([z.h for z in zs])), progress=False)
+    reference = editor.edited_layers()
+    editor.reset()
+    for layers in merged.values():
+        for layer, weight in reference.items():
+            shift = (weight - editor.base_weights[layer]).norm()
+            assert shift > 0
+            assert (layers[layer] - weight).norm() <= 1e-3 * shift
+
+
+def test_editavg_leaves_every_client_with_the_same_averaged_model(world, tmp_path):
+    report, transport = run(world, tmp_path, "editavg")
+    specs = transport.specs
+    layers = [transport.worker.participant(spec).layers for spec in specs.values()]
+    editor = transport.worker.editor(specs["client-0"])
+    for layer in editor.hp.layers:
+        torch.testing.assert_close(layers[0][layer], layers[1][layer])
+        assert not torch.equal(layers[0][layer], editor.base_weights[layer])
+    updates = [r for _, i, r in transport.log if i.op == "editavg_update" and i.args["slot"] == 0]
+    average = next(i for _, i, _ in transport.log if i.op == "editavg_apply" and i.args["slot"] == 0)
+    key = f"delta.{editor.hp.layers[0]}"
+    np.testing.assert_allclose(average.arrays[key], (updates[0].arrays[key] + updates[1].arrays[key]) / 2, atol=1e-6)
+    assert report["strategy"] == "editavg" and [c["n_others"] for c in report["clients"]] == [4, 4]
+
+
+def test_local_shares_nothing(world, tmp_path):
+    report, transport = run(world, tmp_path, "local")
+    assert {i.op for _, i, _ in transport.log} == {"hello", "edit", "evaluate"}
+    assert all(not r.arrays for _, i, r in transport.log if i.op == "edit")
+    assert [c["n_others"] for c in report["clients"]] == [0, 0]
+
+
+def test_a_bad_upload_is_rejected_and_the_run_goes_on(world, tmp_path):
+    specs = client_specs(world, tmp_path, "bad")
+    inner = DirectTransport(specs)
+
+    def corrupting(instructions):
+        replies = inner(instructions)
+        reply = replies.get("client-1")
+        if reply is not None and not reply.error and "edit" in [i.op for i in instructions.values()][:1]:
+            z = reply.arrays["z"].copy()
+            z[0, 0] = np.nan
+            replies["client-1"] = Reply("client-1", reply.body, {**reply.arrays, "z": z})
+        return replies
+
+    report, _ = run(world, tmp_path, "fededit", run="bad", specs=specs, transport=corrupting, min_clients=1)
+    store = MKVStore(tmp_path / "store.sqlite")
+    assert {u.client for u in store.uploads("bad")} == {"client-0"}
+    failed = {c["client"]: c["failed"] for c in report["clients"]}
+    assert failed["client-0"] is None and "NaN" in failed["client-1"]
+    assert any(i.op == "rejected" and c == "client-1" for c, i, _ in inner.log)
+    assert report["weighted"]["n"] == 4  # the weighted figures cover the remaining client only
+    # with a minimum of two clients the same fault stops the run
+    with pytest.raises(FederationError, match="fewer than the minimum"):
+        run(world, tmp_path / "min", "fededit", run="bad2", specs=client_specs(world, tmp_path / "min", "bad2"),
+            transport=lambda ins: corrupting(ins), min_clients=2)
+
+
+def test_clients_that_disagree_stop_the_run_at_the_handshake(world, tmp_path):
+    specs = client_specs(world, tmp_path, "mismatch")
+    other = specs["client-1"].model_copy(update={"hparams": {**world["hparams"], "mom2_weight": 99.0}})
+    specs["client-1"] = other
+    with pytest.raises(FederationError, match="hparams differs"):
+        run(world, tmp_path, "fededit", run="mismatch", specs=specs)
+
+
+def test_a_restarted_server_resumes_the_run(world, tmp_path):
+    specs = client_specs(world, tmp_path, "resume")
+    transport = DirectTransport(specs)
+
+    def crash_at_slot_one(instructions):
+        if any(i.args.get("slot") == 1 for i in instructions.values()):
+            raise KeyboardInterrupt("server stops")
+        return transport(instructions)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(world, tmp_path, "fededit", run="resume", specs=specs, transport=crash_at_slot_one)
+    assert MKVStore(tmp_path / "store.sqlite").last_slot("resume") == 0
+    fresh = DirectTransport(specs)  # a new server process: new worker state, same disks
+    report, _ = run(world, tmp_path, "fededit", run="resume", specs=specs, transport=fresh)
+    assert not any(i.args.get("slot") == 0 for _, i, _ in fresh.log)  # slot 0 was not redone
+    assert MKVStore(tmp_path / "store.sqlite").count("resume") == 8
+    assert [c["n"] for c in report["clients"]] == [4, 4]

@@ -1,0 +1,95 @@
+"""The apps under Flower's simulation engine (``flwr run`` through ``deploy.simulate``): every
+strategy completes on a tiny model, no request text travels in any message, and on SmolLM2 a client
+answers with another client's new object after re-editing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from deploy.simulate import simulate
+from fededit_core.datasets import load_requests
+from fededit_core.partition import BUILTIN_FEDERATION
+
+try:
+    from tests.federation_kit import tiny_world
+except ImportError:  # pragma: no cover
+    from federation_kit import tiny_world
+
+STRATEGIES = ("fededit", "fededit-noreedit", "editavg", "collabedit", "local")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("simworld")
+    return {**tiny_world(root), "root": root}
+
+
+def tiny_config(world, **extra) -> str:
+    items = {"model": f"'{world['model']}'", "data": f"'{world['data']}'", "cov-source": f"'{world['corpus']}'",
+             "cov-samples": 16, "v-steps": 5, "mom2-weight": 10.0, "num-slots": 2, "alpha": 0.0,
+             "output-dir": f"'{world['root'] / 'runs'}'", **extra}
+    return " ".join(f"{k}={v}" for k, v in items.items())
+
+
+def env(world) -> dict:
+    return {"FEDEDIT_CACHE": str(world["root"] / "cache"),
+            "FEDEDIT_FEDERATION_SECRET_FILE": str(world["root"] / "federation.secret")}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_completes_under_flwr_run(world, strategy):
+    capture = world["root"] / f"capture-{strategy}"
+    code, folder = simulate(tiny_config(world, strategy=f"'{strategy}'", **{"run-name": f"'{strategy}'",
+                                        "capture-dir": f"'{capture}'"}), clients=2, timeout_s=600, env=env(world))
+    assert code == 0
+    report = json.loads((folder / "report.json").read_text())
+    assert report["strategy"] == strategy
+    assert [c["client"] for c in report["clients"]] == ["client-0", "client-1"]
+    assert all(c["own"] and c["n"] == 4 and not c["failed"] for c in report["clients"])
+    assert report["centralised"]["score"] is not None and report["retention"] is not None
+    assert (folder / "report.md").read_text().startswith("# fededit run")
+    steps = {json.loads(p.read_text()).get("op") for p in capture.glob("*-to-*.json")}
+    assert {"hello", "evaluate"} <= steps
+    if strategy.startswith("fededit"):
+        assert {"tags", "edit", "reedit"} <= steps
+        assert sum(c["applied"] for c in report["clients"]) == 8  # alpha 0 (or no gate): all re-edited
+
+
+def test_no_request_text_in_any_message(world):
+    """Every payload of a FedEdit run, both ways, holds none of the requests' strings."""
+    capture = world["root"] / "capture-fededit"
+    if not capture.is_dir():
+        simulate(tiny_config(world, **{"run-name": "'privacy'", "capture-dir": f"'{capture}'"}), clients=2,
+                 timeout_s=600, env=env(world))
+    files = sorted(capture.iterdir())
+    assert any("-from-" in f.name for f in files) and any(f.suffix == ".bin" and f.stat().st_size for f in files)
+    payload = b"".join(f.read_bytes() for f in files)
+    secrets = set()
+    for r in load_requests(world["data"]):
+        secrets |= {r.subject, r.text, r.prompt, *r.paraphrase_prompts, *r.neighborhood_prompts}
+        secrets |= {t for t in (r.target_new, r.target_true) if len(t) > 3}  # "Rome", "Paris", ...
+    for text in secrets:
+        for variant in {text, text.lower(), json.dumps(text)[1:-1]}:
+            assert variant.encode() not in payload, f"{variant!r} travelled in a message"
+
+
+@pytest.mark.slow
+def test_smollm2_client_learns_another_clients_fact_by_reediting(tmp_path):
+    """Two clients of the built-in set's landmark pair; client-0 re-edits client-1's MKVs."""
+    records = [json.loads(line) for line in BUILTIN_FEDERATION.read_text().splitlines() if line.strip()]
+    chosen = [r for r in records if r["client"] == "client-0"][:2] + [r for r in records if r["client"] == "client-1"][:2]
+    data = tmp_path / "pair.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chosen))
+    config = (f"data='{data}' num-slots=1 centralised=false run-name='pair' output-dir='{tmp_path / 'runs'}'")
+    code, folder = simulate(config, clients=2, timeout_s=1200)
+    assert code == 0
+    report = json.loads((folder / "report.json").read_text())
+    c0 = next(c for c in report["clients"] if c["client"] == "client-0")
+    assert c0["kept_sets"] == 1 and c0["applied"] == 2
+    assert c0["others_before"]["es"] == 0.0  # the base model prefers the true objects
+    assert c0["others"]["es"] >= 0.5  # after re-editing it prefers client-1's new objects
+    other = next(g for g in c0["generations"] if g["whose"] == "other")
+    assert other["after"].startswith(other["target"]), other
