@@ -97,6 +97,13 @@ def read_secret(path: str | None, create: bool = False) -> bytes | None:
     return secret
 
 
+def generations_path(spec: ClientSpec) -> Path:
+    """Where a client keeps its before/after generations (text: never sent to the server)."""
+    folder = Path(spec.state_dir) / spec.run
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{spec.name}.generations.json"
+
+
 def _metrics(result: dict | None) -> dict | None:
     return None if result is None else {k: v for k, v in result.items() if k != "per_request"}
 
@@ -284,10 +291,12 @@ class EditWorker:
             before = generate_greedy(editor.model, editor.tok, [r.text for r in shown], max_new_tokens=10)
         finally:
             participant.activate()
-        reply["generations"] = [
+        generations = [
             {"prompt": r.text, "target": r.target_new, "whose": "own" if i < len(own[:1]) else "other",
              "before": " ".join(b[len(r.text):].split()), "after": " ".join(a[len(r.text):].split())}
             for i, (r, b, a) in enumerate(zip(shown, before, after))]
+        # text stays on the client: written beside its checkpoint, never put in the reply
+        generations_path(spec).write_text(json.dumps(generations, indent=1))
         return reply, {}
 
     @staticmethod

@@ -129,6 +129,11 @@ def main(grid: Grid, context: Context) -> None:
     centralised = _centralised(cfg, sorted(names)) if bool(cfg.get("centralised", False)) else None
     config = {k: v for k, v in cfg.items()}
     report = run_federation(transport, list(names), settings, config, centralised=centralised)
+    # simulation: the clients' generations are on this machine's disk (they never travel in a message)
+    for client in report["clients"]:
+        local = out / "clients" / run / f"{client['client']}.generations.json"
+        if local.is_file():
+            client["generations"] = json.loads(local.read_text())
     json_path, md_path = write_report(report, out)
     print("\n" + client_table(report) + "\n\n" + generations_table(report) + "\n\n" + summary_line(report))
     print(f"report: {json_path} and {md_path}", flush=True)

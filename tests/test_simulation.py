@@ -5,7 +5,6 @@ answers with another client's new object after re-editing."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -51,6 +50,8 @@ def test_every_strategy_completes_under_flwr_run(world, strategy):
     assert all(c["own"] and c["n"] == 4 and not c["failed"] for c in report["clients"])
     assert report["centralised"]["score"] is not None and report["retention"] is not None
     assert (folder / "report.md").read_text().startswith("# fededit run")
+    # generations (text) reach the report from the clients' disks in simulation, not through messages
+    assert all(c["generations"] and c["generations"][0]["whose"] == "own" for c in report["clients"])
     steps = {json.loads(p.read_text()).get("op") for p in capture.glob("*-to-*.json")}
     assert {"hello", "evaluate"} <= steps
     if strategy.startswith("fededit"):
