@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -24,14 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+from flwr.common.config import parse_config_args
+
+from deploy.loopback import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-RUN_CONFIG_ITEM = re.compile(r"""([\w.-]+)=('[^']*'|"[^"]*"|\S+)""")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def process_tree(pid: int) -> list[int]:
@@ -104,21 +100,11 @@ def start_superlink(home: Path, env: dict) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"the SuperLink did not open its port within 30 s; see {log}")
 
 
-def parse_run_config(text: str) -> dict[str, str]:
-    """``key=value`` pairs as Flower reads them (string values quoted), kept as written."""
-    pairs, position = {}, 0
-    for match in RUN_CONFIG_ITEM.finditer(text):
-        if text[position:match.start()].strip():
-            raise ValueError(f"run config: cannot read {text[position:match.start()].strip()!r} (expected key=value)")
-        pairs[match.group(1)] = match.group(2)
-        position = match.end()
-    if text[position:].strip():
-        raise ValueError(f"run config: cannot read {text[position:].strip()!r} (expected key=value)")
-    return pairs
-
-
-def _unquote(value: str) -> str:
-    return value[1:-1] if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"" else value
+def _toml_value(value) -> str:
+    """A run-config value as ``flwr run --run-config`` reads it back."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else str(value)
 
 
 def _terminate(signum, frame):
@@ -128,13 +114,13 @@ def _terminate(signum, frame):
 def simulate(run_config: str = "", clients: int = 4, cpus_per_client: int | None = None,
              timeout_s: float | None = None, env: dict | None = None) -> tuple[int, Path]:
     """Run one simulation; returns (exit code, the run's output folder)."""
-    pairs = parse_run_config(run_config)
-    run_name = _unquote(pairs.get("run-name", "")) or time.strftime("sim-%Y%m%d-%H%M%S")
-    out_dir = Path(_unquote(pairs.get("output-dir", "")) or ROOT / "runs")
+    pairs = parse_config_args([run_config]) if run_config.strip() else {}  # Flower's own parser
+    run_name = str(pairs.get("run-name", "")) or time.strftime("sim-%Y%m%d-%H%M%S")
+    out_dir = Path(str(pairs.get("output-dir", "")) or ROOT / "runs")
     if not out_dir.is_absolute():
         out_dir = ROOT / out_dir
-    pairs.update({"run-name": f"'{run_name}'", "output-dir": f"'{out_dir}'"})
-    run_config = " ".join(f"{k}={v}" for k, v in pairs.items())
+    pairs.update({"run-name": run_name, "output-dir": str(out_dir)})
+    run_config = " ".join(f"{k}={_toml_value(v)}" for k, v in pairs.items())
     home = out_dir / run_name / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
     environment = {**os.environ, **(env or {}), "FLWR_HOME": str(home),

@@ -93,7 +93,8 @@ def _hf_texts(name: str) -> list[str]:
 
 # Token ids of self-sampled corpora that ship with the package (the embedded model's default): every
 # party of a federation then measures C0 on the same tokens whatever its hardware, and the first run
-# skips the sampling (about 2 of the 3 minutes of a cold C0 build on a 2-core CPU).
+# skips the sampling (README: a cold C0 build took 174 s with it; the cold demo's model load and C0
+# together 41 s without it).
 SHIPPED_CORPORA = Path(__file__).parent / "data" / "corpus"
 
 

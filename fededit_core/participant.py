@@ -94,9 +94,6 @@ class Participant:
             return [None] * len(self.slots[slot])
         return [request_tag(r, self.secret) for r in self.slots[slot]]
 
-    def own_z(self) -> torch.Tensor:
-        return self.own.z if self.own is not None else torch.zeros(0, self.editor.d_model)
-
     def edited_requests(self) -> list[EditRequest]:
         """Every request of the slots edited so far."""
         return [r for slot in self.slots[: self.next_slot] for r in slot]

@@ -141,10 +141,10 @@ class EditWorker:
         """The client's participant, re-read from its checkpoint when another process moved it on."""
         folder = Path(spec.state_dir) / spec.run / spec.name
         key = (spec.run, spec.name)
-        cached = self._participants.get(key)
-        if cached is None or cached.editor is not self.editor(spec) or cached.version != checkpoint_version(folder):
+        cached, editor = self._participants.get(key), self.editor(spec)
+        if cached is None or cached.editor is not editor or cached.version != (checkpoint_version(folder) or 0):
             secret = read_secret(spec.secret_file, create=spec.oracle)
-            cached = Participant(spec.name, self.editor(spec), spec.own_requests(), spec.num_slots,
+            cached = Participant(spec.name, editor, spec.own_requests(), spec.num_slots,
                                  secret=secret, checkpoint_dir=folder)
             self._participants[key] = cached
         return cached

@@ -12,16 +12,13 @@ Per time slot:
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
+from .aggregate import mkvs_for
 from .base import Strategy
 from .session import Instruction, Session
 from .store import MKVStore
-from .validation import FederationSpec, UploadError, validate_mkv_upload
-
-TAG = re.compile(r"^[0-9a-f]{64}$")
+from .validation import TAG, FederationSpec, UploadError, validate_mkv_upload
 
 
 class FedEdit(Strategy):
@@ -60,23 +57,19 @@ class FedEdit(Strategy):
 
     # --- 2. edit and store ------------------------------------------------------------------------
     def _store_upload(self, slot: int, client: str, body: dict, arrays: dict, session: Session) -> None:
+        ids, tags = body.get("ids"), body.get("tags")
         try:
-            ids = body.get("ids")
-            if not isinstance(ids, list):
-                raise UploadError(f"client {client}: the upload has no list of ids")
-            validate_mkv_upload(client, str(body.get("fingerprint")), ids, arrays, self.spec)
-            tags = body.get("tags", [""] * len(ids))
-            if not isinstance(tags, list) or len(tags) != len(ids) or any(t and not TAG.match(str(t)) for t in tags):
-                raise UploadError(f"client {client}: tags must be one 64-hex-digit string (or '') per id")
+            validate_mkv_upload(client, str(body.get("fingerprint")), ids, arrays, self.spec, tags=tags)
         except UploadError as err:
             session.reject(client, str(err))
             return
-        self.store.put(self.run, client, slot, body["fingerprint"], ids, [t or None for t in tags],
+        self.store.put(self.run, client, slot, body["fingerprint"], ids, [t or None for t in tags or [""] * len(ids)],
                        {k: arrays[k] for k in ("z", "delta", "keys", "layers")})
 
     # --- 3. serve ---------------------------------------------------------------------------------
     def _serve(self, slot: int, client: str) -> Instruction:
-        uploads = [u for u in self.store.uploads(self.run, slot=slot, exclude_client=client) if u.ids]
+        """The reedit step for ``client``: the sets the other clients uploaded since the last slot."""
+        uploads = [u for u in mkvs_for(self.store, self.run, client, after_slot=slot - 1) if u.ids]
         args = {"alpha": self.alpha, "gate": self.gate, "vector": self.vector,
                 "ids": [i for u in uploads for i in u.ids],
                 "senders": [u.client for u in uploads for _ in u.ids]}

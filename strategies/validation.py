@@ -8,6 +8,7 @@ raises ``UploadError`` naming the client and the problem; nothing is stored.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,10 +56,20 @@ def check_fingerprint(client: str, fingerprint: str, spec: FederationSpec) -> No
                           f"{spec.fingerprint!r} (not the same base model)")
 
 
-def validate_mkv_upload(client: str, fingerprint: str, ids: list[str], arrays: dict, spec: FederationSpec) -> int:
-    """An MKV upload: z and delta (n, d), keys (n, |R|, d_ff), layers (|R|,). Returns n."""
+TAG = re.compile(r"^[0-9a-f]{64}$")  # an HMAC-SHA256 request tag (fededit_core.tags)
+
+
+def validate_mkv_upload(client: str, fingerprint: str, ids: list[str], arrays: dict, spec: FederationSpec,
+                        tags: list[str] | None = None) -> int:
+    """An MKV upload: z and delta (n, d), keys (n, |R|, d_ff), layers (|R|,), and optionally one tag
+    (64 hex digits, or "" for none) per id. Returns n."""
     check_fingerprint(client, fingerprint, spec)
     _check_names(client, arrays, {"z", "delta", "keys", "layers"})
+    if not isinstance(ids, list):
+        raise UploadError(f"client {client}: the upload has no list of ids")
+    if tags is not None and (not isinstance(tags, list) or len(tags) != len(ids)
+                             or any(t and not TAG.match(str(t)) for t in tags)):
+        raise UploadError(f"client {client}: tags must be one 64-hex-digit string (or '') per id")
     n = len(ids)
     if n > spec.max_items:
         raise UploadError(f"client {client}: {n} MKVs exceed the limit of {spec.max_items} per upload")
