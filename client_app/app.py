@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 from fededit_core.paths import cache_dir
 from fededit_core.worker import ClientSpec, EditWorker
 from fededit_core.worker_service import RemoteWorker
-from server_app.protocol import hparam_overrides, pack, run_name, unpack
+from server_app.protocol import hparam_overrides, pack, run_name, simulation_state_dir, unpack
 
 log = logging.getLogger("fededit.client")
 app = ClientApp()
@@ -47,7 +47,7 @@ def client_spec(context: Context) -> ClientSpec:
     return ClientSpec(**common, name=f"client-{index}", requests=str(cfg.get("data", "builtin")),
                       partition=str(cfg.get("partition", "field")), index=index,
                       count=int(node["num-partitions"]),
-                      state_dir=str(os.path.abspath(os.path.join(str(cfg.get("output-dir", "runs")), run, "clients"))),
+                      state_dir=str(simulation_state_dir(cfg, run)),
                       secret_file=secret, oracle=True)
 
 

@@ -40,6 +40,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def interpreter_tools_first(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with this interpreter's scripts folder (flwr, flower-superlink, fededit) first on PATH,
+    so that the tools of this environment run even when it is not activated (``make test``)."""
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
 class Loopback:
     def __init__(self, root: Path | str, model: str, requests: dict[str, Path | str], device: str = "cpu",
                  dtype: str = "fp32", cache: Path | str | None = None):
@@ -62,8 +69,7 @@ class Loopback:
     def env(self, **extra: str) -> dict[str, str]:
         """The environment of every command: this interpreter's scripts first on PATH, the CLI's
         FLWR_HOME, fededit's cache, no dependency installation, telemetry or update checks."""
-        env = dict(os.environ)
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env = interpreter_tools_first(dict(os.environ))
         env.update(FLWR_HOME=str(self.flwr_home), FEDEDIT_CACHE=str(self.cache),
                    FEDEDIT_DEPLOY_LOCAL=str(self.root), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                    FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
-from deploy.loopback import free_port
+from deploy.loopback import free_port, interpreter_tools_first
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +123,7 @@ def simulate(run_config: str = "", clients: int = 4, cpus_per_client: int | None
     run_config = " ".join(f"{k}={_toml_value(v)}" for k, v in pairs.items())
     home = out_dir / run_name / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
-    environment = {**os.environ, **(env or {}), "FLWR_HOME": str(home),
+    environment = {**interpreter_tools_first(dict(os.environ)), **(env or {}), "FLWR_HOME": str(home),
                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
                    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
     cpus = cpus_per_client or len(os.sched_getaffinity(0))  # default: one Ray actor, one model copy

@@ -97,11 +97,9 @@ def read_secret(path: str | None, create: bool = False) -> bytes | None:
     return secret
 
 
-def generations_path(spec: ClientSpec) -> Path:
+def generations_path(state_dir: str | Path, run: str, client: str) -> Path:
     """Where a client keeps its before/after generations (text: never sent to the server)."""
-    folder = Path(spec.state_dir) / spec.run
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{spec.name}.generations.json"
+    return Path(state_dir) / run / f"{client}.generations.json"
 
 
 def _metrics(result: dict | None) -> dict | None:
@@ -296,7 +294,9 @@ class EditWorker:
              "before": " ".join(b[len(r.text):].split()), "after": " ".join(a[len(r.text):].split())}
             for i, (r, b, a) in enumerate(zip(shown, before, after))]
         # text stays on the client: written beside its checkpoint, never put in the reply
-        generations_path(spec).write_text(json.dumps(generations, indent=1))
+        path = generations_path(spec.state_dir, spec.run, spec.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(generations, indent=1))
         return reply, {}
 
     @staticmethod

@@ -15,7 +15,9 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from server_app.protocol import hparam_overrides, message_type, pack, run_name, unpack
+from fededit_core.worker import generations_path
+from server_app.protocol import (hparam_overrides, message_type, pack, run_name, simulation_state_dir,
+                                 unpack)
 from strategies.federation import RunSettings, run_federation
 from strategies.report import client_table, generations_table, summary_line, write_report
 from strategies.session import FederationError, Instruction, Reply
@@ -131,7 +133,7 @@ def main(grid: Grid, context: Context) -> None:
     report = run_federation(transport, list(names), settings, config, centralised=centralised)
     # simulation: the clients' generations are on this machine's disk (they never travel in a message)
     for client in report["clients"]:
-        local = out / "clients" / run / f"{client['client']}.generations.json"
+        local = generations_path(simulation_state_dir(cfg, run), run, client["client"])
         if local.is_file():
             client["generations"] = json.loads(local.read_text())
     json_path, md_path = write_report(report, out)

@@ -8,6 +8,7 @@ Message types: ``query`` (handshake, tags), ``evaluate`` (metrics) and ``train``
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -54,3 +55,8 @@ def hparam_overrides(run_config) -> dict:
 def run_name(run_config, run_id: int) -> str:
     name = str(run_config.get("run-name", "")).strip()
     return name or f"run-{run_id}"
+
+
+def simulation_state_dir(run_config, run: str) -> Path:
+    """Where simulated clients keep their checkpoints: ``<output-dir>/<run>/clients`` (absolute)."""
+    return Path(str(run_config.get("output-dir", "runs"))).resolve() / run / "clients"
