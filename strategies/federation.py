@@ -39,6 +39,8 @@ class RunSettings:
     min_clients: int = 1
     reuse: bool = True
     fluency: bool = False
+    baseline: bool = True  # clients also evaluate the unedited model (the "unedited" row)
+    others_limit: int = 0  # evaluate at most this many absorbed requests of other clients per client (0: all)
     store_path: Path | None = None  # FedEdit's MKV store (SQLite); default: runs/<run>/mkv_store.sqlite
 
     def __post_init__(self):
@@ -91,7 +93,9 @@ def run_federation(transport: Transport, clients: list[str], settings: RunSettin
             strategy.run_slot(slot, session)
         session.slot = -1
         evaluations = {c: r.body for c, r in session.broadcast(
-            "evaluate", {"others": strategy.absorbed, "fluency": settings.fluency}, phase="evaluate").items()}
+            "evaluate", {"others": strategy.absorbed, "fluency": settings.fluency, "baseline": settings.baseline,
+                          "others_limit": settings.others_limit},
+            phase="evaluate").items()}
         central = centralised(hellos) if centralised else None
         summary = strategy.summary()
     finally:

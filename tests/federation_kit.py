@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fededit_core.worker import ClientSpec, EditWorker
-from strategies.session import Reply
+from fededit_core.worker import ClientSpec
+from strategies.inprocess import InProcessTransport
 
 try:
     from tests.tiny import tiny_model_with_words
@@ -60,20 +60,4 @@ def client_specs(world: dict, root: Path, run: str, n_clients: int = 2, num_slot
             for i in range(n_clients)}
 
 
-class DirectTransport:
-    """Instructions straight to in-process workers; every instruction and reply is kept in ``log``."""
-
-    def __init__(self, specs: dict[str, ClientSpec], worker: EditWorker | None = None):
-        self.specs, self.worker = specs, worker or EditWorker()
-        self.log: list[tuple[str, object, Reply]] = []
-
-    def __call__(self, instructions):
-        replies = {}
-        for client, ins in instructions.items():
-            try:
-                body, arrays = self.worker.handle(ins.op, self.specs[client], ins.args, ins.arrays)
-                replies[client] = Reply(client, body, arrays)
-            except Exception as err:  # as the ClientApp does: the failure goes back as the reply
-                replies[client] = Reply(client, error=f"{type(err).__name__}: {err}")
-            self.log.append((client, ins, replies[client]))
-        return replies
+DirectTransport = InProcessTransport  # instructions straight to in-process workers, all kept in ``log``

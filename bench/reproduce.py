@@ -1,0 +1,205 @@
+"""Reproduce the FedLEKE paper's experiments (Tables 1-3, Figures 5-6) and CollabEdit's comparison on
+the embedded SmolLM2-135M: one command, cached and resumable.
+
+    python -m bench.reproduce --quick          # smoke check, < 15 min on 2 CPU cores
+    python -m bench.reproduce                  # the default preset, < 2.5 h (run it in the background)
+    fededit-bench [--quick] [--out results/bench]
+
+Sections, in the order they run (each writes its outputs as soon as it is done, so an interrupted
+run leaves every finished table; rerunning continues from the cache):
+  main      Table 1 / Table 2: every method on CounterFact and zsRE (paper partitions)
+  ablation  Table 3: FedEdit with and without the re-edit condition at three sizes
+  clients   Figure 5: Score against the number of clients
+  slots     Figure 6: Score against the number of time slots
+  overlap   ~30% of requests repeated at another client: share of z reused, time saved (real z)
+  iid       the IID split, for contrast
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from fededit_core.paths import cache_dir, shared_data_dir
+from fededit_core.pipeline import configure_threads
+from fededit_core.worker import ClientSpec, EditWorker
+from fededit_core.zcache import BaseZCache
+
+from .experiments import Runner, select_requests
+from .tables import dataset_json, write_outputs
+
+log = logging.getLogger("fededit.bench")
+SHARED = shared_data_dir() or Path("../shared/data")  # development and CI only; users pass their files
+DEFAULT_DATA = {"counterfact": SHARED / "counterfact" / "counterfact-train.json",
+                "zsre": SHARED / "zsre" / "zsre_mend_eval-600.json"}
+PARTITION = {"counterfact": "relation", "zsre": "cluster"}  # the FedLEKE paper's schemes
+MAIN_METHODS = ("local", "editavg", "fededit-noreedit", "fededit", "collabedit")
+SECTIONS = ("main", "ablation", "clients", "slots", "overlap", "iid")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    n_edits: dict[str, int]
+    n_clients: int
+    n_slots: int
+    ablation_sizes: tuple[int, ...]
+    curve_edits: int  # edits of the Figure 5/6 sweeps and the IID contrast (CounterFact)
+    client_counts: tuple[int, ...]
+    slot_counts: tuple[int, ...]
+    overlap_edits: int
+    overlap_clients: int
+    overlap_slots: int
+    curve_methods: tuple[str, ...] = ("fededit",)
+    one_batch: bool = True  # also the one-batch centralised edit of the union (main table)
+    others_limit: int = 25  # other clients' absorbed requests evaluated per client
+    fluency: bool = True  # CounterFact main table only
+    seed: int = 0
+    alpha: float = 0.22
+    vector: str = "delta"
+    datasets: tuple[str, ...] = ("counterfact", "zsre")
+
+
+PRESETS = {
+    "quick": Preset("quick", {"counterfact": 24, "zsre": 16}, n_clients=4, n_slots=2, ablation_sizes=(12, 24),
+                    curve_edits=24, client_counts=(2, 4), slot_counts=(1, 2), overlap_edits=12, overlap_clients=2,
+                    overlap_slots=2, others_limit=6),
+    "default": Preset("default", {"counterfact": 400, "zsre": 400}, n_clients=8, n_slots=10,
+                      ablation_sizes=(100, 200, 400), curve_edits=200, client_counts=(2, 4, 8),
+                      slot_counts=(1, 5, 10), overlap_edits=80, overlap_clients=4, overlap_slots=4, one_batch=False),
+}
+
+
+def base_exp(preset: Preset, dataset: str, method: str, **changes) -> dict:
+    n = preset.n_edits[dataset]
+    exp = {"dataset": dataset, "kind": dataset, "n_edits": n, "partition": PARTITION[dataset],
+           "n_clients": preset.n_clients, "n_slots": preset.n_slots, "method": method, "seed": preset.seed,
+           "alpha": preset.alpha, "vector": preset.vector, "reuse": True, "fluency": False,
+           "others_limit": preset.others_limit}
+    exp.update(changes)
+    if method == "centralised":  # no federation settings: identical runs share one cache entry
+        for key in ("alpha", "vector", "reuse", "others_limit"):
+            exp.pop(key)
+    return exp
+
+
+def plan(preset: Preset, section: str, dataset: str) -> dict[str, dict]:
+    """``{label: experiment}`` of one section for one data set."""
+    out: dict[str, dict] = {}
+    fl = preset.fluency and dataset == "counterfact"
+    curve = {"n_edits": preset.curve_edits}
+    if section == "main":
+        out["unedited+centralised"] = base_exp(preset, dataset, "centralised", fluency=fl)
+        if preset.one_batch:
+            out["centralised (one batch)"] = base_exp(preset, dataset, "centralised", n_slots=1, fluency=fl)
+        for m in MAIN_METHODS:
+            out[m] = base_exp(preset, dataset, m, fluency=fl)
+    elif section == "ablation":
+        for n in preset.ablation_sizes:
+            for m in ("centralised", "fededit-noreedit", "fededit"):
+                fl_n = fl if n == preset.n_edits[dataset] else False  # the main run's size: its cached runs
+                out[f"{n}/{m}"] = base_exp(preset, dataset, m, n_edits=n, fluency=fl_n)
+    elif section == "clients" and dataset == "counterfact":
+        for k in preset.client_counts:
+            for m in ("centralised", *preset.curve_methods):
+                out[f"{k}/{m}"] = base_exp(preset, dataset, m, n_clients=k, **curve)
+    elif section == "slots" and dataset == "counterfact":
+        for t in preset.slot_counts:
+            for m in ("centralised", *preset.curve_methods):
+                out[f"{t}/{m}"] = base_exp(preset, dataset, m, n_slots=t, **curve)
+    elif section == "overlap" and dataset == "counterfact":
+        common = {"n_edits": preset.overlap_edits, "partition": "iid", "n_clients": preset.overlap_clients,
+                  "n_slots": preset.overlap_slots, "overlap": 0.3, "real_z": True}
+        out["reuse"] = base_exp(preset, dataset, "fededit", **common)
+        out["no reuse"] = base_exp(preset, dataset, "fededit", **{**common, "reuse": False})
+    elif section == "iid" and dataset == "counterfact":
+        for m in ("centralised", "fededit", "editavg"):
+            out[m] = base_exp(preset, dataset, m, partition="iid", **curve)
+    return out
+
+
+def environment() -> dict:
+    import flwr
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+            "flwr": flwr.__version__, "cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available(), "platform": platform.platform()}
+
+
+def run(preset: Preset, out: Path, cache: Path, data_files: dict[str, Path], sections: tuple[str, ...],
+        model: str = "smollm2-135m", device: str = "cpu", dtype: str = "fp32", hparams: dict | None = None) -> dict:
+    """Run ``sections`` of ``preset`` (cached experiments are read back) and write the outputs to ``out``."""
+    configure_threads()
+    z_cache = BaseZCache(cache / "z")
+    worker = EditWorker(z_cache=z_cache)
+    runner = Runner(cache, data_files, model, dict(hparams or {}), worker, plain_worker_factory=EditWorker,
+                    device=device, dtype=dtype)
+    env = environment()
+    results: dict[str, dict] = {d: {} for d in preset.datasets}
+    prefilled: set[str] = set()
+    for section in sections:
+        for dataset in preset.datasets:
+            planned = plan(preset, section, dataset)
+            if not planned:
+                continue
+            if dataset not in prefilled:  # every z of the data set on the base model first, one progress bar
+                requests = select_requests(data_files[dataset], preset.n_edits[dataset], preset.seed)
+                spec = ClientSpec(run="bench", name="client-0", model=model, device=device, dtype=dtype,
+                                  hparams=runner.hparams, requests="builtin", state_dir=str(cache / "work"))
+                z_cache.prefill(worker.editor(spec), requests, chunk=32)
+                prefilled.add(dataset)
+            results[dataset][section] = {label: runner.run(exp) for label, exp in planned.items()}
+            write_outputs(out, preset, results, env, data_files, model)
+    return {d: dataset_json(preset, d, results[d], env, data_files, model) for d in preset.datasets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fededit-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the smoke-check preset (< 15 min on 2 cores)")
+    p.add_argument("--out", default=None, help="output folder (default results/bench, or runs/bench-quick)")
+    p.add_argument("--cache", default=None, help="cache folder (default <fededit cache>/bench)")
+    p.add_argument("--counterfact", default=str(DEFAULT_DATA["counterfact"]), help="CounterFact file")
+    p.add_argument("--zsre", default=str(DEFAULT_DATA["zsre"]), help="zsRE file")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    preset = PRESETS["quick" if args.quick else "default"]
+    sections = tuple(s for s in args.sections.split(",") if s)
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        p.error(f"unknown sections {unknown}; expected a subset of {list(SECTIONS)}")
+    data_files = {"counterfact": Path(args.counterfact), "zsre": Path(args.zsre)}
+    for name, path in data_files.items():
+        if not path.is_file():
+            p.error(f"{name} data {path} not found: pass --{name} PATH (the project ships no copy)")
+    out = Path(args.out or ("runs/bench-quick" if args.quick else "results/bench"))
+    cache = Path(args.cache) if args.cache else cache_dir("bench")
+    summary = run(preset, out, cache, data_files, sections, args.model, args.device, args.dtype)
+    for dataset, js in summary.items():
+        methods = js["methods"]
+        line = ", ".join(f"{m} {v['score']:.3f}" + (f" ({100 * v['retention']:.1f}%)" if v.get("retention") else "")
+                         for m, v in methods.items() if v.get("score") is not None)
+        print(f"{dataset}: {line}")
+    print(f"outputs in {out}/ (README.md, {', '.join(f'{d}.json' for d in preset.datasets)}, PNG plots)")
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())

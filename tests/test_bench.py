@@ -1,0 +1,128 @@
+"""The reproduction benchmark on a tiny model: z shared through the base-model cache, every method
+side by side, CollabEdit = centralised MEMIT, the overlap workload's reuse, the JSON schema,
+resuming from the cache, and the outputs (Markdown, PNG)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import experiments, reproduce
+from fededit_core.memit import hidden_at_subject
+from fededit_core.pipeline import make_editor
+from fededit_core.zcache import BaseZCache
+from fededit_core.zopt import optimise_z
+
+try:
+    from tests.federation_kit import tiny_world
+except ImportError:  # pragma: no cover
+    from federation_kit import tiny_world
+
+TINY = reproduce.Preset("tiny", {"counterfact": 8}, n_clients=2, n_slots=2, ablation_sizes=(4, 8), curve_edits=8,
+                        client_counts=(2,), slot_counts=(1, 2), overlap_edits=6, overlap_clients=2, overlap_slots=2,
+                        datasets=("counterfact",), fluency=False, alpha=0.0, others_limit=0)
+SECTIONS = ("main", "ablation", "slots", "overlap")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEDEDIT_CACHE", str(root / "cache"))
+    yield {**tiny_world(root), "root": root}
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def bench_run(world):
+    out, cache = world["root"] / "out", world["root"] / "bench-cache"
+    summary = reproduce.run(TINY, out, cache, {"counterfact": world["data"]}, SECTIONS, model=world["model"],
+                            hparams=world["hparams"])
+    return {"summary": summary["counterfact"], "out": out, "cache": cache}
+
+
+def test_base_z_cache_optimises_once_on_the_base_model_and_reads_h_on_the_current_one(world, tmp_path):
+    editor = make_editor(world["model"], **world["hparams"])
+    requests = experiments.select_requests(world["data"], 4, seed=0)
+    expected = optimise_z(editor.model, editor.tok, requests, editor.hp, editor.templates, progress=False)
+    editor.edit(requests[:2], progress=False)  # the model is now edited: z must still come from the base
+    cache = BaseZCache(tmp_path / "z")
+    editor.z_cache = cache
+    first = editor.compute_z(requests, progress=False)
+    assert cache.optimised == 4 and cache.hits == 0
+    torch.testing.assert_close(first.z, expected.z.float(), rtol=1e-4, atol=1e-4)
+    current_h = hidden_at_subject(editor.model, editor.tok, requests, editor.hp.z_layer)
+    torch.testing.assert_close(first.h, current_h.float())
+    assert not torch.allclose(first.h, expected.h.float(), atol=1e-4)  # the edit moved h_L
+    again = editor.compute_z(requests, progress=False)
+    assert cache.optimised == 4 and cache.hits == 4
+    torch.testing.assert_close(again.z, first.z)
+    changed = requests[0].model_copy(update={"target_new": "Berlin"})
+    assert cache.key(editor, changed) != cache.key(editor, requests[0])
+
+
+def test_every_method_reported_with_retention_against_centralised(bench_run):
+    js = bench_run["summary"]
+    assert (js["dataset"], js["n_edits"], js["n_clients"], js["n_slots"]) == ("counterfact", 8, 2, 2)
+    methods = js["methods"]
+    for m in ("unedited", "centralised", "local", "editavg", "fededit", "fededit-noreedit", "collabedit"):
+        assert methods[m]["score"] is not None, m
+    central = methods["centralised"]["score"]
+    for m in ("local", "editavg", "fededit", "fededit-noreedit", "collabedit"):
+        assert methods[m]["retention"] == pytest.approx(methods[m]["score"] / central)
+    # CollabEdit's merged statistics are one global MEMIT edit per slot: the centralised schedule
+    assert methods["collabedit"]["retention"] == pytest.approx(1.0, abs=1e-6)
+    assert methods["local"]["bytes_up_per_client"] < methods["fededit"]["bytes_up_per_client"]
+    assert methods["fededit-noreedit"]["kept_sets"] == methods["fededit-noreedit"]["received_sets"] > 0
+
+
+def test_methods_share_z_computed_once_per_request(bench_run):
+    stored = list((bench_run["cache"] / "z").rglob("*.pt"))
+    assert len(stored) == 8  # 8 distinct requests, whatever the number of methods and sections
+
+
+def test_overlap_workload_reuses_z_of_repeated_requests(bench_run):
+    ov = bench_run["summary"]["overlap"]
+    with_reuse, without = ov["reuse"], ov["no_reuse"]
+    assert with_reuse["reused"] > 0 and without["reused"] == 0
+    assert with_reuse["optimised"] + with_reuse["reused"] == without["optimised"]
+    assert ov["reused_share"] == pytest.approx(with_reuse["reused"] / without["optimised"])
+
+
+def test_ablation_and_slot_curves_have_every_point(bench_run):
+    js = bench_run["summary"]
+    assert sorted((r["n_edits"], r["method"]) for r in js["ablation"]) == [
+        (4, "fededit"), (4, "fededit-noreedit"), (8, "fededit"), (8, "fededit-noreedit")]
+    assert sorted({r["n_slots"] for r in js["slots"]}) == [1, 2]
+    assert all(r["retention"] == pytest.approx(r["score"] / r["centralised_score"]) for r in js["slots"])
+
+
+def test_outputs_written_and_a_rerun_reads_everything_from_the_cache(bench_run, world, monkeypatch):
+    out = bench_run["out"]
+    text = (out / "README.md").read_text()
+    assert "Table 1: CounterFact" in text and "Table 3" in text and "Overlap workload" in text
+    pytest.importorskip("matplotlib")
+    for name in ("slots_counterfact.png", "bytes_per_edit.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = json.loads((out / "counterfact.json").read_text())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached experiment ran again")
+
+    monkeypatch.setattr(experiments.Runner, "_federated", refuse)
+    monkeypatch.setattr(experiments.Runner, "_centralised", refuse)
+    reproduce.run(TINY, out, bench_run["cache"], {"counterfact": world["data"]}, SECTIONS, model=world["model"],
+                  hparams=world["hparams"])
+    after = json.loads((out / "counterfact.json").read_text())
+    assert after["methods"] == before["methods"] and after["overlap"] == before["overlap"]
+
+
+def test_bad_arguments_are_named(capsys):
+    with pytest.raises(SystemExit):
+        reproduce.main(["--sections", "main,tables"])
+    assert "unknown sections ['tables']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        reproduce.main(["--quick", "--counterfact", "/nonexistent/cf.json"])
+    assert "/nonexistent/cf.json not found" in capsys.readouterr().err
