@@ -9,8 +9,8 @@ Sections, in the order they run (each writes its outputs as soon as it is done, 
 run leaves every finished table; rerunning continues from the cache):
   main      Table 1 / Table 2: every method on CounterFact and zsRE (paper partitions)
   ablation  Table 3: FedEdit with and without the re-edit condition at three sizes
-  clients   Figure 5: Score against the number of clients
   slots     Figure 6: Score against the number of time slots
+  clients   Figure 5: Score against the number of clients
   overlap   ~30% of requests repeated at another client: share of z reused, time saved (real z)
   iid       the IID split, for contrast
 """
@@ -39,7 +39,7 @@ DEFAULT_DATA = {"counterfact": SHARED / "counterfact" / "counterfact-train.json"
                 "zsre": SHARED / "zsre" / "zsre_mend_eval-600.json"}
 PARTITION = {"counterfact": "relation", "zsre": "cluster"}  # the FedLEKE paper's schemes
 MAIN_METHODS = ("local", "editavg", "fededit-noreedit", "fededit", "collabedit")
-SECTIONS = ("main", "ablation", "clients", "slots", "overlap", "iid")
+SECTIONS = ("main", "ablation", "slots", "clients", "overlap", "iid")
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ PRESETS = {
                     curve_edits=24, client_counts=(2, 4), slot_counts=(1, 2), overlap_edits=12, overlap_clients=2,
                     overlap_slots=2, others_limit=6),
     "default": Preset("default", {"counterfact": 400, "zsre": 400}, n_clients=8, n_slots=10,
-                      ablation_sizes=(100, 200, 400), curve_edits=200, client_counts=(2, 4, 8),
-                      slot_counts=(1, 5, 10), overlap_edits=80, overlap_clients=4, overlap_slots=4, one_batch=False),
+                      ablation_sizes=(50, 100, 400), curve_edits=80, client_counts=(2, 4, 8),
+                      slot_counts=(1, 5, 10), overlap_edits=48, overlap_clients=4, overlap_slots=4, one_batch=False),
 }
 
 
