@@ -12,17 +12,21 @@ partition ``partition-id`` of the run config's ``data``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import traceback
 
+import flwr.compat.common.recorddict_compat as compat
 from flwr.app import Context, Message
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
 from fededit_core.paths import cache_dir
 from fededit_core.worker import ClientSpec, EditWorker
 from fededit_core.worker_service import RemoteWorker
-from server_app.protocol import hparam_overrides, pack, run_name, simulation_state_dir, unpack
+from server_app.protocol import EDIT_ACTION, hparam_overrides, pack, run_name, simulation_state_dir, unpack
 
 log = logging.getLogger("fededit.client")
 app = ClientApp()
@@ -84,9 +88,25 @@ def query(msg: Message, context: Context) -> Message:
     return _step(msg, context)
 
 
-@app.train()
+@app.train(EDIT_ACTION)
 def train(msg: Message, context: Context) -> Message:
     return _step(msg, context)
+
+
+@app.train(mods=[secaggplus_mod])
+def secure_train(msg: Message, context: Context) -> Message:
+    """SecAgg+ rounds (CollabEdit's secure sums): ``secaggplus_mod`` runs the protocol's stages and
+    calls this handler once per round for the arrays to mask; they go back in the legacy fit-result
+    layout that the mod expects, with weight 1. An error here leaves this client out of the sum."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    body = json.loads(str(fitins.config["json"]))
+    op, names = body.pop("op"), body.pop("names")
+    _, arrays = _worker(context).handle(op, client_spec(context), body, {})
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise RuntimeError(f"step {op!r} returned no arrays {missing} for the secure sum")
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([arrays[n] for n in names]), 1, {})
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
 @app.evaluate()

@@ -113,6 +113,9 @@ class EditWorker:
         self.z_cache = z_cache  # a zcache.BaseZCache shared by every editor (benchmarks), or None
         self._editors: dict[str, MemitEditor] = {}
         self._participants: dict[tuple[str, str], Participant] = {}
+        # CollabEdit with secure aggregation: statistics held back until SecAgg+ masks them,
+        # by (run, client) -> (slot, layer index, R K^T, K K^T)
+        self._sealed: dict[tuple[str, str], tuple[int, int, np.ndarray, np.ndarray]] = {}
         self._lock = threading.Lock()
 
     # --- state ----------------------------------------------------------------------------------
@@ -262,11 +265,32 @@ class EditWorker:
             reply["report"] = asdict(participant.reports[-1])
         out: dict = {}
         if args.get("stats") is not None:
-            rk, kk = participant.collab_statistics(slot, int(args["stats"]))
+            index = int(args["stats"])
+            rk, kk = participant.collab_statistics(slot, index)
             out = {"rk": rk.float().cpu().numpy(), "kk": kk.float().cpu().numpy()}
             reply["n"] = len(participant.slots[slot])
             reply["fingerprint"] = participant.editor.covariance.fingerprint
+            if args.get("secure"):  # kept here until SecAgg+ asks for them (op_collab_masked)
+                rk64, kk64 = rk.double().cpu().numpy(), kk.double().cpu().numpy()
+                self._sealed[(spec.run, spec.name)] = (slot, index, rk64, kk64)
+                reply["max_abs"] = float(max(np.abs(rk64).max(initial=0.0), np.abs(kk64).max(initial=0.0)))
+                out = {}
         return reply, out
+
+    def op_collab_masked(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        """The held-back statistics divided by the federation's ``scale`` (so that every value lies in
+        SecAgg+'s clipping range); only SecAgg+ sees them, and it sends them masked."""
+        sealed = self._sealed.get((spec.run, spec.name))
+        want = (args.get("slot"), args.get("stats"))
+        if sealed is None or sealed[:2] != want:
+            held = "none" if sealed is None else f"slot {sealed[0]}, layer index {sealed[1]}"
+            raise WorkerError(f"{spec.name}: no CollabEdit statistics held for slot {want[0]}, layer index "
+                              f"{want[1]} (held: {held}; did the worker restart?)")
+        scale = float(args.get("scale", 0.0))
+        if not np.isfinite(scale) or scale <= 0:
+            raise WorkerError(f"scale must be a positive number, got {args.get('scale')!r}")
+        _, _, rk, kk = self._sealed.pop((spec.run, spec.name))
+        return {}, {"rk": rk / scale, "kk": kk / scale}
 
     def op_rejected(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
         log.error("the server rejected %s's upload: %s", spec.name, args.get("error"))

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from fededit_core.worker import generations_path
 from server_app.protocol import (hparam_overrides, message_type, pack, run_name, simulation_state_dir,
                                  unpack)
+from server_app.secure_sum import SecAggPlusSum
 from strategies.federation import RunSettings, run_federation
 from strategies.report import client_table, generations_table, summary_line, write_report
 from strategies.session import FederationError, Instruction, Reply
@@ -28,12 +29,16 @@ app = ServerApp()
 
 class FlowerTransport:
     """Sends each client its step as a Flower message and returns the replies by client name.
-    With ``capture`` set, every payload (both ways) is also written there (privacy tests)."""
+    With ``capture`` set, every payload (both ways) is also written there (privacy tests); with
+    ``context`` set it also offers ``secure_sum`` (SecAgg+)."""
 
-    def __init__(self, grid: Grid, nodes: dict[str, int], timeout: float | None, capture: Path | None = None):
+    def __init__(self, grid: Grid, nodes: dict[str, int], timeout: float | None, capture: Path | None = None,
+                 context: Context | None = None):
         self.grid, self.nodes, self.timeout, self.capture = grid, nodes, timeout, capture
         self.names = {node: name for name, node in nodes.items()}
         self.count = 0
+        if context is not None:  # secure aggregation (CollabEdit's sums) needs the run's context
+            self.secure_sum = SecAggPlusSum(grid, context, nodes, timeout)
 
     def _capture(self, direction: str, name: str, content) -> None:
         if self.capture is None:
@@ -122,12 +127,13 @@ def main(grid: Grid, context: Context) -> None:
     settings = RunSettings(run=run, strategy=str(cfg["strategy"]), num_slots=int(cfg["num-slots"]),
                            alpha=float(cfg.get("alpha", 0.22)), vector=str(cfg.get("reedit-vector", "delta")),
                            min_clients=int(cfg.get("min-clients", 2)), reuse=bool(cfg.get("reuse", True)),
-                           fluency=bool(cfg.get("fluency", False)), store_path=out / "mkv_store.sqlite")
+                           fluency=bool(cfg.get("fluency", False)), store_path=out / "mkv_store.sqlite",
+                           secure_aggregation=bool(cfg.get("secure-aggregation", False)))
     timeout = float(cfg.get("step-timeout-s", 0)) or None
     names = discover(grid, settings.min_clients, float(cfg.get("wait-clients-s", 60)), timeout)
     log.info("clients: %s", ", ".join(f"{n} (node {i})" for n, i in sorted(names.items())))
     capture = Path(str(cfg["capture-dir"])) if str(cfg.get("capture-dir", "")) else None
-    transport = FlowerTransport(grid, names, timeout, capture)
+    transport = FlowerTransport(grid, names, timeout, capture, context)
     centralised = _centralised(cfg, sorted(names)) if bool(cfg.get("centralised", False)) else None
     config = {k: v for k, v in cfg.items()}
     report = run_federation(transport, list(names), settings, config, centralised=centralised)

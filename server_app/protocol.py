@@ -2,7 +2,8 @@
 
 A step is a ``RecordDict`` with a ``ConfigRecord`` "step" (one JSON string: the step name and its
 arguments, or the reply body) and an ``ArrayRecord`` "arrays" (named numpy arrays, stacked).
-Message types: ``query`` (handshake, tags), ``evaluate`` (metrics) and ``train`` (every edit step).
+Message types: ``query`` (handshake, tags), ``evaluate`` (metrics), ``train.steps`` (every edit step)
+and plain ``train`` (SecAgg+ rounds, ``server_app.secure_sum``).
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 QUERY_STEPS = ("whoami", "hello", "tags", "rejected")
+EDIT_ACTION = "steps"
 
 
 def message_type(op: str) -> str:
+    """``query``, ``evaluate``, or ``train.steps`` for every edit step: the plain ``train`` type is
+    left to SecAgg+, whose messages the client's default train handler answers."""
     if op in QUERY_STEPS:
         return "query"
-    return "evaluate" if op == "evaluate" else "train"
+    return "evaluate" if op == "evaluate" else f"train.{EDIT_ACTION}"
 
 
 def pack(body: dict, arrays: dict[str, np.ndarray]) -> RecordDict:

@@ -42,6 +42,7 @@ class RunSettings:
     baseline: bool = True  # clients also evaluate the unedited model (the "unedited" row)
     others_limit: int = 0  # evaluate at most this many absorbed requests of other clients per client (0: all)
     store_path: Path | None = None  # FedEdit's MKV store (SQLite); default: runs/<run>/mkv_store.sqlite
+    secure_aggregation: bool = False  # CollabEdit's sums through SecAgg+ (the Flower transport)
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -52,13 +53,18 @@ class RunSettings:
             raise FederationError(f"alpha is a cosine threshold in [-1, 1], got {self.alpha}")
         if self.vector not in ("z", "delta"):
             raise FederationError(f"reedit-vector must be 'z' or 'delta', got {self.vector!r}")
+        if self.secure_aggregation and self.strategy != "collabedit":
+            raise FederationError(f"secure-aggregation is offered for collabedit only (its uploads are plain "
+                                  f"sums), not for {self.strategy!r}")
 
 
 def make_strategy(settings: RunSettings, spec: FederationSpec, store: MKVStore | None) -> Strategy:
     if settings.strategy in ("fededit", "fededit-noreedit"):
         return FedEdit(spec, settings.run, store, settings.alpha, gate=settings.strategy == "fededit",
                        reuse=settings.reuse, vector=settings.vector)
-    return {"editavg": EditAvg, "collabedit": CollabEdit, "local": Local}[settings.strategy](spec, settings.run)
+    if settings.strategy == "collabedit":
+        return CollabEdit(spec, settings.run, secure=settings.secure_aggregation)
+    return {"editavg": EditAvg, "local": Local}[settings.strategy](spec, settings.run)
 
 
 # (hellos by client) -> {client: metrics of the centralised edit on that client's requests}

@@ -43,6 +43,17 @@ class Reply:
 Transport = Callable[[dict[str, Instruction]], dict[str, Reply]]
 
 
+@dataclass
+class SecureSum:
+    """What a transport's ``secure_sum(instructions, names)`` returns: the sums by array name, the
+    clients whose arrays are in them, the errors of the others, and (sent, received) bytes by client."""
+
+    sums: dict[str, np.ndarray]
+    contributors: list[str]
+    errors: dict[str, str] = field(default_factory=dict)
+    bytes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
 def payload_bytes(body: dict, arrays: dict[str, np.ndarray]) -> int:
     """Bytes of a message's content: its JSON arguments plus its arrays."""
     return len(json.dumps(body).encode()) + sum(int(np.asarray(a).nbytes) for a in arrays.values())
@@ -96,6 +107,28 @@ class Session:
                   phase: str = "other") -> dict[str, Reply]:
         """The same instruction to every active client."""
         return self.exchange({c: Instruction(op, dict(args or {}), dict(arrays or {})) for c in self.active}, phase)
+
+    def secure_sum(self, instructions: dict[str, Instruction], names: tuple[str, ...],
+                   phase: str = "other") -> dict[str, np.ndarray]:
+        """Elementwise sums of the arrays ``names`` that the clients return for ``instructions``,
+        through secure aggregation: the server learns only the sums. The transport must offer
+        ``secure_sum`` (the Flower transport does, with SecAgg+); a client left out of the sum is dropped."""
+        method = getattr(self.transport, "secure_sum", None)
+        if method is None:
+            raise FederationError(f"secure aggregation needs a transport that offers it (Flower's SecAgg+); "
+                                  f"{type(self.transport).__name__} does not")
+        instructions = {c: i for c, i in instructions.items() if c in self.active}
+        if len(instructions) < 2:
+            raise FederationError(f"secure aggregation needs at least 2 clients, {len(instructions)} left")
+        started = time.perf_counter()
+        result = method(instructions, names)
+        for client, (sent, received) in result.bytes.items():
+            self.ledgers[client].sent[self.slot] += sent
+            self.ledgers[client].received[self.slot] += received
+        for client in sorted(set(instructions) - set(result.contributors)):
+            self.drop(client, f"left out of the secure sum: {result.errors.get(client, 'no masked reply')}")
+        self.seconds[phase] += time.perf_counter() - started
+        return result.sums
 
     def drop(self, client: str, reason: str) -> None:
         log.error("client %s leaves the run: %s", client, reason)

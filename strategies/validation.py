@@ -105,3 +105,13 @@ def validate_stats_upload(client: str, fingerprint: str, arrays: dict, spec: Fed
     kk = arrays["kk"].astype(np.float64)
     if not np.allclose(kk, kk.T, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(kk).max()))):
         raise UploadError(f"client {client}: K K^T of layer {layer} is not symmetric")
+
+
+def validate_sealed_stats(client: str, body: dict, spec: FederationSpec) -> float:
+    """A CollabEdit reply under secure aggregation: no arrays (they travel masked, through SecAgg+),
+    only the model fingerprint and the largest |value| of its statistics, which sets the scale."""
+    check_fingerprint(client, str(body.get("fingerprint")), spec)
+    value = body.get("max_abs")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        raise UploadError(f"client {client}: max_abs of its statistics must be a finite number >= 0, got {value!r}")
+    return float(value)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fededit_core.worker_service import RemoteWorker, WorkerUnavailable
 
@@ -124,6 +125,27 @@ def test_federated_edit_over_tls(federation):
         assert federation.log(f"worker-{name}").count(f"loading {federation.model}") >= 1
     assert "report:" in output, output
     print(f"flwr run took {time.monotonic() - started:.0f} s")
+
+
+@pytest.mark.deploy
+def test_collabedit_with_secagg_plus_over_tls(federation):
+    """CollabEdit's sums through SecAgg+ between real processes (the mod keeps its keys in the
+    SuperNode's per-run state across ClientApp processes): both organisations end with one model."""
+    from safetensors.torch import load_file
+
+    tmp = federation.root
+    run_config = (f"model='{federation.model}' cov-source='{federation.data / 'corpus.txt'}' cov-samples=16 "
+                  f"v-steps=5 mom2-weight=10.0 num-slots=1 centralised=false min-clients=2 strategy='collabedit' "
+                  f"secure-aggregation=true output-dir='{tmp / 'runs'}' run-name='deploysecagg'")
+    proc = federation.run(run_config, timeout=480)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    report = json.loads((tmp / "runs" / "deploysecagg" / "report.json").read_text())
+    assert report["strategy"] == "collabedit"
+    assert all(not c["failed"] and c["n"] == 4 for c in report["clients"]), report["clients"]
+    assert "Secure aggregation completed" in output + federation.log("superlink"), output[-3000:]
+    layers = [load_file(str(federation.state / name / "deploysecagg" / name / "layers.safetensors")) for name in CLIENTS]
+    assert layers[0].keys() == layers[1].keys() and all(torch.equal(layers[0][k], layers[1][k]) for k in layers[0])
 
 
 @pytest.mark.deploy

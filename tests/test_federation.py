@@ -10,7 +10,7 @@ import torch
 from fededit_core.partition import load_partitions
 from fededit_core.zopt import ZResult
 from strategies.federation import RunSettings, run_federation
-from strategies.session import FederationError, Reply
+from strategies.session import FederationError, Reply, SecureSum
 from strategies.store import MKVStore
 
 try:
@@ -107,6 +107,43 @@ def test_collabedit_equals_one_global_memit_edit(world, tmp_path):
             shift = (weight - editor.base_weights[layer]).norm()
             assert shift > 0
             assert (layers[layer] - weight).norm() <= 1e-3 * shift
+
+
+class SummingTransport(DirectTransport):
+    """``secure_sum`` by plain addition of what the clients return: the strategy's secure path
+    (sealed statistics, one scale, the sum rescaled) without Flower's SecAgg+."""
+
+    def secure_sum(self, instructions, names):
+        replies = self(instructions)
+        return SecureSum({n: sum(r.arrays[n] for r in replies.values()) for n in names}, list(replies))
+
+
+def test_collabedit_secure_path_sends_no_statistics_and_edits_as_the_plain_one(world, tmp_path):
+    layers = {}
+    for secure, transport_type in ((False, DirectTransport), (True, SummingTransport)):
+        specs = client_specs(world, tmp_path, f"collab-{secure}", num_slots=1)
+        transport = transport_type(specs)
+        settings = RunSettings(run=f"collab-{secure}", strategy="collabedit", num_slots=1,
+                               store_path=tmp_path / "s.sqlite", secure_aggregation=secure)
+        run_federation(transport, list(specs), settings, {}, progress=False)
+        layers[secure] = {name: transport.worker.participant(spec).layers for name, spec in specs.items()}
+    stats_replies = [r for _, i, r in transport.log if i.op == "collab" and i.args.get("stats") is not None]
+    assert stats_replies and all(not r.arrays and r.body["max_abs"] > 0 for r in stats_replies)
+    masked = [r for _, i, r in transport.log if i.op == "collab_masked"]
+    assert masked and all(np.abs(r.arrays["kk"]).max() <= 8.0 for r in masked)  # within SecAgg+'s clip
+    base = transport.worker.editor(specs["client-0"]).base_weights
+    for name in layers[True]:
+        for layer, weight in layers[False][name].items():
+            shift = (weight - base[layer]).norm()
+            assert shift > 0
+            assert (layers[True][name][layer] - weight).norm() <= 1e-4 * shift
+
+
+def test_secure_aggregation_needs_collabedit_and_a_transport_that_offers_it(world, tmp_path):
+    with pytest.raises(FederationError, match="offered for collabedit only"):
+        RunSettings(run="x", strategy="fededit", secure_aggregation=True)
+    with pytest.raises(FederationError, match="secure aggregation needs a transport"):
+        run(world, tmp_path, "collabedit", run="nosecagg", secure_aggregation=True)
 
 
 def test_editavg_leaves_every_client_with_the_same_averaged_model(world, tmp_path):
