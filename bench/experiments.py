@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from fededit_core.centralised import centralised_metrics
-from fededit_core.datasets import load_requests, request_to_record
+from fededit_core.datasets import load_requests, save_requests_jsonl
 from fededit_core.metrics import evaluate
 from fededit_core.partition import client_name, partition_requests
 from fededit_core.requests import EditRequest
@@ -77,13 +77,12 @@ def workload(exp: dict, data_files: dict[str, Path]) -> dict[str, list[EditReque
     return parts
 
 
-def write_workload(parts: dict[str, list[EditRequest]], path: Path) -> Path:
-    """One JSON Lines file with a ``client`` field per record (partition scheme ``field``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({**request_to_record(r), "client": name}, ensure_ascii=False)
-             for name in sorted(parts) for r in parts[name]]
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
+def write_workload(parts: dict[str, list[EditRequest]], path: Path, kind: str) -> Path:
+    """One JSON Lines file with a ``client`` field per record (partition scheme ``field``), evaluated
+    as ``kind`` (zsRE requests keep their token-accuracy metrics)."""
+    names = sorted(parts)
+    return save_requests_jsonl([r for n in names for r in parts[n]], path, kind,
+                               extra=[{"client": n} for n in names for _ in parts[n]])
 
 
 # --- running ---------------------------------------------------------------------------------------
@@ -148,7 +147,7 @@ class Runner:
                 "clients": metrics, "seconds": seconds}
 
     def _specs(self, exp: dict, parts: dict[str, list[EditRequest]], work: Path) -> dict[str, ClientSpec]:
-        data = write_workload(parts, work / "data.jsonl")
+        data = write_workload(parts, work / "data.jsonl", exp["kind"])
         return {name: ClientSpec(run="bench", name=name, model=self.model, hparams=self.hparams, device=self.device,
                                  dtype=self.dtype, requests=str(data),
                                  partition="field", index=i, count=len(parts), num_slots=exp["n_slots"],

@@ -5,8 +5,9 @@ the embedded SmolLM2-135M: one command, cached and resumable.
     python -m bench.reproduce                  # the default preset, < 2.5 h (run it in the background)
     fededit-bench [--quick] [--out results/bench]
 
-Sections, in the order they run (each writes its outputs as soon as it is done, so an interrupted
-run leaves every finished table; rerunning continues from the cache):
+Sections, in the order they run for each data set, CounterFact first (the outputs are rewritten
+after every experiment, so an interrupted run leaves every finished table; rerunning continues
+from the cache):
   main      Table 1 / Table 2: every method on CounterFact and zsRE (paper partitions)
   ablation  Table 3: FedEdit with and without the re-edit condition at three sizes
   slots     Figure 6: Score against the number of time slots
@@ -152,8 +153,8 @@ def run(preset: Preset, out: Path, cache: Path, data_files: dict[str, Path], sec
     env = environment()
     results: dict[str, dict] = {d: {} for d in preset.datasets}
     prefilled: set[str] = set()
-    for section in sections:
-        for dataset in preset.datasets:
+    for dataset in preset.datasets:  # data set by data set: every table of CounterFact comes first
+        for section in sections:
             planned = plan(preset, section, dataset)
             if not planned:
                 continue

@@ -321,11 +321,23 @@ def _pydantic_message(exc: ValidationError) -> str:
 # --------------------------------------------------------------------------- public API
 
 
+EVALUATE_AS = "evaluate_as"  # optional field of plain records: "zsre" (e.g. zsRE requests saved plain)
+
+
 def dataset_kind(path: str | Path) -> Kind:
     """How the file is evaluated: ``"counterfact"`` (either CounterFact schema), ``"zsre"`` or
-    ``"requests"`` (the plain schema, evaluated like CounterFact)."""
+    ``"requests"`` (the plain schema, evaluated like CounterFact unless its records say
+    ``"evaluate_as": "zsre"``, as zsRE requests saved in the plain schema do)."""
     path = Path(path)
-    return _KIND_OF_SCHEMA[_schema_of(path, _read_records(path))]
+    records = _read_records(path)
+    kind = _KIND_OF_SCHEMA[_schema_of(path, records)]
+    if kind != "requests":
+        return kind
+    marks = {r.get(EVALUATE_AS) for r in records if isinstance(r, dict)}
+    if not marks <= {None, "zsre", "requests"} or len(marks) > 1:
+        raise DataError(f"{path}: field {EVALUATE_AS!r} must be 'zsre' or 'requests' and the same in every "
+                        f"record, got {sorted(map(str, marks))}")
+    return marks.pop() or "requests"
 
 
 def load_requests(path: str | Path, n: int | None = None) -> list[EditRequest]:
@@ -364,11 +376,18 @@ def request_to_record(request: EditRequest) -> dict:
     return record
 
 
-def save_requests_jsonl(requests: Iterable[EditRequest], path: str | Path) -> Path:
-    """Write ``requests`` as JSON Lines in the plain schema; ``load_requests`` reads them back unchanged."""
+def save_requests_jsonl(requests: Iterable[EditRequest], path: str | Path, kind: Kind = "requests",
+                        extra: Iterable[dict] | None = None) -> Path:
+    """Write ``requests`` as JSON Lines in the plain schema; ``load_requests`` reads them back unchanged
+    and ``dataset_kind`` gives ``kind`` back (zsRE requests stay zsRE). ``extra``: more fields per record."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps(request_to_record(r), ensure_ascii=False) for r in requests]
+    requests = list(requests)
+    mark = {EVALUATE_AS: "zsre"} if kind == "zsre" else {}
+    extras = list(extra) if extra is not None else [{}] * len(requests)
+    if len(extras) != len(requests):
+        raise ValueError(f"extra has {len(extras)} records for {len(requests)} requests")
+    lines = [json.dumps({**request_to_record(r), **mark, **e}, ensure_ascii=False) for r, e in zip(requests, extras)]
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
 

@@ -119,6 +119,27 @@ def test_outputs_written_and_a_rerun_reads_everything_from_the_cache(bench_run, 
     assert after["methods"] == before["methods"] and after["overlap"] == before["overlap"]
 
 
+def test_zsre_federated_runs_are_scored_with_zsre_metrics_like_centralised(world, tmp_path):
+    """The workers read a plain-schema copy of the workload; zsRE requests must keep their
+    token-accuracy evaluation (EA/PA/NA) there, as in the centralised run, not CounterFact's."""
+    from fededit_core.worker import EditWorker
+    from tests.federation_kit import SUBJECTS, WORDS
+
+    rows = [{"subject": s, "src": f"Where is the {s}?", "alt": WORDS[i % 4].strip(),
+             "answers": [WORDS[(i + 1) % 4].strip()], "rephrase": f"In which city is the {s}?",
+             "loc": "nq question: where is the museum", "loc_ans": "Rome"} for i, s in enumerate(SUBJECTS)]
+    data = tmp_path / "zsre.json"
+    data.write_text(json.dumps(rows))
+    runner = experiments.Runner(tmp_path / "cache", {"zsre": data}, world["model"], world["hparams"],
+                                EditWorker(z_cache=BaseZCache(tmp_path / "z")))
+    preset = reproduce.Preset("t", {"zsre": 8}, 2, 1, (8,), 8, (2,), (1,), 4, 2, 1, others_limit=0,
+                              datasets=("zsre",), alpha=0.0)
+    central = runner.run(reproduce.base_exp(preset, "zsre", "centralised", partition="iid"))
+    local = runner.run(reproduce.base_exp(preset, "zsre", "local", partition="iid"))
+    assert local["report"]["kind"] == "zsre"
+    assert set(central["weighted"]) == set(local["report"]["weighted"]) >= {"ea", "pa", "na", "score"}
+
+
 def test_bad_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
         reproduce.main(["--sections", "main,tables"])

@@ -169,6 +169,17 @@ def test_save_round_trip(tmp_path):
     assert load_requests(out) == originals
 
 
+def test_zsre_requests_saved_plain_are_still_evaluated_as_zsre(tmp_path):
+    originals = load_requests(_write_json(tmp_path / "zsre.json", [ZSRE]))
+    out = save_requests_jsonl(originals, tmp_path / "saved.jsonl", kind="zsre", extra=[{"client": "client-0"}])
+    assert dataset_kind(out) == "zsre"
+    assert load_requests(out) == originals
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(out.read_text() + json.dumps({**PLAIN, "evaluate_as": "counterfact"}) + "\n")
+    with pytest.raises(DataError, match="evaluate_as"):
+        dataset_kind(mixed)
+
+
 # --------------------------------------------------------------------------- errors
 
 
