@@ -56,12 +56,16 @@ def _bytes_plot(plt, all_js: dict[str, dict], path: Path) -> None:
     datasets = [d for d, js in all_js.items() if js["methods"]]
     fig, ax = plt.subplots(figsize=(7, 3.2))
     width = 0.8 / max(1, len(datasets))
+    top = 1.0
     for i, d in enumerate(datasets):
-        values = [all_js[d]["methods"].get(m, {}).get("bytes_per_edit", 0) / 1e3 for m in methods]
-        ax.bar([j + i * width for j in range(len(methods))], values, width=width, label=d)
+        values = [(all_js[d]["methods"].get(m, {}).get("bytes_per_edit") or 0) / 1e3 for m in methods]
+        top = max(top, *values)
+        bars = ax.bar([j + i * width for j in range(len(methods))], values, width=width, label=d)
+        ax.bar_label(bars, labels=[f"{v:,.0f}" if v >= 1 else f"{v:.2f}" for v in values], fontsize=7)
     ax.set_xticks([j + width * (len(datasets) - 1) / 2 for j in range(len(methods))], methods, fontsize=8)
     ax.set_ylabel("KB per edit (up + down)")
     ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylim(0, top * 8)  # room above the tallest bar for its label
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

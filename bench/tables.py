@@ -179,7 +179,6 @@ def markdown(preset, all_js: dict[str, dict], model: str) -> str:
              "(the union, edited in the same time slots).", ""]
     titles = {"counterfact": "Table 1: CounterFact", "zsre": "Table 2: zsRE"}
     for dataset, js in all_js.items():
-        kind = js["dataset"]
         if js["methods"]:
             parts += [f"## {titles[dataset]} ({js['n_edits']} edits)", "", main_table(js), ""]
     for dataset, js in all_js.items():
@@ -194,7 +193,7 @@ def markdown(preset, all_js: dict[str, dict], model: str) -> str:
             parts += [f"## Overlap workload, {dataset} (~30% of requests repeated at another client)", "",
                       overlap_table(js["overlap"]), ""]
         if js.get("iid"):
-            parts += [f"## IID split, {dataset}", "", iid_table(js["iid"], kind), ""]
+            parts += [f"## IID split, {dataset}", "", iid_table(js["iid"], js["dataset"]), ""]
     if any(js["methods"] for js in all_js.values()):
         parts += ["## Bytes per edit", "", "![bytes per edit](bytes_per_edit.png)", ""]
     return "\n".join(parts)

@@ -147,3 +147,17 @@ def test_bad_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
         reproduce.main(["--quick", "--counterfact", "/nonexistent/cf.json"])
     assert "/nonexistent/cf.json not found" in capsys.readouterr().err
+
+
+def test_each_data_sets_tables_use_its_own_metric_names():
+    from bench.tables import markdown
+
+    m = {"es": 0.9, "ps": 0.8, "ns": 0.7, "score": 0.8}
+    all_js = {"counterfact": {"dataset": "counterfact", "methods": {},
+                              "iid": {"centralised": m, "fededit": {**m, "retention": 1.0}}},
+              "zsre": {"dataset": "zsre", "methods": {}}}
+    text = markdown(TINY, all_js, "tiny")
+    iid = text[text.index("## IID split, counterfact"):]
+    header = iid.splitlines()[2]
+    assert "ES" in header and "EA" not in header, header
+    assert "0.900" in iid
