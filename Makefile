@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # GPU machines: `make demo TORCH=torch` takes PyPI's CUDA build
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast bench reproduce reproduce-quick clean
+.PHONY: setup demo demo-deploy test test-fast bench reproduce reproduce-quick clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ setup: $(STAMP)
 # the main job: FedEdit over 4 simulated clients on the embedded SmolLM2-135M (Flower simulation)
 demo: $(STAMP)
 	$(PY) -m deploy.simulate
+
+# the same job between real processes: SuperLink (TLS, node authentication), 4 SuperNodes and their
+# edit workers on this host, through the deploy/ scripts; everything stopped afterwards
+demo-deploy: $(STAMP)
+	$(PY) -m deploy.loopback demo --root runs/loopback
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -15,6 +15,11 @@ From a shell (from the project root, the virtual environment active)::
         --requests hospital-a=a.jsonl --requests hospital-b=b.jsonl
     FLWR_HOME=/tmp/fed/flwr flwr run . fededit --stream --run-config "centralised=false ..."
     python -m deploy.loopback down --root /tmp/fed
+
+``python -m deploy.loopback demo --root /tmp/fed`` (= ``make demo-deploy``) does all three for the
+default job: the built-in edits as four organisations' private files (``client-0`` ... ``client-3``),
+the job itself with the centralised comparison (the built-in set ships with the package, so the
+server can run it), the table printed and the report under ``root/runs/loopback-demo``, then down.
 """
 
 from __future__ import annotations
@@ -141,6 +146,43 @@ class Loopback:
         self.down()
 
 
+def builtin_requests(folder: Path) -> dict[str, Path]:
+    """The default job's built-in edits as one private request file per client (by ``client`` field)."""
+    from fededit_core.partition import BUILTIN_FEDERATION
+
+    folder.mkdir(parents=True, exist_ok=True)
+    by_client: dict[str, list[str]] = {}
+    for line in BUILTIN_FEDERATION.read_text().splitlines():
+        if line.strip():
+            by_client.setdefault(json.loads(line)["client"], []).append(line)
+    files = {}
+    for name, lines in sorted(by_client.items()):
+        files[name] = folder / f"{name}.jsonl"
+        files[name].write_text("\n".join(lines) + "\n")
+    return files
+
+
+def demo(root: Path, model: str, device: str, extra: str = "") -> int:
+    """The default job between real processes: up, ``flwr run``, down (whatever happens)."""
+    from fededit_core.paths import cache_dir
+
+    # the user's cache: the dequantised model and C0 are made once, not once per demo folder
+    fed = Loopback(root, model, builtin_requests(Path(root).resolve() / "requests"), device=device,
+                   cache=cache_dir())
+    try:
+        fed.up()
+        run_config = (f"model='{model}' device='{device}' data='builtin' partition='field' centralised=true "
+                      f"min-clients={len(fed.requests)} run-name='loopback-demo' output-dir='{fed.root / 'runs'}' "
+                      f"{extra}").strip()
+        proc = subprocess.Popen(["flwr", "run", ".", CONNECTION, "--stream", "--run-config", run_config],
+                                cwd=PROJECT, env=fed.env())
+        code = proc.wait()
+    finally:
+        fed.down()
+    print(f"report: {fed.root / 'runs' / 'loopback-demo' / 'report.json'}; logs: {fed.run_dir}")
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,10 +194,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="one organisation and its private request file (repeat)")
     p = sub.add_parser("down", help="stop the loopback federation under --root")
     p.add_argument("--root", required=True)
+    p = sub.add_parser("demo", help="the default job between real processes: up, flwr run, down")
+    p.add_argument("--root", required=True)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--run-config", default="", help="more run-config pairs, e.g. \"strategy='collabedit'\"")
     args = parser.parse_args(argv)
     if args.command == "down":
         Loopback(args.root, "", {}).down()
         return 0
+    if args.command == "demo":
+        return demo(Path(args.root), args.model, args.device, args.run_config)
     requests = dict(item.split("=", 1) for item in args.requests)
     fed = Loopback(args.root, args.model, requests, device=args.device, cache=os.environ.get("FEDEDIT_CACHE"))
     try:

@@ -112,7 +112,7 @@ def corpus_chunks(model, tok, source: str, n_samples: int, seq_len: int, seed: i
             chunks = json.loads(path.read_text())
         else:
             chunks = _sample_chunks(model, tok, n_samples, seq_len, seed, batch_size)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: workers may race
             tmp.write_text(json.dumps(chunks))
             os.replace(tmp, path)
     elif source.startswith("hf:"):
@@ -214,7 +214,7 @@ class CovarianceStore:
             for layer in missing:
                 mom2 = sums[layer] / count
                 path = self._path(layer)
-                tmp = path.with_suffix(".tmp")
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: workers may race
                 save_file({"mom2": mom2, "count": torch.tensor([count])}, str(tmp))
                 os.replace(tmp, path)
                 self._memory[layer] = mom2

@@ -94,9 +94,12 @@ def _dequantised_copy(name: str) -> Path:
     try:
         model.save_pretrained(staging)
         tok.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+            pass  # another process (an edit worker beside this one) finished first: keep its copy
+        else:
+            if target.exists():  # an incomplete folder
+                shutil.rmtree(target)
+            os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

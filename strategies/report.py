@@ -96,7 +96,10 @@ def client_table(report: dict, markdown: bool = False) -> str:
 
 def generations_table(report: dict, markdown: bool = False) -> str:
     rows = [{"client": c["client"], "whose": g["whose"], "prompt": g["prompt"], "new": g["target"],
-             "before": g["before"], "after": g["after"]} for c in report["clients"] for g in c["generations"]]
+             "before": g["before"], "after": g["after"]} for c in report["clients"] for g in c.get("generations") or []]
+    if not rows:  # deployment: text never reaches the server
+        return ("(generations are text: each organisation keeps its own, in <state-dir>/<run>/<client>"
+                ".generations.json on its machine)")
     return format_table(rows, markdown=markdown)
 
 
