@@ -74,10 +74,15 @@ def embedded_gguf(name: str) -> Path:
     return path
 
 
+def _complete(folder: Path) -> bool:
+    """A saved model folder with its config and weights (a copy is renamed into place whole)."""
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
 def _dequantised_copy(name: str) -> Path:
     """Dequantise the embedded GGUF once and cache it as a safetensors folder (later loads: < 1 s)."""
     target = cache_dir("models") / name
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if _complete(target):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -94,11 +99,8 @@ def _dequantised_copy(name: str) -> Path:
     try:
         model.save_pretrained(staging)
         tok.save_pretrained(staging)
-        if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
-            pass  # another process (an edit worker beside this one) finished first: keep its copy
-        else:
-            if target.exists():  # an incomplete folder
-                shutil.rmtree(target)
+        if not _complete(target):  # else another process (an edit worker beside this one) finished first
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete folder
             os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

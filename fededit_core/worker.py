@@ -267,14 +267,14 @@ class EditWorker:
         if args.get("stats") is not None:
             index = int(args["stats"])
             rk, kk = participant.collab_statistics(slot, index)
-            out = {"rk": rk.float().cpu().numpy(), "kk": kk.float().cpu().numpy()}
             reply["n"] = len(participant.slots[slot])
             reply["fingerprint"] = participant.editor.covariance.fingerprint
             if args.get("secure"):  # kept here until SecAgg+ asks for them (op_collab_masked)
                 rk64, kk64 = rk.double().cpu().numpy(), kk.double().cpu().numpy()
                 self._sealed[(spec.run, spec.name)] = (slot, index, rk64, kk64)
                 reply["max_abs"] = float(max(np.abs(rk64).max(initial=0.0), np.abs(kk64).max(initial=0.0)))
-                out = {}
+            else:
+                out = {"rk": rk.float().cpu().numpy(), "kk": kk.float().cpu().numpy()}
         return reply, out
 
     def op_collab_masked(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:

@@ -6,7 +6,7 @@ computes (``configure_fit``) and receives the unmasked aggregate (``aggregate_fi
 ``secaggplus_mod`` wraps the default train handler (``client_app.app.secure_train``). We run one
 workflow per sum. Each client's weight is 1 (``max_weight=1``), so the workflow yields the mean of
 the clients' arrays, and the sum is the mean times the number of contributors. Values must lie in
-[-clipping_range, clipping_range]: the strategy scales them first (``strategies.collabedit``).
+[-SECURE_SUM_RANGE, SECURE_SUM_RANGE]: the strategy scales them first (``strategies.collabedit``).
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from strategies.session import FederationError, Instruction, SecureSum
+from strategies.session import SECURE_SUM_RANGE, FederationError, Instruction, SecureSum
 
 log = logging.getLogger("fededit.server")
 
-CLIPPING_RANGE = 8.0
 RECONSTRUCTION_THRESHOLD = 2 / 3  # shares needed to unmask, as a fraction of a client's neighbours
 
 
@@ -105,10 +104,11 @@ class SecAggPlusSum:
 
     def __init__(self, grid: Grid, context: Context, nodes: dict[str, int], timeout: float | None):
         self.grid, self.context, self.nodes, self.timeout = grid, context, nodes, timeout
+        self.names_by_node = {node: name for name, node in nodes.items()}
         self.rounds = 0
 
     def __call__(self, instructions: dict[str, Instruction], names: tuple[str, ...]) -> SecureSum:
-        names_by_node = {node: name for name, node in self.nodes.items()}
+        names_by_node = self.names_by_node
         steps = {self.nodes[c]: {"op": ins.op, **ins.args, "names": list(names)} for c, ins in instructions.items()}
         self.rounds += 1
         counting = CountingGrid(self.grid)
@@ -118,7 +118,7 @@ class SecAggPlusSum:
         if "parameters" not in state.array_records:
             state.array_records["parameters"] = ArrayRecord()
         workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=RECONSTRUCTION_THRESHOLD,
-                                      max_weight=1.0, clipping_range=CLIPPING_RANGE, timeout=self.timeout)
+                                      max_weight=1.0, clipping_range=SECURE_SUM_RANGE, timeout=self.timeout)
         workflow(counting, LegacyContext(self.context, strategy=one))
         contributors = [names_by_node[n] for n in one.contributors]
         if one.mean is None or len(one.mean) != len(names):

@@ -19,7 +19,7 @@ import numpy as np
 
 from .aggregate import sum_statistics
 from .base import Strategy
-from .session import FederationError, Instruction, Session
+from .session import SECURE_SUM_RANGE, FederationError, Instruction, Session
 from .validation import FederationSpec, UploadError, validate_sealed_stats, validate_stats_upload
 
 
@@ -27,15 +27,15 @@ class CollabEdit(Strategy):
     name = "collabedit"
     absorbed = "all"
 
-    def __init__(self, spec: FederationSpec, run: str, secure: bool = False, clipping_range: float = 8.0):
+    def __init__(self, spec: FederationSpec, run: str, secure: bool = False):
         super().__init__(spec, run)
-        self.secure, self.clipping_range = secure, clipping_range
+        self.secure = secure
 
     def run_slot(self, slot: int, session: Session) -> None:
         layers = self.spec.layers
+        gather = self._secure_sum if self.secure else self._plain_sum
         replies = session.broadcast("collab", {"slot": slot, "stats": 0, "secure": self.secure}, phase="edit")
         for i, layer in enumerate(layers):
-            gather = self._secure_sum if self.secure else self._plain_sum
             sums = {k: v.astype(np.float32) for k, v in gather(slot, i, layer, replies, session).items()}
             follow = i + 1 if i + 1 < len(layers) else None
             replies = session.broadcast("collab", {"slot": slot, "apply": i, "stats": follow, "secure": self.secure},
@@ -59,7 +59,7 @@ class CollabEdit(Strategy):
                 largest = max(largest, validate_sealed_stats(client, reply.body, self.spec))
             except UploadError as err:
                 session.reject(client, str(err))
-        scale = largest / self.clipping_range * (1 + 1e-6) if largest > 0 else 1.0
+        scale = largest / SECURE_SUM_RANGE * (1 + 1e-6) if largest > 0 else 1.0
         step = {"slot": slot, "stats": index, "scale": scale}
         contributors = [c for c in replies if c in session.active]
         scaled = session.secure_sum({c: Instruction("collab_masked", dict(step)) for c in contributors},

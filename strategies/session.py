@@ -43,6 +43,9 @@ class Reply:
 Transport = Callable[[dict[str, Instruction]], dict[str, Reply]]
 
 
+SECURE_SUM_RANGE = 8.0  # a secure sum's inputs lie in [-8, 8] (SecAgg+'s clipping range; callers scale)
+
+
 @dataclass
 class SecureSum:
     """What a transport's ``secure_sum(instructions, names)`` returns: the sums by array name, the
