@@ -68,7 +68,8 @@ class Preset:
 
 PRESETS = {
     # quick: the largest ablation size is the main size, so Table 3 reuses the main runs; no fluency
-    # (it doubles the CounterFact evaluation); 18 min with 16 zsRE edits, fluency and overlap 12
+    # (CounterFact main runs: 38-47 s with it, 21-31 s without); 18 min with 16 zsRE edits, fluency
+    # and overlap 12, 13.6 min like this (README)
     "quick": Preset("quick", {"counterfact": 24, "zsre": 24}, n_clients=4, n_slots=2, ablation_sizes=(12, 24),
                     curve_edits=24, client_counts=(2, 4), slot_counts=(1, 2), overlap_edits=8, overlap_clients=2,
                     overlap_slots=2, others_limit=6, fluency=False),
