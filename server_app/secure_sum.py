@@ -108,7 +108,6 @@ class SecAggPlusSum:
         self.rounds = 0
 
     def __call__(self, instructions: dict[str, Instruction], names: tuple[str, ...]) -> SecureSum:
-        names_by_node = self.names_by_node
         steps = {self.nodes[c]: {"op": ins.op, **ins.args, "names": list(names)} for c, ins in instructions.items()}
         self.rounds += 1
         counting = CountingGrid(self.grid)
@@ -120,11 +119,11 @@ class SecAggPlusSum:
         workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=RECONSTRUCTION_THRESHOLD,
                                       max_weight=1.0, clipping_range=SECURE_SUM_RANGE, timeout=self.timeout)
         workflow(counting, LegacyContext(self.context, strategy=one))
-        contributors = [names_by_node[n] for n in one.contributors]
+        contributors = [self.names_by_node[n] for n in one.contributors]
         if one.mean is None or len(one.mean) != len(names):
             raise FederationError(f"SecAgg+ round {self.rounds} produced no sum (failures: {one.failures or 'none'}; "
                                f"see the server log for the stage that halted)")
         sums = {name: np.asarray(mean, dtype=np.float64) * len(contributors) for name, mean in zip(names, one.mean)}
-        errors = {names_by_node[n]: "dropped during SecAgg+" for n in steps if n not in one.contributors}
-        traffic = {names_by_node[n]: (counting.sent[n], counting.received[n]) for n in steps}
+        errors = {self.names_by_node[n]: "dropped during SecAgg+" for n in steps if n not in one.contributors}
+        traffic = {self.names_by_node[n]: (counting.sent[n], counting.received[n]) for n in steps}
         return SecureSum(sums, contributors, errors, traffic)
