@@ -203,7 +203,7 @@ def ngram_entropy(text: str) -> float:
     return float(sum(weighted) / len(weighted))
 
 
-GENERATION_BATCH = 64  # SmolLM2 on 2 CPU cores: 64 prompts x 40 tokens in 9.6 s at 64 a batch, 18.1 s at 16
+GENERATION_BATCH = 64  # SmolLM2, 2 CPU cores, 64 prompts x 40 tokens: 11.9 s at 64 a batch, 21.3 s at 16 (bench.generation_speed)
 
 
 def generate_greedy(
