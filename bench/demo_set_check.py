@@ -41,7 +41,7 @@ def read_clients(path: Path) -> list[str]:
 
 
 def check_knowledge(model, tok, requests, clients) -> bool:
-    from fededit_core.metrics import generate_greedy, target_nll
+    from fededit_core.eval.metrics import generate_greedy, target_nll
 
     prompts = [r.text for r in requests]
     nll_true = target_nll(model, tok, prompts, [r.target_true for r in requests])
@@ -179,8 +179,8 @@ def summarise_blocks_only(cos: torch.Tensor, groups: dict[str, list[int]]) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fededit_core.datasets import load_requests
-    from fededit_core.pipeline import make_editor
+    from fededit_core.data.loaders import load_requests
+    from fededit_core.memit.editor import make_editor
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DATA))

@@ -19,15 +19,18 @@ import shutil
 import time
 from pathlib import Path
 
-from fededit_core.centralised import centralised_metrics
-from fededit_core.datasets import load_requests, save_requests_jsonl
-from fededit_core.metrics import evaluate
-from fededit_core.partition import client_name, partition_requests
-from fededit_core.requests import EditRequest
-from fededit_core.worker import ClientSpec, EditWorker
-from strategies.federation import RunSettings, run_federation
-from strategies.inprocess import InProcessTransport
+from bench.inprocess import InProcessTransport
+from fededit_core.client.worker import ClientSpec, EditWorker
+from fededit_core.data.loaders import load_requests, save_requests_jsonl
+from fededit_core.data.partition import client_name, partition_requests
+from fededit_core.data.requests import EditRequest
+from fededit_core.eval.centralised import centralised_metrics
+from fededit_core.eval.metrics import evaluate
+from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR
+from fededit_core.io import atomic_write
+from strategies.federation import run_federation
 from strategies.report import weighted
+from strategies.settings import RunSettings
 
 log = logging.getLogger("fededit.bench")
 
@@ -119,10 +122,7 @@ class Runner:
         started = time.perf_counter()
         result = self._centralised(exp) if exp["method"] == "centralised" else self._federated(exp)
         result = {"inputs": self.full_inputs(exp), "wall_s": time.perf_counter() - started, **result}
-        path = self.result_path(exp)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=str))
-        tmp.replace(path)
+        atomic_write(self.result_path(exp), json.dumps(result, indent=1, default=str))
         return result
 
     def _worker_for(self, exp: dict) -> EditWorker:
@@ -150,9 +150,9 @@ class Runner:
         data = write_workload(parts, work / "data.jsonl", exp["kind"])
         return {name: ClientSpec(run="bench", name=name, model=self.model, hparams=self.hparams, device=self.device,
                                  dtype=self.dtype, requests=str(data),
-                                 partition="field", index=i, count=len(parts), num_slots=exp["n_slots"],
+                                 partition="field", count=len(parts), num_slots=exp["n_slots"],
                                  state_dir=str(work / "state"), secret_file=str(work / "secret"), oracle=True)
-                for i, name in enumerate(sorted(parts))}
+                for name in sorted(parts)}
 
     def _federated(self, exp: dict) -> dict:
         parts = workload(exp, self.data_files)
@@ -162,7 +162,7 @@ class Runner:
         specs = self._specs(exp, parts, work)
         worker = self._worker_for(exp)
         settings = RunSettings(run="bench", strategy=exp["method"], num_slots=exp["n_slots"],
-                               alpha=exp.get("alpha", 0.22), vector=exp.get("vector", "delta"),
+                               alpha=exp.get("alpha", DEFAULT_ALPHA), vector=exp.get("vector", DEFAULT_VECTOR),
                                reuse=exp.get("reuse", True), fluency=exp.get("fluency", False), baseline=False,
                                others_limit=exp.get("others_limit", 0),
                                store_path=work / "mkv_store.sqlite")

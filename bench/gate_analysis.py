@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
-from fededit_core.gating import best_match_similarity
-from fededit_core.grouping import template_groups
-from fededit_core.memit import hidden_at_subject
-from fededit_core.participant import split_into_slots
+from bench.zcache import BaseZCache
+from fededit_core.data.grouping import template_groups
+from fededit_core.data.slots import split_into_slots
+from fededit_core.fedleke.reedit import best_match_similarity
+from fededit_core.memit.editor import make_editor
+from fededit_core.memit.keys import hidden_at_subject
+from fededit_core.model.loading import configure_threads
 from fededit_core.paths import cache_dir
-from fededit_core.pipeline import configure_threads, make_editor
-from fededit_core.zcache import BaseZCache
 
 from .experiments import select_requests, workload
 from .reproduce import DEFAULT_DATA, PRESETS, base_exp

@@ -17,10 +17,9 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     from bench.memit_speed import default_data
-    from fededit_core.datasets import load_requests
-    from fededit_core.metrics import generate_greedy
-    from fededit_core.models import load_model
-    from fededit_core.pipeline import configure_threads
+    from fededit_core.data.loaders import load_requests
+    from fededit_core.eval.metrics import generate_greedy
+    from fededit_core.model.loading import configure_threads, load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=64, help="prompts")

@@ -19,13 +19,12 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     from bench.memit_speed import default_data
-    from fededit_core.datasets import load_requests
-    from fededit_core.memit import MemitEditor
-    from fededit_core.metrics import counterfact_metrics
-    from fededit_core.mkv import apply_mkvs, compute_mkvs
-    from fededit_core.models import load_model
-    from fededit_core.pipeline import configure_threads, hparams_for
-    from fededit_core.report import format_table
+    from fededit_core.data.loaders import load_requests
+    from fededit_core.eval.metrics import counterfact_metrics
+    from fededit_core.eval.tables import format_table
+    from fededit_core.fedleke.mkv import apply_mkvs, compute_mkvs
+    from fededit_core.memit.editor import MemitEditor, hparams_for
+    from fededit_core.model.loading import configure_threads, load_model
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=32)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fededit_core.report import SCORE_PARTS
+from fededit_core.eval.tables import SCORE_PARTS
 
 log = logging.getLogger("fededit.bench")
 

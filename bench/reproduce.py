@@ -26,10 +26,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.zcache import BaseZCache
+from fededit_core.cli import add_hparam_args, add_model_args
+from fededit_core.client.worker import ClientSpec, EditWorker
+from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR
+from fededit_core.memit.overrides import memit_overrides
+from fededit_core.model.loading import configure_threads
 from fededit_core.paths import cache_dir, shared_data_dir
-from fededit_core.pipeline import configure_threads
-from fededit_core.worker import ClientSpec, EditWorker
-from fededit_core.zcache import BaseZCache
 
 from .experiments import Runner, select_requests
 from .tables import dataset_json, write_outputs
@@ -61,15 +64,13 @@ class Preset:
     others_limit: int = 25  # other clients' absorbed requests evaluated per client
     fluency: bool = True  # CounterFact main table only
     seed: int = 0
-    alpha: float = 0.22
-    vector: str = "delta"
+    alpha: float = DEFAULT_ALPHA
+    vector: str = DEFAULT_VECTOR
     datasets: tuple[str, ...] = ("counterfact", "zsre")
 
 
 PRESETS = {
     # quick: the largest ablation size is the main size, so Table 3 reuses the main runs; no fluency
-    # (CounterFact main runs: 38-47 s with it, 21-31 s without); 18 min with 16 zsRE edits, fluency
-    # and overlap 12, 13.6 min like this (README)
     "quick": Preset("quick", {"counterfact": 24, "zsre": 24}, n_clients=4, n_slots=2, ablation_sizes=(12, 24),
                     curve_edits=24, client_counts=(2, 4), slot_counts=(1, 2), overlap_edits=8, overlap_clients=2,
                     overlap_slots=2, others_limit=6, fluency=False),
@@ -180,9 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--counterfact", default=str(DEFAULT_DATA["counterfact"]), help="CounterFact file")
     p.add_argument("--zsre", default=str(DEFAULT_DATA["zsre"]), help="zsRE file")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32")
+    add_model_args(p)
+    add_hparam_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     preset = PRESETS["quick" if args.quick else "default"]
@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{name} data {path} not found: pass --{name} PATH (the project ships no copy)")
     out = Path(args.out or ("runs/bench-quick" if args.quick else "results/bench"))
     cache = Path(args.cache) if args.cache else cache_dir("bench")
-    summary = run(preset, out, cache, data_files, sections, args.model, args.device, args.dtype)
+    summary = run(preset, out, cache, data_files, sections, args.model, args.device, args.dtype,
+                  hparams=memit_overrides(vars(args)))
     for dataset, js in summary.items():
         methods = js["methods"]
         line = ", ".join(f"{m} {v['score']:.3f}" + (f" ({100 * v['retention']:.1f}%)" if v.get("retention") else "")

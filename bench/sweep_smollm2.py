@@ -18,14 +18,13 @@ LAMBDAS = [1000.0, 5000.0, 15000.0]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fededit_core.datasets import load_requests
-    from fededit_core.memit import MemitEditor
-    from fededit_core.metrics import counterfact_metrics
-    from fededit_core.models import load_model
-    from fededit_core.paths import shared_data_dir
-    from fededit_core.pipeline import configure_threads, hparams_for
-    from fededit_core.report import format_table
-    from fededit_core.templates import sample_context_templates
+    from fededit_core.data.loaders import load_requests
+    from fededit_core.eval.metrics import counterfact_metrics
+    from fededit_core.eval.tables import format_table
+    from fededit_core.memit.editor import MemitEditor, hparams_for
+    from fededit_core.memit.templates import sample_context_templates
+    from fededit_core.model.loading import configure_threads, load_model
+    from fededit_core.paths import recorded_path, shared_data_dir
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=32)
@@ -57,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, ["layers", "lambda", "es", "ps", "ns", "score"], markdown=True))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"n": len(requests), "data": str(data), "rows": rows}, indent=2))
+        record = {"n": len(requests), "data": recorded_path(data), "rows": rows}
+        Path(args.json).write_text(json.dumps(record, indent=2))
     return 0
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fededit_core.report import SCORE_PARTS, format_table
+from fededit_core.eval.tables import SCORE_PARTS, format_table
+from fededit_core.io import atomic_write
+from fededit_core.paths import recorded_path
 
 from .plots import write_plots
 
@@ -73,7 +75,7 @@ def dataset_json(preset, dataset: str, results: dict, env: dict, data_files: dic
                  "config": {"alpha": preset.alpha, "reedit_vector": preset.vector, "seed": preset.seed,
                             "partition": {"counterfact": "relation groups + 1/10 moved across clients",
                                           "zsre": "spectral clustering of question embeddings"}[dataset],
-                            "data_file": str(data_files[dataset]), "model": model,
+                            "data_file": recorded_path(data_files[dataset]), "model": model,
                             "z": "optimised once per request on the base model and shared by all methods "
                                  "(fededit_core.zcache); the overlap workload optimises z for real"},
                  "environment": env, "methods": {}}
@@ -203,12 +205,6 @@ def write_outputs(out: Path, preset, results: dict[str, dict], env: dict, data_f
     out.mkdir(parents=True, exist_ok=True)
     all_js = {d: dataset_json(preset, d, results[d], env, data_files, model) for d in results}
     for dataset, js in all_js.items():
-        _write(out / f"{dataset}.json", json.dumps(js, indent=1, default=str))
-    _write(out / "README.md", markdown(preset, all_js, model))
+        atomic_write(out / f"{dataset}.json", json.dumps(js, indent=1, default=str))
+    atomic_write(out / "README.md", markdown(preset, all_js, model))
     write_plots(out, all_js)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -23,10 +23,12 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
+from client_app.worker_service import RemoteWorker
+from fededit_core.client.worker import ClientSpec, EditWorker
+from fededit_core.data.clients import client_name
 from fededit_core.paths import cache_dir
-from fededit_core.worker import ClientSpec, EditWorker
-from fededit_core.worker_service import RemoteWorker
-from server_app.protocol import EDIT_ACTION, hparam_overrides, pack, run_name, simulation_state_dir, unpack
+from strategies.settings import RunSettings
+from wire.messages import EDIT_ACTION, pack, unpack
 
 log = logging.getLogger("fededit.client")
 app = ClientApp()
@@ -35,12 +37,10 @@ _IN_PROCESS: EditWorker | None = None
 
 def client_spec(context: Context) -> ClientSpec:
     """This client's local settings from the node config (deployment) or partition id (simulation)."""
-    node, cfg = context.node_config, context.run_config
-    run = run_name(cfg, context.run_id)
-    common = dict(run=run, model=str(cfg["model"]), dtype=str(node.get("dtype", cfg.get("dtype", "fp32"))),
-                  device=str(node.get("device", cfg.get("device", "cpu"))), hparams=hparam_overrides(cfg),
-                  num_slots=int(cfg["num-slots"]), seed=int(cfg.get("seed", 0)),
-                  max_requests=int(cfg.get("max-requests", 0)))
+    node, run = context.node_config, RunSettings.from_run_config(context.run_config, context.run_id)
+    common = dict(run=run.run, model=run.model, dtype=str(node.get("dtype", run.dtype)),
+                  device=str(node.get("device", run.device)), hparams=run.memit_overrides(),
+                  num_slots=run.num_slots, seed=run.seed, max_requests=run.max_requests)
     if "requests" in node:  # deployment: this organisation's own file
         return ClientSpec(**common, name=str(node.get("name", f"node-{context.node_id}")),
                           requests=str(node["requests"]), partition="all",
@@ -48,10 +48,8 @@ def client_spec(context: Context) -> ClientSpec:
                           secret_file=str(node["secret-file"]) if node.get("secret-file") else None)
     index = int(node["partition-id"])
     secret = os.environ.get("FEDEDIT_FEDERATION_SECRET_FILE") or str(cache_dir() / "federation.secret")
-    return ClientSpec(**common, name=f"client-{index}", requests=str(cfg.get("data", "builtin")),
-                      partition=str(cfg.get("partition", "field")), index=index,
-                      count=int(node["num-partitions"]),
-                      state_dir=str(simulation_state_dir(cfg, run)),
+    return ClientSpec(**common, name=client_name(index), requests=run.data, partition=run.partition,
+                      count=int(node["num-partitions"]), state_dir=str(run.simulation_state_dir),
                       secret_file=secret, oracle=True)
 
 

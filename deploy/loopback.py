@@ -148,7 +148,7 @@ class Loopback:
 
 def builtin_requests(folder: Path) -> dict[str, Path]:
     """The default job's built-in edits as one private request file per client (by ``client`` field)."""
-    from fededit_core.partition import BUILTIN_FEDERATION
+    from fededit_core.data.builtin import BUILTIN_FEDERATION
 
     folder.mkdir(parents=True, exist_ok=True)
     by_client: dict[str, list[str]] = {}

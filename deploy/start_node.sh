@@ -5,7 +5,7 @@
 #                             [--worker ADDRESS] [--port PORT] [--insecure]
 #
 # Starts one organisation's side of the federation, on its own (GPU) machine:
-#  1. its edit worker (`fededit worker`), a long-lived process that loads MODEL on DEVICE once
+#  1. its edit worker (`fededit-worker`), a long-lived process that loads MODEL on DEVICE once
 #     and does every edit step; it listens on a Unix socket only this user can open;
 #  2. once the worker answers its health check, the SuperNode (`flower-supernode`), which connects
 #     to the SuperLink over TLS, authenticates with PRIVATE_KEY (registered beforehand with
@@ -101,7 +101,7 @@ cd "$PROJECT_DIR"
 # 1. the edit worker, and its health check
 worker_pid="$RUN_DIR/worker-$NAME.pid"
 worker_log="$RUN_DIR/worker-$NAME.log"
-start_bg "$worker_pid" "$worker_log" "$(find_bin fededit)" -v worker --address "$WORKER" \
+start_bg "$worker_pid" "$worker_log" "$(find_bin fededit-worker)" -v --address "$WORKER" \
     --preload "$MODEL" --device "$DEVICE" --dtype "$DTYPE"
 info "edit worker $NAME (pid $(cat "$worker_pid")) loading $MODEL on $DEVICE; log $worker_log"
 # the health check of the ClientApp (RemoteWorker.health), polled until the model is loaded
@@ -112,7 +112,7 @@ worker_failed() {
 }
 "$python" - "$WORKER" "$(cat "$worker_pid")" "${WORKER_START_TIMEOUT:-900}" <<'PY' || worker_failed
 import os, sys, time
-from fededit_core.worker_service import RemoteWorker, WorkerUnavailable
+from client_app.worker_service import RemoteWorker, WorkerUnavailable
 
 address, pid, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 deadline = time.monotonic() + timeout

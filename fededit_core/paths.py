@@ -22,8 +22,30 @@ def cache_dir(*parts: str) -> Path:
 
 def shared_data_dir() -> Path | None:
     """``../shared/data`` beside the project checkout, when it exists (development and CI only)."""
-    here = Path(__file__).resolve().parents[1]
+    here = project_root()
     for candidate in (here.parent / "shared" / "data", here / "shared" / "data"):
         if candidate.is_dir():
             return candidate
     return None
+
+
+def project_root() -> Path:
+    """The folder that holds this checkout's packages (the source tree or the installed site)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def recorded_path(path: str | Path) -> str:
+    """A data path as results record it: relative to the project when it lies in the project or
+    beside it (``../shared/data/...``), else as given: never this machine's absolute layout."""
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
+    root = project_root()
+    if path.resolve().is_relative_to(root.parent):
+        return os.path.relpath(path.resolve(), root)
+    return str(path)
+
+
+def generations_path(state_dir: str | Path, run: str, client: str) -> Path:
+    """Where a client keeps its before/after generations (text: never sent to the server)."""
+    return Path(state_dir) / run / f"{client}.generations.json"

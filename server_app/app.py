@@ -15,13 +15,13 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from fededit_core.worker import generations_path
-from server_app.protocol import (hparam_overrides, message_type, pack, run_name, simulation_state_dir,
-                                 unpack)
+from fededit_core.paths import generations_path
 from server_app.secure_sum import SecAggPlusSum
-from strategies.federation import RunSettings, run_federation
+from strategies.federation import run_federation
 from strategies.report import client_table, generations_table, summary_line, write_report
 from strategies.session import FederationError, Instruction, Reply
+from strategies.settings import RunSettings
+from wire.messages import message_type, pack, unpack
 
 log = logging.getLogger("fededit.server")
 app = ServerApp()
@@ -95,21 +95,19 @@ def discover(grid: Grid, min_clients: int, wait_s: float, timeout: float | None)
     return names
 
 
-def _centralised(cfg, names: list[str]):
+def _centralised(settings: RunSettings, names: list[str]):
     """The centralised upper bound (simulation: the server may read the shared data file)."""
     def run(hellos: dict[str, dict]) -> dict[str, dict]:
-        from fededit_core.centralised import centralised_metrics
-        from fededit_core.partition import load_partitions
-        from fededit_core.pipeline import make_editor
+        from fededit_core.data.partition import load_partitions
+        from fededit_core.eval.centralised import centralised_metrics
+        from fededit_core.memit.editor import make_editor
 
-        parts = load_partitions(str(cfg.get("data", "builtin")), len(names), str(cfg.get("partition", "field")),
-                                int(cfg.get("seed", 0)), int(cfg.get("max-requests", 0)))
+        parts = load_partitions(settings.data, len(names), settings.partition, settings.seed, settings.max_requests)
         parts = {name: parts[name] for name in names if name in parts}
-        editor = make_editor(str(cfg["model"]), str(cfg.get("device", "cpu")), str(cfg.get("dtype", "fp32")),
-                             **hparam_overrides(cfg))
+        editor = make_editor(settings.model, settings.device, settings.dtype, **settings.memit_overrides())
         kind = next(iter(hellos.values()))["kind"]
         log.info("centralised MEMIT of all %d requests", sum(len(r) for r in parts.values()))
-        metrics, _ = centralised_metrics(editor, parts, kind, fluency=bool(cfg.get("fluency", False)))
+        metrics, _ = centralised_metrics(editor, parts, kind, fluency=settings.fluency)
         return metrics
     return run
 
@@ -121,27 +119,18 @@ def main(grid: Grid, context: Context) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logging.getLogger("fededit").addHandler(handler)
         logging.getLogger("fededit").setLevel(logging.INFO)
-    cfg = context.run_config
-    run = run_name(cfg, context.run_id)
-    out = Path(str(cfg.get("output-dir", "runs"))).resolve() / run
-    settings = RunSettings(run=run, strategy=str(cfg["strategy"]), num_slots=int(cfg["num-slots"]),
-                           alpha=float(cfg.get("alpha", 0.22)), vector=str(cfg.get("reedit-vector", "delta")),
-                           min_clients=int(cfg.get("min-clients", 2)), reuse=bool(cfg.get("reuse", True)),
-                           fluency=bool(cfg.get("fluency", False)), store_path=out / "mkv_store.sqlite",
-                           secure_aggregation=bool(cfg.get("secure-aggregation", False)))
-    timeout = float(cfg.get("step-timeout-s", 0)) or None
-    names = discover(grid, settings.min_clients, float(cfg.get("wait-clients-s", 60)), timeout)
+    settings = RunSettings.from_run_config(context.run_config, context.run_id)
+    names = discover(grid, settings.min_clients, settings.wait_clients_s, settings.timeout)
     log.info("clients: %s", ", ".join(f"{n} (node {i})" for n, i in sorted(names.items())))
-    capture = Path(str(cfg["capture-dir"])) if str(cfg.get("capture-dir", "")) else None
-    transport = FlowerTransport(grid, names, timeout, capture, context)
-    centralised = _centralised(cfg, sorted(names)) if bool(cfg.get("centralised", False)) else None
-    config = {k: v for k, v in cfg.items()}
-    report = run_federation(transport, list(names), settings, config, centralised=centralised)
+    capture = Path(settings.capture_dir) if settings.capture_dir else None
+    transport = FlowerTransport(grid, names, settings.timeout, capture, context)
+    centralised = _centralised(settings, sorted(names)) if settings.centralised else None
+    report = run_federation(transport, list(names), settings, settings.run_config(), centralised=centralised)
     # simulation: the clients' generations are on this machine's disk (they never travel in a message)
     for client in report["clients"]:
-        local = generations_path(simulation_state_dir(cfg, run), run, client["client"])
+        local = generations_path(settings.simulation_state_dir, settings.run, client["client"])
         if local.is_file():
             client["generations"] = json.loads(local.read_text())
-    json_path, md_path = write_report(report, out)
+    json_path, md_path = write_report(report, settings.out_dir)
     print("\n" + client_table(report) + "\n\n" + generations_table(report) + "\n\n" + summary_line(report))
     print(f"report: {json_path} and {md_path}", flush=True)

@@ -4,14 +4,11 @@
 - CollabEdit (Zheng et al., ICLR 2025): per layer, sum_c R_c K_c^T and sum_c K_c K_c^T; every client
   then solves Delta = (sum R K^T)(lambda C0 + sum K K^T)^-1 with its identical C0, which equals one
   MEMIT edit of all clients' requests together.
-- FedEdit serving: each client receives the MKV sets the *other* clients uploaded since a slot.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-from .store import MKVStore, Upload
 
 
 def edit_average(updates: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
@@ -32,7 +29,3 @@ def sum_statistics(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         raise ValueError("no statistics to sum")
     return {name: sum(p[name].astype(np.float64) for p in parts) for name in ("rk", "kk")}
 
-
-def mkvs_for(store: MKVStore, run_id: str, client: str, after_slot: int | None) -> list[Upload]:
-    """FedEdit's serve step: the other clients' MKV sets uploaded after ``after_slot``."""
-    return store.uploads(run_id, exclude_client=client, after_slot=after_slot)

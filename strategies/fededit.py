@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .aggregate import mkvs_for
+from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR
+
 from .base import Strategy
 from .session import Instruction, Session
 from .store import MKVStore
@@ -25,8 +26,8 @@ class FedEdit(Strategy):
     name = "fededit"
     absorbed = "reedited"
 
-    def __init__(self, spec: FederationSpec, run: str, store: MKVStore, alpha: float, gate: bool = True,
-                 reuse: bool = True, vector: str = "z"):
+    def __init__(self, spec: FederationSpec, run: str, store: MKVStore, alpha: float = DEFAULT_ALPHA,
+                 gate: bool = True, reuse: bool = True, vector: str = DEFAULT_VECTOR):
         super().__init__(spec, run)
         self.store, self.alpha, self.gate, self.reuse, self.vector = store, alpha, gate, reuse, vector
         if not gate:
@@ -69,7 +70,7 @@ class FedEdit(Strategy):
     # --- 3. serve ---------------------------------------------------------------------------------
     def _serve(self, slot: int, client: str) -> Instruction:
         """The reedit step for ``client``: the sets the other clients uploaded since the last slot."""
-        uploads = [u for u in mkvs_for(self.store, self.run, client, after_slot=slot - 1) if u.ids]
+        uploads = [u for u in self.store.uploads(self.run, exclude_client=client, after_slot=slot - 1) if u.ids]
         args = {"alpha": self.alpha, "gate": self.gate, "vector": self.vector,
                 "ids": [i for u in uploads for i in u.ids],
                 "senders": [u.client for u in uploads for _ in u.ids]}

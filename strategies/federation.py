@@ -7,8 +7,6 @@ fast tests run (with in-process workers); nothing here imports Flower.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from tqdm import tqdm
@@ -21,42 +19,11 @@ from .handshake import check_agreement
 from .local import Local
 from .report import build_report
 from .session import FederationError, Session, Transport
+from .settings import RunSettings
 from .store import MKVStore
 from .validation import FederationSpec
 
 log = logging.getLogger("fededit.server")
-
-STRATEGIES = ("fededit", "fededit-noreedit", "editavg", "collabedit", "local")
-
-
-@dataclass
-class RunSettings:
-    run: str
-    strategy: str = "fededit"
-    num_slots: int = 3
-    alpha: float = 0.22
-    vector: str = "delta"  # what FedEdit's Eq. 8 compares: "z" (the paper) or "delta"
-    min_clients: int = 1
-    reuse: bool = True
-    fluency: bool = False
-    baseline: bool = True  # clients also evaluate the unedited model (the "unedited" row)
-    others_limit: int = 0  # evaluate at most this many absorbed requests of other clients per client (0: all)
-    store_path: Path | None = None  # FedEdit's MKV store (SQLite); default: runs/<run>/mkv_store.sqlite
-    secure_aggregation: bool = False  # CollabEdit's sums through SecAgg+ (the Flower transport)
-
-    def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise FederationError(f"unknown strategy {self.strategy!r}; expected one of {list(STRATEGIES)}")
-        if self.num_slots < 1:
-            raise FederationError(f"num-slots must be >= 1, got {self.num_slots}")
-        if not -1.0 <= self.alpha <= 1.0:
-            raise FederationError(f"alpha is a cosine threshold in [-1, 1], got {self.alpha}")
-        if self.vector not in ("z", "delta"):
-            raise FederationError(f"reedit-vector must be 'z' or 'delta', got {self.vector!r}")
-        if self.secure_aggregation and self.strategy != "collabedit":
-            raise FederationError(f"secure-aggregation is offered for collabedit only (its uploads are plain "
-                                  f"sums), not for {self.strategy!r}")
-
 
 def make_strategy(settings: RunSettings, spec: FederationSpec, store: MKVStore | None) -> Strategy:
     if settings.strategy in ("fededit", "fededit-noreedit"):
@@ -84,7 +51,7 @@ def run_federation(transport: Transport, clients: list[str], settings: RunSettin
 
     store = None
     if settings.strategy.startswith("fededit"):
-        store = MKVStore(settings.store_path or Path("runs") / settings.run / "mkv_store.sqlite")
+        store = MKVStore(settings.mkv_store)
     strategy = make_strategy(settings, spec, store)
     starts = {h["next_slot"] for h in hellos.values()}
     if len(starts) > 1 and not settings.strategy.startswith("fededit"):

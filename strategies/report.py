@@ -13,8 +13,9 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from fededit_core.metrics import harmonic_mean
-from fededit_core.report import SCORE_PARTS, format_table
+from fededit_core.eval.metrics import harmonic_mean
+from fededit_core.eval.tables import SCORE_PARTS, format_table
+from fededit_core.io import atomic_write
 
 
 def weighted(rows: list[tuple[int, dict | None]], kind: str) -> dict | None:
@@ -121,8 +122,5 @@ def write_report(report: dict, folder: Path) -> tuple[Path, Path]:
         "## Configuration", "```json\n" + json.dumps(report["config"], indent=2) + "\n```"]) + "\n"
     paths = []
     for name, text in (("report.json", json.dumps(report, indent=2, default=str)), ("report.md", markdown)):
-        tmp = folder / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(folder / name)
-        paths.append(folder / name)
+        paths.append(atomic_write(folder / name, text))
     return paths[0], paths[1]

@@ -9,13 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fededit_core.worker import ClientSpec
-from strategies.inprocess import InProcessTransport
-
-try:
-    from tests.tiny import tiny_model_with_words
-except ImportError:  # pragma: no cover
-    from tiny import tiny_model_with_words
+from bench.inprocess import InProcessTransport
+from fededit_core.client.worker import ClientSpec
+from tests.tiny import tiny_model_with_words
 
 WORDS = (" Rome", " Paris", " Berlin", " London")
 SUBJECTS = ["Eiffel Tower", "Colosseum", "Big Ben", "Louvre", "Brandenburg Gate", "Tower Bridge", "Pantheon",
@@ -54,7 +50,7 @@ def tiny_world(root: Path) -> dict:
 def client_specs(world: dict, root: Path, run: str, n_clients: int = 2, num_slots: int = 2, data: str | None = None,
                  **overrides) -> dict[str, ClientSpec]:
     return {f"client-{i}": ClientSpec(run=run, name=f"client-{i}", model=world["model"], hparams=world["hparams"],
-                                      requests=data or world["data"], partition="field", index=i, count=n_clients,
+                                      requests=data or world["data"], partition="field", count=n_clients,
                                       num_slots=num_slots, state_dir=str(root / "state"),
                                       secret_file=str(root / "secret"), oracle=True, **overrides)
             for i in range(n_clients)}

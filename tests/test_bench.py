@@ -10,15 +10,11 @@ import pytest
 import torch
 
 from bench import experiments, reproduce
-from fededit_core.memit import hidden_at_subject
-from fededit_core.pipeline import make_editor
-from fededit_core.zcache import BaseZCache
-from fededit_core.zopt import optimise_z
-
-try:
-    from tests.federation_kit import tiny_world
-except ImportError:  # pragma: no cover
-    from federation_kit import tiny_world
+from bench.zcache import BaseZCache
+from fededit_core.memit.editor import make_editor
+from fededit_core.memit.keys import hidden_at_subject
+from fededit_core.memit.target import optimise_z
+from tests.federation_kit import tiny_world
 
 TINY = reproduce.Preset("tiny", {"counterfact": 8}, n_clients=2, n_slots=2, ablation_sizes=(4, 8), curve_edits=8,
                         client_counts=(2,), slot_counts=(1, 2), overlap_edits=6, overlap_clients=2, overlap_slots=2,
@@ -122,7 +118,7 @@ def test_outputs_written_and_a_rerun_reads_everything_from_the_cache(bench_run, 
 def test_zsre_federated_runs_are_scored_with_zsre_metrics_like_centralised(world, tmp_path):
     """The workers read a plain-schema copy of the workload; zsRE requests must keep their
     token-accuracy evaluation (EA/PA/NA) there, as in the centralised run, not CounterFact's."""
-    from fededit_core.worker import EditWorker
+    from fededit_core.client.worker import EditWorker
     from tests.federation_kit import SUBJECTS, WORDS
 
     rows = [{"subject": s, "src": f"Where is the {s}?", "alt": WORDS[i % 4].strip(),

@@ -20,14 +20,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fededit_core.cli import main
-from fededit_core.datasets import dataset_kind, load_requests
-from fededit_core.metrics import evaluate
-from fededit_core.models import load_model
-
-try:
-    from tests.tiny import tiny_model_with_words, tiny_tokenizer
-except ImportError:  # tests/ itself on sys.path
-    from tiny import tiny_model_with_words, tiny_tokenizer
+from fededit_core.data.loaders import dataset_kind, load_requests
+from fededit_core.eval.metrics import evaluate
+from fededit_core.model.loading import load_model
+from tests.tiny import tiny_model_with_words, tiny_tokenizer
 
 WORDS = (" Rome", " English", " Berlin", " Tokyo", " Madrid")
 EDITED = ("model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight")

@@ -6,16 +6,13 @@ import copy
 
 import torch
 
-from fededit_core.hparams import MEMITHyperParams
-from fededit_core.memit import MemitEditor, layer_statistics
-from fededit_core.requests import EditRequest
-from fededit_core.templates import ContextTemplates
-from fededit_core.zopt import ZResult
-
-try:
-    from tests.tiny import tiny_model_and_tokenizer
-except ImportError:  # pragma: no cover
-    from tiny import tiny_model_and_tokenizer
+from fededit_core.data.requests import EditRequest
+from fededit_core.memit.editor import MemitEditor
+from fededit_core.memit.hparams import MEMITHyperParams
+from fededit_core.memit.target import ZResult
+from fededit_core.memit.templates import ContextTemplates
+from fededit_core.memit.update import layer_statistics
+from tests.tiny import tiny_model_and_tokenizer
 
 TEMPLATES = ContextTemplates(groups=(("{}",), ("Hello. {}", "Yes. {}")))
 REQUESTS = [
@@ -27,7 +24,7 @@ REQUESTS = [
 
 
 def _editor(model, tok, corpus):
-    from fededit_core.covariance import CovarianceStore
+    from fededit_core.memit.covariance import CovarianceStore
 
     hp = MEMITHyperParams(layers=(1, 2), mom2_weight=10.0, v_steps=4, cov_source=str(corpus), cov_samples=8,
                           cov_seq_len=16)

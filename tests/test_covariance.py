@@ -6,14 +6,10 @@ import shutil
 import pytest
 import torch
 
-import fededit_core.covariance as covariance
-from fededit_core.covariance import CovarianceStore, corpus_chunks, second_moments
-from fededit_core.families import family_for
-
-try:
-    from tests.tiny import tiny_model_and_tokenizer
-except ImportError:  # tests/ itself on sys.path
-    from tiny import tiny_model_and_tokenizer
+import fededit_core.memit.covariance as covariance
+from fededit_core.memit.covariance import CovarianceStore, corpus_chunks, second_moments
+from fededit_core.model.families import family_for
+from tests.tiny import tiny_model_and_tokenizer
 
 WORDS = ("the of and to in is was for on that with as by at from his her city river king music year team "
          "game house night light stone water garden").split()

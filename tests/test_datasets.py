@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from fededit_core.datasets import DataError, dataset_kind, load_requests, save_requests_jsonl
-from fededit_core.requests import EditRequest
+from fededit_core.data.loaders import DataError, dataset_kind, load_requests, save_requests_jsonl
+from fededit_core.data.requests import EditRequest
 
 
 def _write_json(path: Path, value) -> Path:

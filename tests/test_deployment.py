@@ -12,21 +12,15 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from fededit_core.worker_service import RemoteWorker, WorkerUnavailable
-
-PROJECT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT))
+from client_app.worker_service import RemoteWorker, WorkerUnavailable
 from deploy.loopback import Loopback, free_port
-
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny import tiny_model_with_words
+from tests.tiny import tiny_model_with_words
 
 CLIENTS = ("hospital-a", "hospital-b")
 LANDMARKS = [("Eiffel Tower", "Paris", "Rome"), ("Colosseum", "Rome", "Berlin"), ("Big Ben", "London", "Paris"),
@@ -157,7 +151,7 @@ def test_clientapp_with_its_worker_down_fails_fast():
     assert time.monotonic() - started < 5
     message = str(err.value)
     assert "edit worker at unix:/nonexistent.sock is not answering" in message
-    assert "fededit worker --address unix:/nonexistent.sock" in message
+    assert "fededit-worker --address unix:/nonexistent.sock" in message
 
 
 @pytest.mark.deploy
@@ -167,7 +161,7 @@ def test_clientapp_step_reports_a_down_worker(monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
 
     from client_app.app import _step
-    from server_app.protocol import pack, unpack
+    from wire.messages import pack, unpack
 
     for attr in ("_run_id", "_node_id", "_task_id"):  # set by Flower in a ClientApp process; a Message needs them
         monkeypatch.setattr(TaskIdentity, attr, 1)

@@ -7,16 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from fededit_core.partition import load_partitions
-from fededit_core.zopt import ZResult
-from strategies.federation import RunSettings, run_federation
+from fededit_core.data.partition import load_partitions
+from fededit_core.memit.target import ZResult
+from strategies.federation import run_federation
 from strategies.session import FederationError, Reply, SecureSum
+from strategies.settings import RunSettings
 from strategies.store import MKVStore
-
-try:
-    from tests.federation_kit import DirectTransport, client_specs, request_record, tiny_world, write_jsonl
-except ImportError:  # pragma: no cover
-    from federation_kit import DirectTransport, client_specs, request_record, tiny_world, write_jsonl
+from tests.federation_kit import DirectTransport, client_specs, request_record, tiny_world, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,13 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
-from fededit_core import embeddings
-from fededit_core.datasets import DataError, load_requests
-from fededit_core.embeddings import (
-    cluster_partition,
-    embed_texts,
-    spectral_clusters,
-    tfidf_embeddings,
-)
-from fededit_core.grouping import relation_groups, relation_partition, template_groups
-from fededit_core.partition import SCHEMES, partition_requests
+from fededit_core.data import embeddings
+from fededit_core.data.embeddings import cluster_partition, embed_texts, spectral_clusters, tfidf_embeddings
+from fededit_core.data.grouping import relation_groups, relation_partition, template_groups
+from fededit_core.data.loaders import DataError, load_requests
+from fededit_core.data.partition import SCHEMES, partition_requests
+from fededit_core.data.requests import EditRequest
 from fededit_core.paths import shared_data_dir
-from fededit_core.requests import EditRequest
 
 LANGUAGES = ["French", "English", "Russian", "Spanish", "Italian"]
 CITIES = ["London", "Paris", "Berlin", "Rome", "Vienna"]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fededit_core.memit import layer_statistics, memit_delta, solve_update
+from fededit_core.memit.update import layer_statistics, memit_delta, solve_update
 
 
 @pytest.fixture(autouse=True)

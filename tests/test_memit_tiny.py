@@ -16,20 +16,17 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
-from fededit_core.covariance import CovarianceStore
-from fededit_core.families import family_for
-from fededit_core.hparams import MEMITHyperParams
-from fededit_core.memit import MemitEditor, compute_keys, hidden_at_subject
-from fededit_core.metrics import target_nll
-from fededit_core.mkv import MKVError, MKVSet, apply_mkvs, compute_mkvs
-from fededit_core.requests import EditRequest
-from fededit_core.templates import ContextTemplates
-from fededit_core.zopt import optimise_z, optimise_z_reference
-
-try:
-    from tests.tiny import FAMILIES, tiny_model_with_words
-except ImportError:  # tests/ itself on sys.path
-    from tiny import FAMILIES, tiny_model_with_words
+from fededit_core.data.requests import EditRequest
+from fededit_core.eval.metrics import target_nll
+from fededit_core.fedleke.mkv import MKVError, MKVSet, apply_mkvs, compute_mkvs
+from fededit_core.memit.covariance import CovarianceStore
+from fededit_core.memit.editor import MemitEditor
+from fededit_core.memit.hparams import MEMITHyperParams
+from fededit_core.memit.keys import compute_keys, hidden_at_subject
+from fededit_core.memit.target import optimise_z, optimise_z_reference
+from fededit_core.memit.templates import ContextTemplates
+from fededit_core.model.families import family_for
+from tests.tiny import FAMILIES, tiny_model_with_words
 
 TEMPLATES = ContextTemplates(groups=(("{}",), ("Hello. {}", "Yes. {}")))
 WORDS = (" Rome", " English", " Berlin", " Tokyo", " Madrid")

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from fededit_core.metrics import (
+from fededit_core.data.requests import EditRequest
+from fededit_core.eval.metrics import (
     counterfact_metrics,
     encode_pairs,
     evaluate,
@@ -16,13 +17,7 @@ from fededit_core.metrics import (
     token_accuracy,
     zsre_metrics,
 )
-from fededit_core.requests import EditRequest
-
-try:
-    from tests.tiny import FAMILIES, tiny_model_and_tokenizer, tiny_tokenizer
-except ImportError:  # tests/ itself on sys.path (pytest's default rootdir-less import mode)
-    from tiny import FAMILIES, tiny_model_and_tokenizer, tiny_tokenizer
-
+from tests.tiny import FAMILIES, tiny_model_and_tokenizer, tiny_tokenizer
 
 PROMPTS = [
     "The capital of France is",

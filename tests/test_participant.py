@@ -5,17 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fededit_core.covariance import CovarianceStore
-from fededit_core.hparams import MEMITHyperParams
-from fededit_core.memit import MemitEditor
-from fededit_core.participant import Participant, split_into_slots
-from fededit_core.requests import EditRequest
-from fededit_core.templates import ContextTemplates
-
-try:
-    from tests.tiny import tiny_model_and_tokenizer
-except ImportError:  # pragma: no cover
-    from tiny import tiny_model_and_tokenizer
+from fededit_core.client.participant import Participant
+from fededit_core.data.requests import EditRequest
+from fededit_core.data.slots import split_into_slots
+from fededit_core.memit.covariance import CovarianceStore
+from fededit_core.memit.editor import MemitEditor
+from fededit_core.memit.hparams import MEMITHyperParams
+from fededit_core.memit.templates import ContextTemplates
+from tests.tiny import tiny_model_and_tokenizer
 
 SECRET = b"federation-secret-0123456789"
 TEMPLATES = ContextTemplates(groups=(("{}",), ("Hello. {}",)))

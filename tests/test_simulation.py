@@ -11,13 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from deploy.simulate import simulate
-from fededit_core.datasets import load_requests
-from fededit_core.partition import BUILTIN_FEDERATION
-
-try:
-    from tests.federation_kit import tiny_world
-except ImportError:  # pragma: no cover
-    from federation_kit import tiny_world
+from fededit_core.data.builtin import BUILTIN_FEDERATION
+from fededit_core.data.loaders import load_requests
+from tests.federation_kit import tiny_world
 
 STRATEGIES = ("fededit", "fededit-noreedit", "editavg", "collabedit", "local")
 
@@ -107,6 +103,16 @@ def test_collabedit_with_secagg_plus_gives_the_plain_sums_model(world):
         # wrong scale or a missing client would be off by tens of percent
         assert (secure - plain).norm() <= 1e-2 * edit.norm(), name
         print(f"{name}: |secure - plain| / |edit| = {float((secure - plain).norm() / edit.norm()):.2e}")
+
+
+def test_the_builtin_set_runs_on_flowers_default_two_supernodes(world):
+    """Plain ``flwr run .`` simulates 2 supernodes: the built-in set (4 clients' records) folds onto them."""
+    config = tiny_config(world, data="'builtin'", **{"num-slots": 1, "run-name": "'builtin-2'"})
+    code, folder = simulate(config, clients=2, timeout_s=600, env=env(world))
+    assert code == 0
+    report = json.loads((folder / "report.json").read_text())
+    assert [(c["client"], c["n"]) for c in report["clients"]] == [("client-0", 12), ("client-1", 12)]
+    assert report["centralised"]["score"] is not None
 
 
 @pytest.mark.slow

@@ -11,13 +11,12 @@ import copy
 import pytest
 import torch
 
-from fededit_core.datasets import load_requests
-from fededit_core.memit import MemitEditor
-from fededit_core.metrics import counterfact_metrics, generate_greedy
-from fededit_core.mkv import apply_mkvs, compute_mkvs
-from fededit_core.models import load_model
+from fededit_core.data.loaders import load_requests
+from fededit_core.eval.metrics import counterfact_metrics, generate_greedy
+from fededit_core.fedleke.mkv import apply_mkvs, compute_mkvs
+from fededit_core.memit.editor import MemitEditor, hparams_for
+from fededit_core.model.loading import configure_threads, load_model
 from fededit_core.paths import shared_data_dir
-from fededit_core.pipeline import configure_threads, hparams_for
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +28,7 @@ def _requests():
     path = shared / "counterfact" / "multi_counterfact-46.json" if shared else None
     if path is not None and path.is_file():
         return load_requests(path, n=N_EDITS)
-    from fededit_core.cli import DEMO_EDITS
+    from fededit_core.data.builtin import DEMO_EDITS
 
     return load_requests(DEMO_EDITS, n=N_EDITS)
 

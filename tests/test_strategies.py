@@ -6,13 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from fededit_core.gating import best_match_similarity, reedit_decision
-from fededit_core.requests import EditRequest
-from fededit_core.tags import normalise, request_tag
-from strategies.aggregate import edit_average, mkvs_for, sum_statistics
+from fededit_core.data.requests import EditRequest
+from fededit_core.fedleke.reedit import best_match_similarity, reedit_decision
+from fededit_core.fedleke.tags import normalise, request_tag
+from strategies.aggregate import edit_average, sum_statistics
 from strategies.store import MKVStore
-from strategies.validation import (FederationSpec, UploadError, validate_delta_upload, validate_mkv_upload,
-                                   validate_stats_upload)
+from strategies.validation import (
+    FederationSpec,
+    UploadError,
+    validate_delta_upload,
+    validate_mkv_upload,
+    validate_stats_upload,
+)
 
 SPEC = FederationSpec(fingerprint="f" * 32, d_model=8, d_ff=16, layers=(1, 2), max_items=10)
 
@@ -50,10 +55,10 @@ def test_reupload_of_a_slot_replaces_and_others_are_served(tmp_path):
     store.put("run", "c1", 1, SPEC.fingerprint, ["y"], [None], mkv_arrays(1, 4))
     store.put("other-run", "c1", 1, SPEC.fingerprint, ["y"], [None], mkv_arrays(1, 4))
     assert store.count("run") == 4
-    served = mkvs_for(store, "run", "c0", after_slot=None)
+    served = store.uploads("run", exclude_client="c0", after_slot=None)
     assert [(u.client, u.slot) for u in served] == [("c1", 0), ("c1", 1)]
-    assert [(u.client, u.slot) for u in mkvs_for(store, "run", "c0", after_slot=0)] == [("c1", 1)]
-    assert all(u.client != "c1" for u in mkvs_for(store, "run", "c1", after_slot=None))
+    assert [(u.client, u.slot) for u in store.uploads("run", exclude_client="c0", after_slot=0)] == [("c1", 1)]
+    assert all(u.client != "c1" for u in store.uploads("run", exclude_client="c1", after_slot=None))
 
 
 def test_tags_are_found_at_their_first_upload(tmp_path):

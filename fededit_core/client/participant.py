@@ -1,0 +1,267 @@
+"""One organisation's side of a federated edit: its private requests, time slots and edited layers.
+
+The federation's client (an edit worker) drives a ``Participant`` slot by slot:
+
+1. ``edit_slot(slot, reused)``: MEMIT of this slot's requests on the participant's current model
+   (z taken from ``reused`` where another client already computed it), then the slot's MKVs.
+2. ``reedit(received, alpha)``: FedEdit's re-edit: keep each sender's MKV set that passes Eq. 8
+   against the participant's own z so far, and apply the kept ones without text.
+
+Several participants may share one model object (simulation): each keeps its own edited layers and
+``activate()`` swaps them in. After every step the state can be checkpointed to a folder, so a
+restarted client resumes where it stopped. Request text never leaves the organisation: the owner's
+worker reads ``slots`` for its own evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from fededit_core.data.requests import EditRequest
+from fededit_core.data.slots import split_into_slots
+from fededit_core.fedleke.mkv import MKVSet, apply_mkvs, compute_mkvs
+from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR, VECTORS, reedit_decision
+from fededit_core.fedleke.tags import request_tag
+from fededit_core.io import atomic_folder, recover_folder
+from fededit_core.memit.editor import MemitEditor
+from fededit_core.memit.keys import hidden_at_subject
+from fededit_core.memit.target import ZResult
+from fededit_core.memit.update import layer_statistics
+
+
+@dataclass
+class SlotReport:
+    slot: int
+    edited: int = 0
+    optimised: int = 0
+    reused: int = 0
+    received_sets: int = 0
+    kept_sets: int = 0
+    applied: int = 0
+    seconds: dict = field(default_factory=dict)
+
+
+class Participant:
+    def __init__(self, name: str, editor: MemitEditor, requests: list[EditRequest], n_slots: int,
+                 secret: bytes | None = None, checkpoint_dir: str | Path | None = None):
+        self.name, self.editor = name, editor
+        self.slots = split_into_slots(requests, n_slots)
+        self.secret = secret
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.layers = {l: w.clone() for l, w in editor.base_weights.items()}  # starts at the base model
+        self.own: MKVSet | None = None
+        self.next_slot = 0
+        self.reports: list[SlotReport] = []
+        self.reedited_ids: list[str] = []
+        self.pending: dict[str, torch.Tensor] = {}  # mid-slot state of EditAvg / CollabEdit
+        self.version = 0  # bumped by every checkpoint (a cached copy compares it to the disk's)
+        if self.checkpoint_dir:
+            recover_folder(self.checkpoint_dir, "state.json")  # a crash between checkpoint()'s renames
+            if (self.checkpoint_dir / "state.json").is_file():
+                self._restore()
+
+    # --- model state ----------------------------------------------------------------------------
+    def activate(self) -> None:
+        """Put this participant's edited layers into the (possibly shared) model."""
+        self.editor.load_layers(self.layers)
+
+    def _capture(self) -> None:
+        self.layers = self.editor.edited_layers()
+
+    def tags_of(self, slot: int) -> list[str | None]:
+        if self.secret is None:
+            return [None] * len(self.slots[slot])
+        return [request_tag(r, self.secret) for r in self.slots[slot]]
+
+    def edited_requests(self) -> list[EditRequest]:
+        """Every request of the slots edited so far."""
+        return [r for slot in self.slots[: self.next_slot] for r in slot]
+
+    def mkvs_of(self, slot: int) -> MKVSet:
+        """The MKVs this participant uploaded for an already edited ``slot`` (for a repeated request)."""
+        if slot >= self.next_slot:
+            raise ValueError(f"{self.name}: slot {slot} is not edited yet")
+        if self.own is None:
+            return self._empty_mkvs()
+        prefix = f"{self.name}/{slot}/"
+        return self.own.select([i for i, rid in enumerate(self.own.ids) if rid.startswith(prefix)])
+
+    def _empty_mkvs(self) -> MKVSet:
+        d, n_layers = self.editor.d_model, len(self.editor.hp.layers)
+        return MKVSet([], tuple(self.editor.hp.layers), torch.zeros(0, d), torch.zeros(0, d),
+                      torch.zeros(0, n_layers, self.editor.d_ff))
+
+    # --- the two steps of a time slot -----------------------------------------------------------
+    def edit_slot(self, slot: int, reused: dict[str, torch.Tensor] | None = None) -> tuple[MKVSet, SlotReport]:
+        """Edit this slot's requests; ``reused`` maps a request tag to a stored z (skips its optimisation)."""
+        if slot != self.next_slot:
+            raise ValueError(f"{self.name}: slot {slot} asked for, but the next slot to edit is {self.next_slot}")
+        requests = self.slots[slot]
+        report = SlotReport(slot=slot, edited=len(requests))
+        self.activate()
+        if requests:
+            started = time.perf_counter()
+            tags = self.tags_of(slot)
+            reused = reused or {}
+            todo = [i for i, tag in enumerate(tags) if tag is None or tag not in reused]
+            z = torch.zeros(len(requests), self.editor.d_model)
+            h = torch.zeros_like(z)
+            if todo:
+                fresh = self.editor.compute_z([requests[i] for i in todo], progress=False)
+                z[todo], h[todo] = fresh.z, fresh.h
+            taken = sorted(set(range(len(requests))) - set(todo))
+            for i in taken:
+                z[i] = torch.as_tensor(reused[tags[i]], dtype=torch.float32)
+            if taken:  # h_L of a reused request, read here since no optimisation measured it
+                h[taken] = hidden_at_subject(self.editor.model, self.editor.tok, [requests[i] for i in taken],
+                                             self.editor.hp.z_layer)
+            report.optimised, report.reused = len(todo), len(taken)
+            report.seconds["z"] = time.perf_counter() - started
+            started = time.perf_counter()
+            result = self.editor.edit(requests, z=ZResult(z, h), progress=False)
+            report.seconds["edit"] = time.perf_counter() - started
+            started = time.perf_counter()
+            ids = [f"{self.name}/{slot}/{i}" for i in range(len(requests))]  # opaque: no text
+            mkvs = compute_mkvs(self.editor, requests, ids=ids, edit=result)
+            report.seconds["mkv"] = time.perf_counter() - started
+            self.own = mkvs if self.own is None else MKVSet.concat([self.own, mkvs])
+        else:
+            mkvs = self._empty_mkvs()
+        self._capture()
+        self.next_slot = slot + 1
+        self.reports.append(report)
+        self.checkpoint()
+        return mkvs, report
+
+    def reedit(self, received: list[MKVSet], alpha: float = DEFAULT_ALPHA, gate: bool = True,
+               vector: str = DEFAULT_VECTOR) -> SlotReport:
+        """FedEdit's re-edit: apply every received set that passes Eq. 8 (all of them with ``gate=False``).
+
+        ``vector``: what Eq. 8 compares, ``"z"`` (the paper) or ``"delta"`` (z - h_L(base), the edit's
+        direction without the subject's own hidden state; see fedleke/reedit.py)."""
+        if vector not in VECTORS:
+            raise ValueError(f"the re-edit condition compares one of {list(VECTORS)}, got {vector!r}")
+        report = self.reports[-1] if self.reports else SlotReport(slot=self.next_slot - 1)
+        started = time.perf_counter()
+        own = getattr(self.own, vector) if self.own is not None else torch.zeros(0, self.editor.d_model)
+        done = set(self.reedited_ids)  # a repeated message must not apply a set twice
+        received = [s for s in received if not set(s.ids) <= done]
+        kept = [s for s in received if len(s) and (not gate or reedit_decision(own, getattr(s, vector), alpha)[0])]
+        report.received_sets += len(received)
+        report.kept_sets += len(kept)
+        if kept:
+            self.activate()
+            merged = MKVSet.concat(kept)
+            apply_mkvs(self.editor, merged)
+            self._capture()
+            report.applied += len(merged)
+            self.reedited_ids.extend(merged.ids)
+        report.seconds["reedit"] = report.seconds.get("reedit", 0.0) + time.perf_counter() - started
+        self.checkpoint()
+        return report
+
+    # --- EditAvg: send the slot's update, then take the federation's average ------------------
+    def editavg_update(self, slot: int) -> tuple[dict[int, torch.Tensor], SlotReport]:
+        """Edit this slot on the current (global) model; returns Delta_l = W_l(after) - W_l(before)."""
+        start = {l: w.clone() for l, w in self.layers.items()}
+        self.pending = {f"start.{l}": w for l, w in start.items()}
+        _, report = self.edit_slot(slot)  # checkpoints, with the slot's start kept in ``pending``
+        return {l: (self.layers[l].double() - start[l].double()).float() for l in start}, report
+
+    def editavg_apply(self, average: dict[int, torch.Tensor]) -> None:
+        """W_l = W_l(slot start) + averaged Delta_l: every client ends the slot with the same model."""
+        if not self.pending:
+            raise ValueError(f"{self.name}: no EditAvg update is waiting for its average")
+        self.layers = {l: (self.pending[f"start.{l}"].double() + average[l].double()).to(self.layers[l].dtype)
+                       for l in self.layers}
+        self.pending = {}
+        self.activate()
+        self.checkpoint()
+
+    # --- CollabEdit: per layer, statistics out, summed statistics in ------------------------------
+    def collab_statistics(self, slot: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """R K^T (d, d_ff) and K K^T (d_ff, d_ff) of this slot's requests at the ``index``-th edited
+        layer, read on the current (shared, partly edited) model; z is optimised at index 0."""
+        if slot != self.next_slot:
+            raise ValueError(f"{self.name}: slot {slot} asked for, but the next slot to edit is {self.next_slot}")
+        requests = self.slots[slot]
+        self.activate()
+        if index == 0:
+            report = SlotReport(slot=slot, edited=len(requests), optimised=len(requests))
+            started = time.perf_counter()
+            z = self.editor.compute_z(requests, progress=False).z if requests else torch.zeros(0, self.editor.d_model)
+            report.seconds["z"] = time.perf_counter() - started
+            self.pending = {"z": z.float()}
+            self.reports.append(report)
+            self.checkpoint()
+        if not requests:
+            d, d_ff = self.editor.d_model, self.editor.d_ff
+            return torch.zeros(d, d_ff, dtype=torch.float64), torch.zeros(d_ff, d_ff, dtype=torch.float64)
+        keys, resid = self.editor.layer_inputs(requests, self.pending["z"].to(self.editor.device), index)
+        return layer_statistics(keys.to(self.editor.device), resid.to(self.editor.device))
+
+    def collab_apply(self, slot: int, index: int, rk: torch.Tensor, kk: torch.Tensor) -> None:
+        """W += (sum R K^T)(lambda C0 + sum K K^T)^-1 at the ``index``-th layer; the slot ends after the last."""
+        if slot != self.next_slot or "z" not in self.pending:
+            raise ValueError(f"{self.name}: no CollabEdit step of slot {slot} is open")
+        started = time.perf_counter()
+        self.activate()
+        self.editor.apply_statistics(self.editor.hp.layers[index], rk, kk)
+        self._capture()
+        report = self.reports[-1]
+        report.seconds["edit"] = report.seconds.get("edit", 0.0) + time.perf_counter() - started
+        if index == len(self.editor.hp.layers) - 1:
+            self.pending = {}
+            self.next_slot = slot + 1
+        self.checkpoint()
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Edited layers, own MKVs and slot position to disk, replacing the previous checkpoint whole."""
+        if self.checkpoint_dir is None:
+            return
+        with atomic_folder(self.checkpoint_dir) as staging:
+            self._write_checkpoint(staging)
+
+    def _write_checkpoint(self, staging: Path) -> None:
+        save_file({f"layer.{l}": w.contiguous().cpu() for l, w in self.layers.items()}, str(staging / "layers.safetensors"))
+        if self.own is not None:
+            np.savez(staging / "own_mkvs.npz", ids=np.asarray(self.own.ids), **self.own.to_arrays())
+        if self.pending:
+            save_file({k: v.contiguous().cpu() for k, v in self.pending.items()}, str(staging / "pending.safetensors"))
+        self.version += 1
+        state = {"name": self.name, "next_slot": self.next_slot, "reports": [asdict(r) for r in self.reports],
+                 "reedited_ids": self.reedited_ids, "version": self.version}
+        (staging / "state.json").write_text(json.dumps(state))
+
+    def _restore(self) -> None:
+        state = json.loads((self.checkpoint_dir / "state.json").read_text())
+        if state["name"] != self.name:
+            raise ValueError(f"checkpoint in {self.checkpoint_dir} belongs to {state['name']!r}, not {self.name!r}")
+        layers = load_file(str(self.checkpoint_dir / "layers.safetensors"))
+        self.layers = {int(k.split(".")[1]): v for k, v in layers.items()}
+        own = self.checkpoint_dir / "own_mkvs.npz"
+        if own.is_file():
+            data = np.load(own)
+            self.own = MKVSet.from_arrays([str(i) for i in data["ids"]], {k: data[k] for k in ("z", "delta", "keys", "layers")})
+        pending = self.checkpoint_dir / "pending.safetensors"
+        self.pending = load_file(str(pending)) if pending.is_file() else {}
+        self.next_slot = state["next_slot"]
+        self.version = state.get("version", 0)
+        self.reports = [SlotReport(**r) for r in state["reports"]]
+        self.reedited_ids = state["reedited_ids"]
+
+
+def checkpoint_version(folder: str | Path) -> int | None:
+    """The version of the checkpoint in ``folder`` (``None`` when there is none)."""
+    state = Path(folder) / "state.json"
+    if not state.is_file():
+        return None
+    return json.loads(state.read_text()).get("version", 0)

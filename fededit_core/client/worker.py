@@ -1,0 +1,340 @@
+"""The edit worker: one organisation's model, loaded once, doing every step the federation asks for.
+
+In deployment Flower starts a new ClientApp process per message, so the model lives here instead, in
+a long-lived process (``fededit_core.worker_service`` serves this object over gRPC); in simulation
+the ClientApp calls it in-process. One worker may serve several clients (virtual clients sharing a
+Ray actor): each client is a ``Participant`` with its own edited layers, swapped into the shared
+model for each step, and checkpointed after every step, so a restarted client resumes.
+
+A step is ``handle(op, spec, args, arrays) -> (reply, arrays)``: ``spec`` is what the client knows
+locally (its name, its private request file, device, run settings), ``args`` and ``arrays`` come
+from the server. Replies carry numbers, opaque ids, tags and arrays, never request text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from fededit_core.client.participant import Participant, checkpoint_version
+from fededit_core.data.builtin import resolve_data
+from fededit_core.data.loaders import dataset_kind, load_requests
+from fededit_core.data.partition import load_partitions
+from fededit_core.data.slots import split_into_slots
+from fededit_core.eval.metrics import evaluate, generate_greedy
+from fededit_core.fedleke.mkv import MKVSet
+from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR
+from fededit_core.memit.editor import MemitEditor, hparams_for, make_editor
+from fededit_core.paths import generations_path
+
+log = logging.getLogger("fededit.worker")
+
+
+class WorkerError(RuntimeError):
+    """A step the worker cannot do (bad arguments, wrong slot, missing arrays)."""
+
+
+class ClientSpec(BaseModel):
+    """What a client knows locally and never sends to the server."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run: str = Field(description="run name: checkpoints live in state_dir/run/name")
+    name: str
+    model: str = "smollm2-135m"
+    device: str = "cpu"
+    dtype: str = "fp32"
+    hparams: dict = Field(default_factory=dict, description="MEMIT hyperparameter overrides")
+    requests: str = Field(description="'builtin' or the path of this client's request file")
+    partition: str = Field("all", description="'all' (the whole file is this client's) or a scheme of partition.py")
+    count: int = 1
+    seed: int = 0
+    max_requests: int = 0
+    num_slots: int = 1
+    state_dir: str
+    secret_file: str | None = None
+    oracle: bool = Field(False, description="simulation only: may read the other clients' partitions to evaluate them")
+
+    def requests_by_client(self) -> dict[str, list]:
+        return load_partitions(self.requests, self.count, self.partition, self.seed, self.max_requests)
+
+    def own_requests(self) -> list:
+        if self.partition == "all":
+            requests = load_requests(resolve_data(self.requests))
+            return requests[: self.max_requests] if self.max_requests > 0 else requests
+        parts = self.requests_by_client()
+        if self.name not in parts:
+            raise WorkerError(f"client {self.name!r} is not one of the partitions {sorted(parts)}")
+        return parts[self.name]
+
+
+def read_secret(path: str | None, create: bool = False) -> bytes | None:
+    """The federation secret from a file (created with 32 random bytes when ``create`` and absent)."""
+    if not path:
+        return None
+    file = Path(path).expanduser()
+    if not file.is_file():
+        if not create:
+            raise WorkerError(f"federation secret file {file} does not exist")
+        file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another client created it first
+        else:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(secrets.token_bytes(32))
+    secret = file.read_bytes()
+    if len(secret) < 16:
+        raise WorkerError(f"federation secret file {file} holds {len(secret)} bytes; at least 16 are needed")
+    return secret
+
+
+def _metrics(result: dict | None) -> dict | None:
+    return None if result is None else {k: v for k, v in result.items() if k != "per_request"}
+
+
+class EditWorker:
+    """Engines (model + MEMIT editor) by model settings, participants by (run, client)."""
+
+    def __init__(self, z_cache=None):
+        self.z_cache = z_cache  # a zcache.BaseZCache shared by every editor (benchmarks), or None
+        self._editors: dict[str, MemitEditor] = {}
+        self._participants: dict[tuple[str, str], Participant] = {}
+        # CollabEdit with secure aggregation: statistics held back until SecAgg+ masks them,
+        # by (run, client) -> (slot, layer index, R K^T, K K^T)
+        self._sealed: dict[tuple[str, str], tuple[int, int, np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    # --- state ----------------------------------------------------------------------------------
+    def editor(self, spec: ClientSpec) -> MemitEditor:
+        """The editor for the spec's model and MEMIT settings; one copy of the weights per model and
+        device: other settings (e.g. a run's overrides after ``--preload``) reuse the loaded model."""
+        key = json.dumps([spec.model, spec.device, spec.dtype, spec.hparams], sort_keys=True)
+        if key in self._editors:
+            return self._editors[key]
+        same = [k for k in self._editors if json.loads(k)[:3] == [spec.model, spec.device, spec.dtype]]
+        if same:
+            old = self._editors[same[0]]
+            for k in same:
+                del self._editors[k]
+            old.reset()  # base weights back before the new editor keeps them as its base
+            self._participants = {k: p for k, p in self._participants.items() if p.editor is not old}
+            log.info("reusing the loaded %s with other MEMIT settings", spec.model)
+            self._editors[key] = MemitEditor(old.model, old.tok, hparams_for(old.model, **spec.hparams))
+        else:
+            log.info("loading %s on %s (%s)", spec.model, spec.device, spec.dtype)
+            self._editors[key] = make_editor(spec.model, spec.device, spec.dtype, **spec.hparams)
+        self._editors[key].z_cache = self.z_cache
+        return self._editors[key]
+
+    def participant(self, spec: ClientSpec) -> Participant:
+        """The client's participant, re-read from its checkpoint when another process moved it on."""
+        folder = Path(spec.state_dir) / spec.run / spec.name
+        key = (spec.run, spec.name)
+        cached, editor = self._participants.get(key), self.editor(spec)
+        if cached is None or cached.editor is not editor or cached.version != (checkpoint_version(folder) or 0):
+            secret = read_secret(spec.secret_file, create=spec.oracle)
+            cached = Participant(spec.name, editor, spec.own_requests(), spec.num_slots,
+                                 secret=secret, checkpoint_dir=folder)
+            self._participants[key] = cached
+        return cached
+
+    def forget(self, run: str) -> None:
+        """Drop the cached participants of ``run`` (their checkpoints stay on disk)."""
+        with self._lock:
+            self._participants = {k: p for k, p in self._participants.items() if k[0] != run}
+
+    # --- dispatch -------------------------------------------------------------------------------
+    def handle(self, op: str, spec: ClientSpec, args: dict, arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        method = getattr(self, f"op_{op}", None)
+        if method is None:
+            raise WorkerError(f"unknown step {op!r}")
+        with self._lock:  # one step at a time: the model is shared
+            return method(spec, args, arrays)
+
+    @staticmethod
+    def _slot(args: dict, participant: Participant) -> int:
+        slot = args.get("slot")
+        if not isinstance(slot, int) or not 0 <= slot < len(participant.slots):
+            raise WorkerError(f"slot must be an integer in [0, {len(participant.slots)}), got {slot!r}")
+        return slot
+
+    # --- steps ----------------------------------------------------------------------------------
+    def op_hello(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        """What the server compares across clients: base model, templates, C0 source; plus counts."""
+        participant = self.participant(spec)
+        editor = participant.editor
+        editor.c0()  # built (or loaded) now, before the first slot, so that its corpus is known
+        with editor.at_base():  # a self-sampled corpus comes from the base model
+            corpus = editor.covariance.corpus_digest()
+        return {
+            "client": spec.name,
+            "fingerprint": editor.covariance.fingerprint,
+            "templates": editor.templates.digest(),
+            "covariance": {**editor.covariance.describe(), "corpus": corpus},
+            "hparams": editor.hp.model_dump(mode="json"),
+            "d_model": editor.d_model, "d_ff": editor.d_ff, "layers": list(editor.hp.layers),
+            "n_requests": sum(len(s) for s in participant.slots),
+            "slot_sizes": [len(s) for s in participant.slots],
+            "next_slot": participant.next_slot,
+            "kind": dataset_kind(resolve_data(spec.requests)),
+            "reuse": participant.secret is not None,
+        }, {}
+
+    def op_tags(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        participant = self.participant(spec)
+        return {"tags": participant.tags_of(self._slot(args, participant))}, {}
+
+    def op_edit(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        """MEMIT of the slot's requests (z reused for the tags the server found); returns the MKVs."""
+        participant = self.participant(spec)
+        slot = self._slot(args, participant)
+        if slot < participant.next_slot:  # a repeated request (e.g. the server restarted): same answer
+            mkvs, report = participant.mkvs_of(slot), participant.reports[slot]
+        else:
+            reuse_tags = list(args.get("reuse_tags", []))
+            reuse_z = arrays.get("reuse_z", np.zeros((0, participant.editor.d_model), np.float32))
+            if len(reuse_tags) != len(reuse_z):
+                raise WorkerError(f"{len(reuse_tags)} reuse tags but {len(reuse_z)} reuse vectors")
+            reused = {tag: torch.from_numpy(np.asarray(z, dtype=np.float32)) for tag, z in zip(reuse_tags, reuse_z)}
+            mkvs, report = participant.edit_slot(slot, reused)
+        if not args.get("upload", True):  # strategy 'local': nothing leaves the client
+            return {"report": asdict(report)}, {}
+        tags = participant.tags_of(slot)
+        return ({"ids": mkvs.ids, "tags": [t or "" for t in tags], "report": asdict(report),
+                 "fingerprint": participant.editor.covariance.fingerprint}, mkvs.to_arrays())
+
+    def op_reedit(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        """FedEdit's re-edit of the sets other clients uploaded (grouped by sender, Eq. 8 per set)."""
+        participant = self.participant(spec)
+        ids, senders = list(args.get("ids", [])), list(args.get("senders", []))
+        if len(ids) != len(senders):
+            raise WorkerError(f"{len(ids)} ids but {len(senders)} senders")
+        received: list[MKVSet] = []
+        if ids:
+            merged = MKVSet.from_arrays(ids, arrays)
+            merged.validate(participant.editor.d_model, participant.editor.d_ff, tuple(participant.editor.hp.layers))
+            for sender in dict.fromkeys(senders):
+                received.append(merged.select([i for i, s in enumerate(senders) if s == sender]))
+        report = participant.reedit(received, float(args.get("alpha", DEFAULT_ALPHA)), gate=bool(args.get("gate", True)),
+                                    vector=str(args.get("vector", DEFAULT_VECTOR)))
+        return {"report": asdict(report)}, {}
+
+    def op_editavg_update(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        participant = self.participant(spec)
+        slot = self._slot(args, participant)
+        update, report = participant.editavg_update(slot)
+        return ({"n": report.edited, "report": asdict(report), "fingerprint": participant.editor.covariance.fingerprint},
+                {f"delta.{l}": d.cpu().numpy() for l, d in update.items()})
+
+    def op_editavg_apply(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        participant = self.participant(spec)
+        layers = participant.editor.hp.layers
+        missing = [l for l in layers if f"delta.{l}" not in arrays]
+        if missing:
+            raise WorkerError(f"the averaged update lacks layers {missing}")
+        participant.editavg_apply({l: torch.from_numpy(np.asarray(arrays[f"delta.{l}"])) for l in layers})
+        return {}, {}
+
+    def op_collab(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        """CollabEdit: apply the summed statistics of layer ``apply`` (if given), then return this
+        client's statistics of layer ``stats`` (if given), read on the updated model."""
+        participant = self.participant(spec)
+        slot = args.get("slot")
+        reply: dict = {}
+        if args.get("apply") is not None:
+            participant.collab_apply(slot, int(args["apply"]), torch.from_numpy(np.asarray(arrays["rk"])),
+                                     torch.from_numpy(np.asarray(arrays["kk"])))
+            reply["report"] = asdict(participant.reports[-1])
+        out: dict = {}
+        if args.get("stats") is not None:
+            index = int(args["stats"])
+            rk, kk = participant.collab_statistics(slot, index)
+            reply["n"] = len(participant.slots[slot])
+            reply["fingerprint"] = participant.editor.covariance.fingerprint
+            if args.get("secure"):  # kept here until SecAgg+ asks for them (op_collab_masked)
+                rk64, kk64 = rk.double().cpu().numpy(), kk.double().cpu().numpy()
+                self._sealed[(spec.run, spec.name)] = (slot, index, rk64, kk64)
+                reply["max_abs"] = float(max(np.abs(rk64).max(initial=0.0), np.abs(kk64).max(initial=0.0)))
+            else:
+                out = {"rk": rk.float().cpu().numpy(), "kk": kk.float().cpu().numpy()}
+        return reply, out
+
+    def op_collab_masked(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        """The held-back statistics divided by the federation's ``scale`` (so that every value lies in
+        SecAgg+'s clipping range); only SecAgg+ sees them, and it sends them masked."""
+        sealed = self._sealed.get((spec.run, spec.name))
+        want = (args.get("slot"), args.get("stats"))
+        if sealed is None or sealed[:2] != want:
+            held = "none" if sealed is None else f"slot {sealed[0]}, layer index {sealed[1]}"
+            raise WorkerError(f"{spec.name}: no CollabEdit statistics held for slot {want[0]}, layer index "
+                              f"{want[1]} (held: {held}; did the worker restart?)")
+        scale = float(args.get("scale", 0.0))
+        if not np.isfinite(scale) or scale <= 0:
+            raise WorkerError(f"scale must be a positive number, got {args.get('scale')!r}")
+        _, _, rk, kk = self._sealed.pop((spec.run, spec.name))
+        return {}, {"rk": rk / scale, "kk": kk / scale}
+
+    def op_rejected(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        log.error("the server rejected %s's upload: %s", spec.name, args.get("error"))
+        return {"acknowledged": True}, {}
+
+    def op_evaluate(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        """Metrics of the client's own edited requests and, in simulation (oracle), of the other
+        clients' requests it absorbed: ``others='reedited'`` (FedEdit), ``'all'`` (merged strategies)."""
+        participant = self.participant(spec)
+        editor = participant.editor
+        kind = dataset_kind(resolve_data(spec.requests))
+        own = participant.edited_requests()
+        others = self._absorbed(spec, participant, args.get("others", "none"))
+        limit = int(args.get("others_limit", 0) or 0)
+        if 0 < limit < len(others):  # an even sample over the senders, to bound the evaluation's cost
+            others = [others[i * len(others) // limit] for i in range(limit)]
+        fluency = bool(args.get("fluency", False))
+        participant.activate()
+        reply = {"client": spec.name, "kind": kind, "n_own": len(own), "n_others": len(others),
+                 "own": _metrics(evaluate(editor.model, editor.tok, own, kind, fluency=fluency)) if own else None,
+                 "others": _metrics(evaluate(editor.model, editor.tok, others, kind)) if others else None,
+                 "reports": [asdict(r) for r in participant.reports]}
+        shown = own[:1] + others[:1]
+        after = generate_greedy(editor.model, editor.tok, [r.text for r in shown], max_new_tokens=10)
+        with editor.at_base():
+            if args.get("baseline", True):
+                reply["own_before"] = _metrics(evaluate(editor.model, editor.tok, own, kind)) if own else None
+                reply["others_before"] = _metrics(evaluate(editor.model, editor.tok, others, kind)) if others else None
+            before = generate_greedy(editor.model, editor.tok, [r.text for r in shown], max_new_tokens=10)
+        generations = [
+            {"prompt": r.text, "target": r.target_new, "whose": "own" if i < len(own[:1]) else "other",
+             "before": " ".join(b[len(r.text):].split()), "after": " ".join(a[len(r.text):].split())}
+            for i, (r, b, a) in enumerate(zip(shown, before, after))]
+        # text stays on the client: written beside its checkpoint, never put in the reply
+        path = generations_path(spec.state_dir, spec.run, spec.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(generations, indent=1))
+        return reply, {}
+
+    @staticmethod
+    def _absorbed(spec: ClientSpec, participant: Participant, which: str) -> list:
+        if which == "none" or not spec.oracle:
+            return []
+        slots = {name: split_into_slots(reqs, spec.num_slots) for name, reqs in spec.requests_by_client().items()}
+        if which == "all":
+            return [r for name, s in slots.items() if name != spec.name for slot in s[: participant.next_slot]
+                    for r in slot]
+        if which == "reedited":
+            out = []
+            for rid in participant.reedited_ids:
+                name, slot, index = rid.rsplit("/", 2)
+                out.append(slots[name][int(slot)][int(index)])
+            return out
+        raise WorkerError(f"others must be 'none', 'reedited' or 'all', got {which!r}")

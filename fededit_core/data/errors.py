@@ -1,0 +1,22 @@
+"""Errors about input: a data file that cannot be read, and pydantic's errors as one readable line."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+
+class DataError(ValueError):
+    """A data file that cannot be read as edit requests."""
+
+
+def validation_message(exc: ValidationError, show_input: bool = False) -> str:
+    """``field: problem; field: problem`` (with the offending values when ``show_input``: only for a
+    user's own terminal, never for a message that leaves the organisation)."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        if loc and show_input:
+            msg = f"{msg} (got {err.get('input')!r})"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)

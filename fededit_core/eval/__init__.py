@@ -1,0 +1,1 @@
+"""Evaluation: CounterFact / zsRE metrics, the centralised reference and plain-text tables."""

@@ -1,0 +1,28 @@
+"""Request tags: a keyed hash that lets the server match repeated requests without seeing them.
+
+tag = HMAC-SHA256(secret, normalise(subject) | normalise(relation template) | normalise(target_new))
+
+The federation secret is shared by the clients and never sent to the server, so the server can
+tell that two clients asked for the same edit (and serve a stored z instead of a new optimisation)
+but cannot test guesses of the text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import unicodedata
+
+from fededit_core.data.requests import EditRequest
+
+
+def normalise(text: str) -> str:
+    """NFKC, case-folded, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def request_tag(request: EditRequest, secret: bytes) -> str:
+    if len(secret) < 16:
+        raise ValueError("the federation secret must be at least 16 bytes")
+    message = "\x1f".join(normalise(x) for x in (request.subject, request.prompt, request.target_new))
+    return hmac.new(secret, message.encode("utf-8"), hashlib.sha256).hexdigest()

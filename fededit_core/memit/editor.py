@@ -1,0 +1,149 @@
+"""MEMIT (Meng et al. 2023): spread each fact's target z over the edited layers R in closed form.
+
+For each layer l in R, in order, on the partly edited model:
+    K = template-averaged keys (inputs of W_out at the last subject token), one column per request
+    R = (z - h_L) / (number of layers left)                  (Eq. 18-20)
+    Delta = R K^T (lambda C0 + K K^T)^-1                     (Eq. 14), solved in float64
+    W_out += Delta
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fededit_core.data.requests import EditRequest
+from fededit_core.memit.covariance import CovarianceStore
+from fededit_core.memit.hparams import MEMITHyperParams, default_hparams
+from fededit_core.memit.keys import compute_keys, hidden_at_subject
+from fededit_core.memit.target import ZResult, optimise_z, optimise_z_reference
+from fededit_core.memit.templates import ContextTemplates, sample_context_templates
+from fededit_core.memit.update import layer_statistics, solve_update
+from fededit_core.model.families import family_for, model_dims
+from fededit_core.model.loading import configure_threads, load_model
+
+
+@dataclass
+class EditResult:
+    """What one MEMIT edit did: the targets, the per-layer updates and where the time went."""
+
+    z: ZResult
+    deltas: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (d, d_ff)
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n, d_ff), as used
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class MemitEditor:
+    """MEMIT on one model: keeps the base weights of the edited layers, its templates and its C0."""
+
+    def __init__(self, model: nn.Module, tok, hparams: MEMITHyperParams,
+                 templates: ContextTemplates | None = None, covariance: CovarianceStore | None = None):
+        self.model, self.tok, self.hp = model, tok, hparams
+        self.family = family_for(model)
+        self.device = next(model.parameters()).device
+        self.n_layers, self.d_model, self.d_ff = model_dims(model)
+        hparams.check_model(self.n_layers)
+        self.base_weights = {l: self.family.weight_matrix(model, l).detach().clone() for l in hparams.layers}
+        self.templates = templates or sample_context_templates(model, tok, seed=hparams.template_seed)
+        self.covariance = covariance or CovarianceStore(
+            model, tok, hparams.cov_source, hparams.cov_samples, hparams.cov_seq_len)
+        self.z_cache = None  # an object with z_for(editor, requests): z shared across runs (bench.zcache)
+
+    # --- state of the edited layers -------------------------------------------------------------
+    def edited_layers(self) -> dict[int, torch.Tensor]:
+        """Current W_out (d, d_ff) of every edited layer (a copy)."""
+        return {l: self.family.weight_matrix(self.model, l).detach().clone() for l in self.hp.layers}
+
+    def load_layers(self, weights: dict[int, torch.Tensor]) -> None:
+        """Set the edited layers' W_out to ``weights`` (e.g. to swap one client's edits in)."""
+        for layer, w in weights.items():
+            if tuple(w.shape) != (self.d_model, self.d_ff):
+                raise ValueError(f"layer {layer}: weight of shape {tuple(w.shape)}, expected {(self.d_model, self.d_ff)}")
+            current = self.family.weight_matrix(self.model, layer)
+            with torch.no_grad():
+                current.copy_(w.to(current.dtype))
+
+    def reset(self) -> None:
+        """Back to the base model."""
+        self.load_layers(self.base_weights)
+
+    @contextmanager
+    def at_base(self) -> Iterator[MemitEditor]:
+        """The base model inside the block, the edited layers as they were after it (also on error)."""
+        current = self.edited_layers()
+        self.reset()
+        try:
+            yield self
+        finally:
+            self.load_layers(current)
+
+    def weight_shift(self, layer: int) -> torch.Tensor:
+        """W_l - W_l(base), float64."""
+        return (self.family.weight_matrix(self.model, layer).detach().double() - self.base_weights[layer].double())
+
+    def c0(self) -> dict[int, torch.Tensor]:
+        """C0 of every edited layer, always measured on the base model (cached after the first call)."""
+        layers = list(self.hp.layers)
+        if self.covariance.in_memory(layers):
+            return self.covariance.get_many(layers)
+        with self.at_base():
+            return self.covariance.get_many(layers)
+
+    # --- MEMIT ----------------------------------------------------------------------------------
+    def compute_z(self, requests: list[EditRequest], reference: bool = False, progress: bool = True) -> ZResult:
+        if self.z_cache is not None and not reference:
+            return self.z_cache.z_for(self, requests, progress=progress)
+        fn = optimise_z_reference if reference else optimise_z
+        return fn(self.model, self.tok, requests, self.hp, self.templates, progress=progress)
+
+    def layer_inputs(self, requests: list[EditRequest], z: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (n, d_ff) at the i-th edited layer and residuals (z - h_L) / (layers left), (n, d),
+        both read off the current (partly edited) model."""
+        layer = self.hp.layers[i]
+        keys = compute_keys(self.model, self.tok, requests, layer, self.templates)
+        current = hidden_at_subject(self.model, self.tok, requests, self.hp.z_layer)
+        return keys, (z - current) / (len(self.hp.layers) - i)
+
+    def apply_statistics(self, layer: int, rk: torch.Tensor, kk: torch.Tensor) -> torch.Tensor:
+        """W_layer += (R K^T)(lambda C0 + K K^T)^-1; the statistics may be sums over clients (CollabEdit)."""
+        delta = solve_update(rk.to(self.device), kk.to(self.device), self.c0()[layer], self.hp.mom2_weight)
+        self.family.add_update(self.model, layer, delta)
+        return delta
+
+    def edit(self, requests: list[EditRequest], z: ZResult | None = None, progress: bool = True) -> EditResult:
+        """Text-based MEMIT of ``requests`` on the current model (optimising z unless given)."""
+        if not requests:
+            raise ValueError("no edit requests given")
+        started = time.perf_counter()
+        self.c0()  # built (on the base model) or loaded before anything is timed as editing
+        seconds = {"covariance": time.perf_counter() - started}
+        z = z or self.compute_z(requests, progress=progress)
+        seconds["z"] = z.seconds
+        result = EditResult(z=z, seconds=seconds)
+        started = time.perf_counter()
+        for i, layer in enumerate(self.hp.layers):
+            keys, resid = self.layer_inputs(requests, z.z, i)
+            delta = self.apply_statistics(layer, *layer_statistics(keys.to(self.device), resid.to(self.device)))
+            result.deltas[layer], result.keys[layer] = delta.float(), keys
+        seconds["layers"] = time.perf_counter() - started
+        return result
+
+
+def hparams_for(model, **overrides) -> MEMITHyperParams:
+    """The defaults for this model's family (and for this very model when known), with overrides."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return default_hparams(family_for(model).name, model.config,
+                           n_layers=model.config.num_hidden_layers, **overrides)
+
+
+def make_editor(model_spec: str, device: str = "cpu", dtype: str = "fp32",
+                templates: ContextTemplates | None = None, **hp_overrides) -> MemitEditor:
+    """Model, tokenizer, the model's MEMIT defaults with ``hp_overrides``, templates and C0 store."""
+    configure_threads()
+    model, tok = load_model(model_spec, device=device, dtype=dtype)
+    return MemitEditor(model, tok, hparams_for(model, **hp_overrides), templates=templates)

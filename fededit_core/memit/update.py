@@ -1,0 +1,29 @@
+"""MEMIT's closed-form layer update (Meng et al. 2023, Eq. 14):
+
+    Delta = R K^T (lambda C0 + K K^T)^-1,   the minimiser of |Delta K - R|^2 + lambda tr(Delta C0 Delta^T),
+
+from the sufficient statistics R K^T and K K^T (sums over requests, so over clients too: CollabEdit).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def layer_statistics(keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R K^T, K K^T) in float64 from keys (n, d_ff) and residuals (n, d): sums over requests."""
+    keys, resid = keys.double(), resid.double()
+    return resid.T @ keys, keys.T @ keys
+
+
+def solve_update(rk: torch.Tensor, kk: torch.Tensor, c0: torch.Tensor, mom2_weight: float) -> torch.Tensor:
+    """Delta = (R K^T)(lambda C0 + K K^T)^-1, (d, d_ff), float64."""
+    a = mom2_weight * c0.to(device=kk.device, dtype=torch.float64) + kk.double()
+    if not torch.isfinite(a).all() or not torch.isfinite(rk).all():
+        raise ValueError("MEMIT statistics hold NaN or infinite values")
+    return torch.linalg.solve(a, rk.double().T).T  # a is symmetric
+
+
+def memit_delta(keys: torch.Tensor, resid: torch.Tensor, c0: torch.Tensor, mom2_weight: float) -> torch.Tensor:
+    """The minimiser of |Delta K - R|^2 + lambda tr(Delta C0 Delta^T) (Eq. 14)."""
+    return solve_update(*layer_statistics(keys, resid), c0, mom2_weight)

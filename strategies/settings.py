@@ -1,0 +1,108 @@
+"""The run's settings: every key of the Flower run config with its one default.
+
+``[tool.flwr.app.config]`` in ``pyproject.toml`` lists the same keys and values (Flower refuses a key
+it does not declare; a test checks that both agree). The ServerApp, the ClientApp, the benchmarks
+and the tests all read their settings through :class:`RunSettings`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fededit_core.data.errors import validation_message
+from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR, VECTORS
+from fededit_core.memit.overrides import memit_overrides
+from strategies.session import FederationError
+
+STRATEGIES = ("fededit", "fededit-noreedit", "editavg", "collabedit", "local")
+
+
+class RunSettings(BaseModel):
+    """One federated run. Fields take their run-config names (``num-slots``) or Python names."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, arbitrary_types_allowed=True)
+
+    run: str = Field("", description="the run's name: run-name, else run-<Flower run id>")
+    strategy: str = Field("fededit", description=" | ".join(STRATEGIES))
+    model: str = Field("smollm2-135m", description="embedded name, saved folder, .gguf path or hub id")
+    device: str = Field("cpu", description="simulation clients and the centralised run (deployment: node config)")
+    dtype: str = Field("fp32", description="fp32 | bf16 | fp16")
+    data: str = Field("builtin", description="builtin, or a CounterFact / zsRE / JSONL request file")
+    partition: str = Field("field", description="field | iid | contiguous | relation | cluster")
+    max_requests: int = Field(0, alias="max-requests", ge=0, description="per client, 0 = all")
+    seed: int = 0
+    num_slots: int = Field(3, alias="num-slots", description="time slots")
+    alpha: float = Field(DEFAULT_ALPHA, description="FedEdit Eq. 8 threshold")
+    vector: str = Field(DEFAULT_VECTOR, alias="reedit-vector", description="what Eq. 8 compares: delta or z")
+    reuse: bool = Field(True, description="reuse stored z for repeated requests (keyed tags)")
+    min_clients: int = Field(2, alias="min-clients", ge=1, description="the run stops with fewer")
+    wait_clients_s: float = Field(60.0, alias="wait-clients-s", ge=0)
+    step_timeout_s: float = Field(0.0, alias="step-timeout-s", ge=0, description="0: wait as long as a step takes")
+    centralised: bool = Field(True, description="also run centralised MEMIT on the union (needs the data file)")
+    secure_aggregation: bool = Field(False, alias="secure-aggregation", description="collabedit: sums through SecAgg+")
+    fluency: bool = False
+    run_name: str = Field("", alias="run-name", description='"" = run-<flower run id>; name a run to resume it')
+    output_dir: str = Field("runs", alias="output-dir")
+    capture_dir: str = Field("", alias="capture-dir", description="tests: write every message payload here")
+    layers: str = Field("", description='MEMIT overrides; "" / 0 keep the model\'s defaults')
+    mom2_weight: float = Field(0.0, alias="mom2-weight")
+    v_steps: int = Field(0, alias="v-steps")
+    cov_samples: int = Field(0, alias="cov-samples")
+    cov_source: str = Field("", alias="cov-source", description='"" = self (sampled from the model), a file, hf:NAME')
+    # set by the caller, not in the run config
+    baseline: bool = Field(True, exclude=True, description="clients also evaluate the unedited model")
+    others_limit: int = Field(0, exclude=True, description="absorbed requests evaluated per client (0: all)")
+    store_path: Path | None = Field(None, exclude=True, description="default: <output-dir>/<run>/mkv_store.sqlite")
+
+    @model_validator(mode="after")
+    def _coherent(self):
+        if self.strategy not in STRATEGIES:
+            raise FederationError(f"unknown strategy {self.strategy!r}; expected one of {list(STRATEGIES)}")
+        if self.num_slots < 1:
+            raise FederationError(f"num-slots must be >= 1, got {self.num_slots}")
+        if not -1.0 <= self.alpha <= 1.0:
+            raise FederationError(f"alpha is a cosine threshold in [-1, 1], got {self.alpha}")
+        if self.vector not in VECTORS:
+            raise FederationError(f"reedit-vector must be one of {list(VECTORS)}, got {self.vector!r}")
+        if self.secure_aggregation and self.strategy != "collabedit":
+            raise FederationError(f"secure-aggregation is offered for collabedit only (its uploads are plain "
+                                  f"sums), not for {self.strategy!r}")
+        return self
+
+    @classmethod
+    def from_run_config(cls, config: Mapping, run_id: int | None = None, **extra) -> RunSettings:
+        """From Flower's run config; the run is named ``run-name``, else ``run-<run_id>``."""
+        try:
+            settings = cls.model_validate({**dict(config), **extra})
+        except ValidationError as err:
+            raise FederationError(f"invalid run config: {validation_message(err, show_input=True)}") from None
+        run = settings.run or settings.run_name.strip() or f"run-{run_id}"
+        return settings.model_copy(update={"run": run})
+
+    def run_config(self) -> dict:
+        """The run-config keys and values (``pyproject.toml``'s names)."""
+        return self.model_dump(by_alias=True, exclude={"run"})
+
+    def memit_overrides(self) -> dict:
+        return memit_overrides(self.run_config(), zero_is_unset=True)
+
+    @property
+    def out_dir(self) -> Path:
+        """``<output-dir>/<run>`` (absolute): the report and the server's MKV store."""
+        return Path(self.output_dir).resolve() / self.run
+
+    @property
+    def simulation_state_dir(self) -> Path:
+        """Where simulated clients keep their checkpoints: ``<output-dir>/<run>/clients``."""
+        return self.out_dir / "clients"
+
+    @property
+    def mkv_store(self) -> Path:
+        return self.store_path or self.out_dir / "mkv_store.sqlite"
+
+    @property
+    def timeout(self) -> float | None:
+        return self.step_timeout_s or None
