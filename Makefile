@@ -33,7 +33,7 @@ demo-deploy: $(STAMP)
 	$(PY) -m deploy.loopback demo --root runs/loopback
 
 # the formatter and linter first (ruff, configured in pyproject.toml), then the whole suite
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)

@@ -63,15 +63,17 @@ def check_knowledge(model, tok, requests, clients) -> bool:
     n_ok = n_greedy = 0
     for i, r in enumerate(requests):
         ok = bool(nll_true[i] < nll_new[i])
-        cont = gens[i][len(prompts[i]):]
+        cont = gens[i][len(prompts[i]) :]
         greedy = cont.strip().startswith(r.target_true)
         nb = [bool(nb_t[j] < nb_n[j]) for j, k in enumerate(nb_of) if k == i]
         pp = [bool(pp_t[j] < pp_n[j]) for j, k in enumerate(pp_of) if k == i]
         n_ok += ok
         n_greedy += greedy
-        print(f"{r.case_id:<14} {clients[i]:<9} {float(nll_true[i]):8.2f} {float(nll_new[i]):8.2f} "
-              f"{'Y ' if ok else 'N '}  {'Y' if greedy else 'n':<6}  {sum(nb)}/{len(nb)}   {sum(pp)}/{len(pp)}  "
-              f"| {prompts[i]} ->{cont!r}")
+        print(
+            f"{r.case_id:<14} {clients[i]:<9} {float(nll_true[i]):8.2f} {float(nll_new[i]):8.2f} "
+            f"{'Y ' if ok else 'N '}  {'Y' if greedy else 'n':<6}  {sum(nb)}/{len(nb)}   {sum(pp)}/{len(pp)}  "
+            f"| {prompts[i]} ->{cont!r}"
+        )
     nb_ok = int((nb_t < nb_n).sum())
     pp_ok = int((pp_t < pp_n).sum())
     print()
@@ -112,9 +114,11 @@ def summarise(name: str, cos: torch.Tensor, groups: dict[str, list[int]]) -> dic
     names = sorted(groups)
     out: dict = {"blocks": {}, "alpha_table": {}, "crit": {}}
     blocks = [(f"within {c}", groups[c], groups[c]) for c in names]
-    blocks += [("client-0 x client-1", groups["client-0"], groups["client-1"]),
-               ("client-2 x client-3", groups["client-2"], groups["client-3"]),
-               ("pair01 x pair23", groups["client-0"] + groups["client-1"], groups["client-2"] + groups["client-3"])]
+    blocks += [
+        ("client-0 x client-1", groups["client-0"], groups["client-1"]),
+        ("client-2 x client-3", groups["client-2"], groups["client-3"]),
+        ("pair01 x pair23", groups["client-0"] + groups["client-1"], groups["client-2"] + groups["client-3"]),
+    ]
     print(f"\n{name}: cosine similarity (off-diagonal)")
     print(f"  {'block':<22} {'mean':>7} {'min':>7} {'max':>7}")
     for label, rows, cols in blocks:
@@ -122,8 +126,10 @@ def summarise(name: str, cos: torch.Tensor, groups: dict[str, list[int]]) -> dic
         out["blocks"][label] = s
         print(f"  {label:<22} {s['mean']:7.3f} {s['min']:7.3f} {s['max']:7.3f}")
 
-    print(f"\n{name}: fraction of a's vectors whose best-match cosine with b's set > alpha "
-          f"(crit = the alpha below which a keeps b)")
+    print(
+        f"\n{name}: fraction of a's vectors whose best-match cosine with b's set > alpha "
+        f"(crit = the alpha below which a keeps b)"
+    )
     print(f"  {'a -> b':<22} {'rel':<4}" + "".join(f"{a:>6}" for a in ALPHAS) + f"{'crit':>8}   best-match cosines")
     for a in names:
         for b in names:
@@ -136,8 +142,12 @@ def summarise(name: str, cos: torch.Tensor, groups: dict[str, list[int]]) -> dic
             out["alpha_table"][key] = dict(zip(map(str, ALPHAS), fracs))
             out["crit"][key] = crit
             rel = "yes" if (a, b) in RELATED else "no"
-            print(f"  {key:<22} {rel:<4}" + "".join(f"{f:6.2f}" for f in fracs) + f"{crit:8.3f}   "
-                  + " ".join(f"{v:.3f}" for v in sorted(bm, reverse=True)))
+            print(
+                f"  {key:<22} {rel:<4}"
+                + "".join(f"{f:6.2f}" for f in fracs)
+                + f"{crit:8.3f}   "
+                + " ".join(f"{v:.3f}" for v in sorted(bm, reverse=True))
+            )
     related = [v for k, v in out["crit"].items() if tuple(k.split("->")) in RELATED]
     unrelated = [v for k, v in out["crit"].items() if tuple(k.split("->")) not in RELATED]
     lo, hi = max(unrelated), min(related)
@@ -153,9 +163,11 @@ def summarise(name: str, cos: torch.Tensor, groups: dict[str, list[int]]) -> dic
 
 def check_z(editor, requests, clients) -> dict:
     res = editor.compute_z(requests)
-    print(f"\nCheck 2: MEMIT z of {len(requests)} requests: z {tuple(res.z.shape)} at layer "
-          f"{editor.hp.z_layer}, {res.seconds:.0f} s, final target prob "
-          f"min {min(res.target_prob):.2f} mean {sum(res.target_prob) / len(res.target_prob):.2f}")
+    print(
+        f"\nCheck 2: MEMIT z of {len(requests)} requests: z {tuple(res.z.shape)} at layer "
+        f"{editor.hp.z_layer}, {res.seconds:.0f} s, final target prob "
+        f"min {min(res.target_prob):.2f} mean {sum(res.target_prob) / len(res.target_prob):.2f}"
+    )
     groups: dict[str, list[int]] = {}
     for i, c in enumerate(clients):
         groups.setdefault(c, []).append(i)
@@ -163,18 +175,32 @@ def check_z(editor, requests, clients) -> dict:
     ch = cosine_matrix(res.h)
     summary = {"z": summarise("z", cz, groups), "delta": summarise("delta = z - h", cd, groups)}
     summary["h"] = {"blocks": summarise_blocks_only(ch, groups)}
-    print("\nh (unedited hidden state) for reference: mean within-client "
-          + ", ".join(f"{k.split()[-1]} {v['mean']:.3f}" for k, v in summary["h"]["blocks"].items() if k.startswith("within"))
-          + f"; across pairs {summary['h']['blocks']['pair01 x pair23']['mean']:.3f}")
-    return {"case_ids": [r.case_id for r in requests], "clients": clients, "z_layer": editor.hp.z_layer,
-            "z_seconds": res.seconds, "target_prob": list(res.target_prob), "alphas": ALPHAS,
-            "z_cosine": cz.tolist(), "delta_cosine": cd.tolist(), "h_cosine": ch.tolist(), "summary": summary}
+    print(
+        "\nh (unedited hidden state) for reference: mean within-client "
+        + ", ".join(
+            f"{k.split()[-1]} {v['mean']:.3f}" for k, v in summary["h"]["blocks"].items() if k.startswith("within")
+        )
+        + f"; across pairs {summary['h']['blocks']['pair01 x pair23']['mean']:.3f}"
+    )
+    return {
+        "case_ids": [r.case_id for r in requests],
+        "clients": clients,
+        "z_layer": editor.hp.z_layer,
+        "z_seconds": res.seconds,
+        "target_prob": list(res.target_prob),
+        "alphas": ALPHAS,
+        "z_cosine": cz.tolist(),
+        "delta_cosine": cd.tolist(),
+        "h_cosine": ch.tolist(),
+        "summary": summary,
+    }
 
 
 def summarise_blocks_only(cos: torch.Tensor, groups: dict[str, list[int]]) -> dict:
     out = {f"within {c}": block_stats(cos, groups[c], groups[c]) for c in sorted(groups)}
-    out["pair01 x pair23"] = block_stats(cos, groups["client-0"] + groups["client-1"],
-                                         groups["client-2"] + groups["client-3"])
+    out["pair01 x pair23"] = block_stats(
+        cos, groups["client-0"] + groups["client-1"], groups["client-2"] + groups["client-3"]
+    )
     return out
 
 
@@ -193,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.data)
     requests = load_requests(path)
     clients = read_clients(path)
-    print(f"{path}: {len(requests)} requests, clients "
-          + ", ".join(f"{c}: {clients.count(c)}" for c in sorted(set(clients))))
+    print(
+        f"{path}: {len(requests)} requests, clients "
+        + ", ".join(f"{c}: {clients.count(c)}" for c in sorted(set(clients)))
+    )
     editor = make_editor(args.model)
     torch.set_num_threads(max(1, args.threads))  # after make_editor, which sets every core
     ok = check_knowledge(editor.model, editor.tok, requests, clients)

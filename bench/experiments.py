@@ -84,16 +84,26 @@ def write_workload(parts: dict[str, list[EditRequest]], path: Path, kind: str) -
     """One JSON Lines file with a ``client`` field per record (partition scheme ``field``), evaluated
     as ``kind`` (zsRE requests keep their token-accuracy metrics)."""
     names = sorted(parts)
-    return save_requests_jsonl([r for n in names for r in parts[n]], path, kind,
-                               extra=[{"client": n} for n in names for _ in parts[n]])
+    return save_requests_jsonl(
+        [r for n in names for r in parts[n]], path, kind, extra=[{"client": n} for n in names for _ in parts[n]]
+    )
 
 
 # --- running ---------------------------------------------------------------------------------------
 class Runner:
     """Runs experiments once each; results cached under ``cache/results``."""
 
-    def __init__(self, cache: Path, data_files: dict[str, Path], model: str, hparams: dict,
-                 worker: EditWorker, plain_worker_factory=None, device: str = "cpu", dtype: str = "fp32"):
+    def __init__(
+        self,
+        cache: Path,
+        data_files: dict[str, Path],
+        model: str,
+        hparams: dict,
+        worker: EditWorker,
+        plain_worker_factory=None,
+        device: str = "cpu",
+        dtype: str = "fp32",
+    ):
         self.cache, self.data_files, self.model, self.hparams = cache, data_files, model, hparams
         self.device, self.dtype = device, dtype
         self.worker = worker  # shares z optimised on the base model (BaseZCache)
@@ -103,8 +113,14 @@ class Runner:
         (cache / "results").mkdir(parents=True, exist_ok=True)
 
     def full_inputs(self, exp: dict) -> dict:
-        return {**exp, "model": self.model, "hparams": self.hparams, "data": self.digests[exp["dataset"]],
-                "device": self.device, "dtype": self.dtype}
+        return {
+            **exp,
+            "model": self.model,
+            "hparams": self.hparams,
+            "data": self.digests[exp["dataset"]],
+            "device": self.device,
+            "dtype": self.dtype,
+        }
 
     def result_path(self, exp: dict) -> Path:
         return self.cache / "results" / f"{experiment_key(self.full_inputs(exp))}.json"
@@ -134,25 +150,53 @@ class Runner:
 
     def _centralised(self, exp: dict) -> dict:
         parts = workload(exp, self.data_files)
-        spec = ClientSpec(run="bench", name=client_name(0), model=self.model, hparams=self.hparams,
-                          device=self.device, dtype=self.dtype, requests="builtin", state_dir=str(self.cache / "work"))
+        spec = ClientSpec(
+            run="bench",
+            name=client_name(0),
+            model=self.model,
+            hparams=self.hparams,
+            device=self.device,
+            dtype=self.dtype,
+            requests="builtin",
+            state_dir=str(self.cache / "work"),
+        )
         editor = self._worker_for(exp).editor(spec)  # the model only: the requests come from ``parts``
         editor.reset()
-        unedited = {c: evaluate(editor.model, editor.tok, reqs, exp["kind"], fluency=exp.get("fluency", False))
-                    for c, reqs in parts.items() if reqs}
-        metrics, seconds = centralised_metrics(editor, parts, exp["kind"], fluency=exp.get("fluency", False),
-                                               n_slots=exp["n_slots"])
-        return {"weighted": weighted([(len(parts[c]), m) for c, m in metrics.items()], exp["kind"]),
-                "unedited": weighted([(len(parts[c]), m) for c, m in unedited.items()], exp["kind"]),
-                "clients": metrics, "seconds": seconds}
+        unedited = {
+            c: evaluate(editor.model, editor.tok, reqs, exp["kind"], fluency=exp.get("fluency", False))
+            for c, reqs in parts.items()
+            if reqs
+        }
+        metrics, seconds = centralised_metrics(
+            editor, parts, exp["kind"], fluency=exp.get("fluency", False), n_slots=exp["n_slots"]
+        )
+        return {
+            "weighted": weighted([(len(parts[c]), m) for c, m in metrics.items()], exp["kind"]),
+            "unedited": weighted([(len(parts[c]), m) for c, m in unedited.items()], exp["kind"]),
+            "clients": metrics,
+            "seconds": seconds,
+        }
 
     def _specs(self, exp: dict, parts: dict[str, list[EditRequest]], work: Path) -> dict[str, ClientSpec]:
         data = write_workload(parts, work / "data.jsonl", exp["kind"])
-        return {name: ClientSpec(run="bench", name=name, model=self.model, hparams=self.hparams, device=self.device,
-                                 dtype=self.dtype, requests=str(data),
-                                 partition="field", count=len(parts), num_slots=exp["n_slots"],
-                                 state_dir=str(work / "state"), secret_file=str(work / "secret"), oracle=True)
-                for name in sorted(parts)}
+        return {
+            name: ClientSpec(
+                run="bench",
+                name=name,
+                model=self.model,
+                hparams=self.hparams,
+                device=self.device,
+                dtype=self.dtype,
+                requests=str(data),
+                partition="field",
+                count=len(parts),
+                num_slots=exp["n_slots"],
+                state_dir=str(work / "state"),
+                secret_file=str(work / "secret"),
+                oracle=True,
+            )
+            for name in sorted(parts)
+        }
 
     def _federated(self, exp: dict) -> dict:
         parts = workload(exp, self.data_files)
@@ -161,14 +205,26 @@ class Runner:
         work.mkdir(parents=True)
         specs = self._specs(exp, parts, work)
         worker = self._worker_for(exp)
-        settings = RunSettings(run="bench", strategy=exp["method"], num_slots=exp["n_slots"],
-                               alpha=exp.get("alpha", DEFAULT_ALPHA), vector=exp.get("vector", DEFAULT_VECTOR),
-                               reuse=exp.get("reuse", True), fluency=exp.get("fluency", False), baseline=False,
-                               others_limit=exp.get("others_limit", 0),
-                               store_path=work / "mkv_store.sqlite")
+        settings = RunSettings(
+            run="bench",
+            strategy=exp["method"],
+            num_slots=exp["n_slots"],
+            alpha=exp.get("alpha", DEFAULT_ALPHA),
+            vector=exp.get("vector", DEFAULT_VECTOR),
+            reuse=exp.get("reuse", True),
+            fluency=exp.get("fluency", False),
+            baseline=False,
+            others_limit=exp.get("others_limit", 0),
+            store_path=work / "mkv_store.sqlite",
+        )
         try:
-            report = run_federation(InProcessTransport(specs, worker, keep_log=False), list(specs), settings,
-                                    config=self.full_inputs(exp), progress=True)
+            report = run_federation(
+                InProcessTransport(specs, worker, keep_log=False),
+                list(specs),
+                settings,
+                config=self.full_inputs(exp),
+                progress=True,
+            )
         finally:
             worker.forget("bench")
             shutil.rmtree(work, ignore_errors=True)

@@ -44,8 +44,9 @@ def analyse(preset_name: str = "default", alphas=ALPHAS, data: Path = DEFAULT_DA
     z = editor.compute_z(union).z  # from the benchmark's cache (optimised there when missing)
     h = hidden_at_subject(editor.model, editor.tok, union, editor.hp.z_layer).float()
     row = {id(r): i for i, r in enumerate(union)}
-    group_of = {t: g for g, ts in enumerate(template_groups(select_requests(data, exp["n_edits"], exp["seed"])))
-                for t in ts}
+    group_of = {
+        t: g for g, ts in enumerate(template_groups(select_requests(data, exp["n_edits"], exp["seed"]))) for t in ts
+    }
     slots = {c: split_into_slots(reqs, exp["n_slots"]) for c, reqs in parts.items()}
     vectors = {"z": z, "delta": z - h}
     pairs = []  # (related?, {vector: fraction of own vectors with a best match above each alpha})
@@ -60,15 +61,26 @@ def analyse(preset_name: str = "default", alphas=ALPHAS, data: Path = DEFAULT_DA
                 related = any(group_of[union[i].prompt] in own_groups for i in sent)
                 sims = {v: best_match_similarity(m[own], m[sent]) for v, m in vectors.items()}
                 pairs.append((related, {v: [float((s > a).double().mean()) for a in alphas] for v, s in sims.items()}))
-    out = {"preset": preset_name, "n_edits": exp["n_edits"], "n_clients": exp["n_clients"], "n_slots": exp["n_slots"],
-           "sets_served": len(pairs), "related_sets": sum(r for r, _ in pairs), "alphas": list(alphas), "kept": {}}
+    out = {
+        "preset": preset_name,
+        "n_edits": exp["n_edits"],
+        "n_clients": exp["n_clients"],
+        "n_slots": exp["n_slots"],
+        "sets_served": len(pairs),
+        "related_sets": sum(r for r, _ in pairs),
+        "alphas": list(alphas),
+        "kept": {},
+    }
     for v in vectors:
-        out["kept"][v] = [{"alpha": a,
-                           "related_kept": sum(1 for r, f in pairs if r and f[v][k] >= 0.5),
-                           "unrelated_kept": sum(1 for r, f in pairs if not r and f[v][k] >= 0.5),
-                           "median_fraction_related": float(torch.tensor([f[v][k] for r, f in pairs if r] or [0.0])
-                                                            .median())}
-                          for k, a in enumerate(alphas)]
+        out["kept"][v] = [
+            {
+                "alpha": a,
+                "related_kept": sum(1 for r, f in pairs if r and f[v][k] >= 0.5),
+                "unrelated_kept": sum(1 for r, f in pairs if not r and f[v][k] >= 0.5),
+                "median_fraction_related": float(torch.tensor([f[v][k] for r, f in pairs if r] or [0.0]).median()),
+            }
+            for k, a in enumerate(alphas)
+        ]
     return out
 
 
@@ -81,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     out = analyse("quick" if args.quick else "default", data=Path(args.counterfact))
     print(f"{out['sets_served']} sets served, {out['related_sets']} related (share a relation group with the receiver)")
     for v, rows in out["kept"].items():
-        print(f"vector {v}: " + "; ".join(f"α={r['alpha']}: {r['related_kept']}/{r['unrelated_kept']}" for r in rows)
-              + "   (related kept / unrelated kept)")
+        print(
+            f"vector {v}: "
+            + "; ".join(f"α={r['alpha']}: {r['related_kept']}/{r['unrelated_kept']}" for r in rows)
+            + "   (related kept / unrelated kept)"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))

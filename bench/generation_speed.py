@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         first = first or texts
         same = sum(a == b for a, b in zip(first, texts))
-        print(f"batch {batch:4d}: {len(prompts)} prompts x {args.tokens} tokens in {seconds:6.1f} s; "
-              f"{same}/{len(prompts)} texts equal to batch {batches[0]}'s")
+        print(
+            f"batch {batch:4d}: {len(prompts)} prompts x {args.tokens} tokens in {seconds:6.1f} s; "
+            f"{same}/{len(prompts)} texts equal to batch {batches[0]}'s"
+        )
     return 0
 
 

@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``fededit`` model and MEMIT options plus the benchmark's own."""
     from fededit_core.cli import add_hparam_args, add_model_args
 
-    p = argparse.ArgumentParser(prog="python -m bench.memit_speed", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.memit_speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_args(p)
     add_hparam_args(p)
     p.add_argument("--n", type=int, default=64)
@@ -93,9 +94,13 @@ def edit_with_each_z(editor, requests, skip_reference: bool):
         result = editor.edit(requests, z=z)
         edits[name] = result
         metrics = counterfact_metrics(editor.model, editor.tok, requests)
-        results[name] = {"z_s": z.seconds, "layers_s": result.seconds["layers"],
-                         "total_s": z.seconds + result.seconds["layers"],
-                         "mean_steps": sum(z.steps) / len(z.steps) + 1, **scores(metrics)}
+        results[name] = {
+            "z_s": z.seconds,
+            "layers_s": result.seconds["layers"],
+            "total_s": z.seconds + result.seconds["layers"],
+            "mean_steps": sum(z.steps) / len(z.steps) + 1,
+            **scores(metrics),
+        }
         rows.append({"z optimiser": name, **results[name], "edits/s": len(requests) / results[name]["total_s"]})
     return rows, results, edits
 
@@ -108,8 +113,10 @@ def mkv_metrics(editor, requests, edit) -> dict:
 
     editor.reset()
     out = {}
-    for keys_from, mkvs in (("edit", compute_mkvs(editor, requests, edit=edit)),
-                            ("base", compute_mkvs(editor, requests, z=edit.z))):
+    for keys_from, mkvs in (
+        ("edit", compute_mkvs(editor, requests, edit=edit)),
+        ("base", compute_mkvs(editor, requests, z=edit.z)),
+    ):
         apply_mkvs(editor, mkvs)
         out[f"mkv_apply_{keys_from}_keys"] = counterfact_metrics(editor.model, editor.tok, requests)
         editor.reset()
@@ -139,18 +146,38 @@ def summary(args, requests, data: Path, hp, unedited: dict, results: dict, secon
     from fededit_core.paths import recorded_path
 
     batched = results["batched"]
-    out = {"n": len(requests), "data": recorded_path(data), "model": args.model, "hparams": hp.model_dump(),
-           **seconds, "batched_s": batched["total_s"], "batched_z_s": batched["z_s"], "layers_s": batched["layers_s"],
-           "edits_per_s": len(requests) / batched["total_s"],
-           "es": batched["es"], "ps": batched["ps"], "ns": batched["ns"], "score": batched["score"],
-           "unedited": scores(unedited), "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
-           "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-           "torch": torch.__version__, "methods": results}
+    out = {
+        "n": len(requests),
+        "data": recorded_path(data),
+        "model": args.model,
+        "hparams": hp.model_dump(),
+        **seconds,
+        "batched_s": batched["total_s"],
+        "batched_z_s": batched["z_s"],
+        "layers_s": batched["layers_s"],
+        "edits_per_s": len(requests) / batched["total_s"],
+        "es": batched["es"],
+        "ps": batched["ps"],
+        "ns": batched["ns"],
+        "score": batched["score"],
+        "unedited": scores(unedited),
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__,
+        "methods": results,
+    }
     if "one_at_a_time" in results:
         ref = results["one_at_a_time"]
-        out.update(one_at_a_time_s=ref["total_s"], one_at_a_time_z_s=ref["z_s"],
-                   speedup=ref["total_s"] / batched["total_s"], z_speedup=ref["z_s"] / batched["z_s"],
-                   reference_es=ref["es"], reference_ps=ref["ps"], reference_ns=ref["ns"])
+        out.update(
+            one_at_a_time_s=ref["total_s"],
+            one_at_a_time_z_s=ref["z_s"],
+            speedup=ref["total_s"] / batched["total_s"],
+            z_speedup=ref["z_s"] / batched["z_s"],
+            reference_es=ref["es"],
+            reference_ps=ref["ps"],
+            reference_ns=ref["ns"],
+        )
     return out
 
 
@@ -158,12 +185,16 @@ def print_report(out: dict, data: Path, hp, rows: list[dict]) -> None:
     """The benchmark's lines and table on the terminal."""
     from fededit_core.eval.tables import format_table
 
-    print(f"MEMIT on {out['model']}, {out['n']} CounterFact edits from {data.name}, layers {list(hp.layers)}, "
-          f"{out['threads']} threads")
+    print(
+        f"MEMIT on {out['model']}, {out['n']} CounterFact edits from {data.name}, layers {list(hp.layers)}, "
+        f"{out['threads']} threads"
+    )
     cov_cold, wiki_cov_s = out["cov_cold_s"], out["wikitext_cov_s"]
     cold_text = "not timed (--no-cold)" if cov_cold is None else f"{cov_cold:.1f} s cold"
-    print(f"C0: {cold_text} ({hp.cov_source}, {hp.cov_samples} x {hp.cov_seq_len} tokens), "
-          f"{out['cov_cached_s']:.2f} s cached" + (f"; WikiText C0 {wiki_cov_s:.1f} s cold" if wiki_cov_s else ""))
+    print(
+        f"C0: {cold_text} ({hp.cov_source}, {hp.cov_samples} x {hp.cov_seq_len} tokens), "
+        f"{out['cov_cached_s']:.2f} s cached" + (f"; WikiText C0 {wiki_cov_s:.1f} s cold" if wiki_cov_s else "")
+    )
     columns = ["z optimiser", "z_s", "layers_s", "total_s", "edits/s", "mean_steps", *SCORES]
     print(format_table([{"z optimiser": "unedited", **out["unedited"]}] + rows, columns))
     if "speedup" in out:

@@ -44,16 +44,23 @@ def main(argv: list[str] | None = None) -> int:
     result = editor.edit(requests, progress=False)
     rows = [{"path": "text-based", **{k: counterfact_metrics(model, tok, requests)[k] for k in keep}}]
     text_based = {l: editor.weight_shift(l).float() for l in editor.hp.layers}
-    variants = {"text-free, keys from the edit": compute_mkvs(editor, requests, edit=result),
-                "text-free, base-model keys": compute_mkvs(editor, requests, z=result.z)}
+    variants = {
+        "text-free, keys from the edit": compute_mkvs(editor, requests, edit=result),
+        "text-free, base-model keys": compute_mkvs(editor, requests, z=result.z),
+    }
     editor.reset()
     for name, mkvs in variants.items():
         apply_mkvs(editor, mkvs)
         metrics = counterfact_metrics(model, tok, requests)
-        cosine = {l: float(torch.nn.functional.cosine_similarity(
-            text_based[l].flatten(), editor.weight_shift(l).float().flatten(), dim=0)) for l in editor.hp.layers}
-        rows.append({"path": name, **{k: metrics[k] for k in keep},
-                     **{f"cos L{l}": c for l, c in cosine.items()}})
+        cosine = {
+            l: float(
+                torch.nn.functional.cosine_similarity(
+                    text_based[l].flatten(), editor.weight_shift(l).float().flatten(), dim=0
+                )
+            )
+            for l in editor.hp.layers
+        }
+        rows.append({"path": name, **{k: metrics[k] for k in keep}, **{f"cos L{l}": c for l, c in cosine.items()}})
         editor.reset()
     print(f"{len(requests)} CounterFact edits from {data.name}, layers {list(editor.hp.layers)}")
     print(format_table(rows, list(rows[-1])))

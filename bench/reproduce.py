@@ -39,8 +39,10 @@ from .tables import dataset_json, write_outputs
 
 log = logging.getLogger("fededit.bench")
 SHARED = shared_data_dir() or Path("../shared/data")  # development and CI only; users pass their files
-DEFAULT_DATA = {"counterfact": SHARED / "counterfact" / "counterfact-train.json",
-                "zsre": SHARED / "zsre" / "zsre_mend_eval-600.json"}
+DEFAULT_DATA = {
+    "counterfact": SHARED / "counterfact" / "counterfact-train.json",
+    "zsre": SHARED / "zsre" / "zsre_mend_eval-600.json",
+}
 PARTITION = {"counterfact": "relation", "zsre": "cluster"}  # the FedLEKE paper's schemes
 MAIN_METHODS = ("local", "editavg", "fededit-noreedit", "fededit", "collabedit")
 SECTIONS = ("main", "ablation", "slots", "clients", "overlap", "iid")
@@ -71,21 +73,55 @@ class Preset:
 
 PRESETS = {
     # quick: the largest ablation size is the main size, so Table 3 reuses the main runs; no fluency
-    "quick": Preset("quick", {"counterfact": 24, "zsre": 24}, n_clients=4, n_slots=2, ablation_sizes=(12, 24),
-                    curve_edits=24, client_counts=(2, 4), slot_counts=(1, 2), overlap_edits=8, overlap_clients=2,
-                    overlap_slots=2, others_limit=6, fluency=False),
-    "default": Preset("default", {"counterfact": 400, "zsre": 400}, n_clients=8, n_slots=10,
-                      ablation_sizes=(50, 100, 400), curve_edits=80, client_counts=(2, 4, 8),
-                      slot_counts=(1, 5, 10), overlap_edits=48, overlap_clients=4, overlap_slots=4, one_batch=False),
+    "quick": Preset(
+        "quick",
+        {"counterfact": 24, "zsre": 24},
+        n_clients=4,
+        n_slots=2,
+        ablation_sizes=(12, 24),
+        curve_edits=24,
+        client_counts=(2, 4),
+        slot_counts=(1, 2),
+        overlap_edits=8,
+        overlap_clients=2,
+        overlap_slots=2,
+        others_limit=6,
+        fluency=False,
+    ),
+    "default": Preset(
+        "default",
+        {"counterfact": 400, "zsre": 400},
+        n_clients=8,
+        n_slots=10,
+        ablation_sizes=(50, 100, 400),
+        curve_edits=80,
+        client_counts=(2, 4, 8),
+        slot_counts=(1, 5, 10),
+        overlap_edits=48,
+        overlap_clients=4,
+        overlap_slots=4,
+        one_batch=False,
+    ),
 }
 
 
 def base_exp(preset: Preset, dataset: str, method: str, **changes) -> dict:
     n = preset.n_edits[dataset]
-    exp = {"dataset": dataset, "kind": dataset, "n_edits": n, "partition": PARTITION[dataset],
-           "n_clients": preset.n_clients, "n_slots": preset.n_slots, "method": method, "seed": preset.seed,
-           "alpha": preset.alpha, "vector": preset.vector, "reuse": True, "fluency": False,
-           "others_limit": preset.others_limit}
+    exp = {
+        "dataset": dataset,
+        "kind": dataset,
+        "n_edits": n,
+        "partition": PARTITION[dataset],
+        "n_clients": preset.n_clients,
+        "n_slots": preset.n_slots,
+        "method": method,
+        "seed": preset.seed,
+        "alpha": preset.alpha,
+        "vector": preset.vector,
+        "reuse": True,
+        "fluency": False,
+        "others_limit": preset.others_limit,
+    }
     exp.update(changes)
     if method == "centralised":  # no federation settings: identical runs share one cache entry
         for key in ("alpha", "vector", "reuse", "others_limit"):
@@ -118,8 +154,14 @@ def plan(preset: Preset, section: str, dataset: str) -> dict[str, dict]:
             for m in ("centralised", *preset.curve_methods):
                 out[f"{t}/{m}"] = base_exp(preset, dataset, m, n_slots=t, **curve)
     elif section == "overlap" and dataset == "counterfact":
-        common = {"n_edits": preset.overlap_edits, "partition": "iid", "n_clients": preset.overlap_clients,
-                  "n_slots": preset.overlap_slots, "overlap": 0.3, "real_z": True}
+        common = {
+            "n_edits": preset.overlap_edits,
+            "partition": "iid",
+            "n_clients": preset.overlap_clients,
+            "n_slots": preset.overlap_slots,
+            "overlap": 0.3,
+            "real_z": True,
+        }
         out["reuse"] = base_exp(preset, dataset, "fededit", **common)
         out["no reuse"] = base_exp(preset, dataset, "fededit", **{**common, "reuse": False})
     elif section == "iid" and dataset == "counterfact":
@@ -141,19 +183,44 @@ def environment() -> dict:
                 break
     except OSError:
         pass
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
-            "flwr": flwr.__version__, "cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.is_available(), "platform": platform.platform()}
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "flwr": flwr.__version__,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "platform": platform.platform(),
+    }
 
 
-def run(preset: Preset, out: Path, cache: Path, data_files: dict[str, Path], sections: tuple[str, ...],
-        model: str = "smollm2-135m", device: str = "cpu", dtype: str = "fp32", hparams: dict | None = None) -> dict:
+def run(
+    preset: Preset,
+    out: Path,
+    cache: Path,
+    data_files: dict[str, Path],
+    sections: tuple[str, ...],
+    model: str = "smollm2-135m",
+    device: str = "cpu",
+    dtype: str = "fp32",
+    hparams: dict | None = None,
+) -> dict:
     """Run ``sections`` of ``preset`` (cached experiments are read back) and write the outputs to ``out``."""
     configure_threads()
     z_cache = BaseZCache(cache / "z")
     worker = EditWorker(z_cache=z_cache)
-    runner = Runner(cache, data_files, model, dict(hparams or {}), worker, plain_worker_factory=EditWorker,
-                    device=device, dtype=dtype)
+    runner = Runner(
+        cache,
+        data_files,
+        model,
+        dict(hparams or {}),
+        worker,
+        plain_worker_factory=EditWorker,
+        device=device,
+        dtype=dtype,
+    )
     env = environment()
     results: dict[str, dict] = {d: {} for d in preset.datasets}
     prefilled: set[str] = set()
@@ -164,8 +231,16 @@ def run(preset: Preset, out: Path, cache: Path, data_files: dict[str, Path], sec
                 continue
             if dataset not in prefilled:  # every z of the data set on the base model first, one progress bar
                 requests = select_requests(data_files[dataset], preset.n_edits[dataset], preset.seed)
-                spec = ClientSpec(run="bench", name="client-0", model=model, device=device, dtype=dtype,
-                                  hparams=runner.hparams, requests="builtin", state_dir=str(cache / "work"))
+                spec = ClientSpec(
+                    run="bench",
+                    name="client-0",
+                    model=model,
+                    device=device,
+                    dtype=dtype,
+                    hparams=runner.hparams,
+                    requests="builtin",
+                    state_dir=str(cache / "work"),
+                )
                 z_cache.prefill(worker.editor(spec), requests, chunk=32)
                 prefilled.add(dataset)
             results[dataset][section] = {label: runner.run(exp) for label, exp in planned.items()}
@@ -196,15 +271,28 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{name} data {path} not found: pass --{name} PATH (the project ships no copy)")
     out = Path(args.out or ("runs/bench-quick" if args.quick else "results/bench"))
     cache = Path(args.cache) if args.cache else cache_dir("bench")
-    summary = run(preset, out, cache, data_files, sections, args.model, args.device, args.dtype,
-                  hparams=memit_overrides(vars(args)))
+    summary = run(
+        preset,
+        out,
+        cache,
+        data_files,
+        sections,
+        args.model,
+        args.device,
+        args.dtype,
+        hparams=memit_overrides(vars(args)),
+    )
     for dataset, js in summary.items():
         methods = js["methods"]
-        line = ", ".join(f"{m} {v['score']:.3f}" + (f" ({100 * v['retention']:.1f}%)" if v.get("retention") else "")
-                         for m, v in methods.items() if v.get("score") is not None)
+        line = ", ".join(
+            f"{m} {v['score']:.3f}" + (f" ({100 * v['retention']:.1f}%)" if v.get("retention") else "")
+            for m, v in methods.items()
+            if v.get("score") is not None
+        )
         print(f"{dataset}: {line}")
     print(f"outputs in {out}/ (README.md, {', '.join(f'{d}.json' for d in preset.datasets)}, PNG plots)")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -47,9 +47,15 @@ def main(argv: list[str] | None = None) -> int:
             result = editor.edit(requests, z=z)
             metrics = counterfact_metrics(model, tok, requests)
             editor.reset()
-            rows.append({"layers": f"{layers[0]}-{layers[-1]}", "lambda": lam, "z_s": z.seconds,
-                         "layers_s": result.seconds["layers"],
-                         **{k: metrics[k] for k in ("es", "ps", "ns", "score")}})
+            rows.append(
+                {
+                    "layers": f"{layers[0]}-{layers[-1]}",
+                    "lambda": lam,
+                    "z_s": z.seconds,
+                    "layers_s": result.seconds["layers"],
+                    **{k: metrics[k] for k in ("es", "ps", "ns", "score")},
+                }
+            )
             print(format_table(rows[-1:]), flush=True)
     print(format_table(rows, ["layers", "lambda", "es", "ps", "ns", "score", "z_s", "layers_s"]))
     print()

@@ -16,8 +16,16 @@ from fededit_core.paths import recorded_path
 
 from .plots import write_plots
 
-METHOD_ORDER = ("unedited", "centralised", "centralised_one_batch", "local", "editavg", "fededit-noreedit",
-                "fededit", "collabedit")
+METHOD_ORDER = (
+    "unedited",
+    "centralised",
+    "centralised_one_batch",
+    "local",
+    "editavg",
+    "fededit-noreedit",
+    "fededit",
+    "collabedit",
+)
 
 
 def _parts(kind: str, with_fluency: bool = True) -> list[str]:
@@ -34,14 +42,22 @@ def _federated(result: dict, central: dict | None, kind: str) -> dict:
     w = dict(rep["weighted"] or {})
     clients = [c for c in rep["clients"] if not c["failed"]]
     n_edits = sum(c["n"] for c in clients)
-    sums = {k: sum(c.get(k, 0) for c in clients) for k in ("optimised", "reused", "received_sets", "kept_sets",
-                                                           "applied")}
+    sums = {
+        k: sum(c.get(k, 0) for c in clients) for k in ("optimised", "reused", "received_sets", "kept_sets", "applied")
+    }
     up = sum(c["bytes_sent"] for c in clients)
     down = sum(c["bytes_received"] for c in clients)
-    out = {**w, **sums, "n_clients": len(rep["clients"]), "failed_clients": len(rep["clients"]) - len(clients),
-           "bytes_up_per_client": up / max(1, len(clients)), "bytes_down_per_client": down / max(1, len(clients)),
-           "bytes_per_edit": (up + down) / max(1, n_edits), "wall_s": result["wall_s"],
-           "others": rep.get("weighted_others")}
+    out = {
+        **w,
+        **sums,
+        "n_clients": len(rep["clients"]),
+        "failed_clients": len(rep["clients"]) - len(clients),
+        "bytes_up_per_client": up / max(1, len(clients)),
+        "bytes_down_per_client": down / max(1, len(clients)),
+        "bytes_per_edit": (up + down) / max(1, n_edits),
+        "wall_s": result["wall_s"],
+        "others": rep.get("weighted_others"),
+    }
     if central:
         out["retention"] = _ratio(w.get("score"), central.get("score"))
         out["retention_parts"] = {p: _ratio(w.get(p), central.get(p)) for p in _parts(kind) if p in w}
@@ -62,34 +78,58 @@ def _curve(section: dict, key: str, kind: str) -> list[dict]:
         if method == "centralised":
             continue
         central = _central(section.get(f"{x}/centralised"))
-        rows.append({key: int(x), "method": method, **_federated(result, central, kind),
-                     "centralised_score": (central or {}).get("score")})
+        rows.append(
+            {
+                key: int(x),
+                "method": method,
+                **_federated(result, central, kind),
+                "centralised_score": (central or {}).get("score"),
+            }
+        )
     return rows
 
 
 def dataset_json(preset, dataset: str, results: dict, env: dict, data_files: dict, model: str) -> dict:
     """Every figure of one data set, with the exact configuration and the environment."""
     kind = dataset
-    out: dict = {"dataset": dataset, "n_edits": preset.n_edits[dataset], "n_clients": preset.n_clients,
-                 "n_slots": preset.n_slots, "preset": preset.name,
-                 "config": {"alpha": preset.alpha, "reedit_vector": preset.vector, "seed": preset.seed,
-                            "partition": {"counterfact": "relation groups + 1/10 moved across clients",
-                                          "zsre": "spectral clustering of question embeddings"}[dataset],
-                            "data_file": recorded_path(data_files[dataset]), "model": model,
-                            "z": "optimised once per request on the base model and shared by all methods "
-                                 "(fededit_core.zcache); the overlap workload optimises z for real"},
-                 "environment": env, "methods": {}}
+    out: dict = {
+        "dataset": dataset,
+        "n_edits": preset.n_edits[dataset],
+        "n_clients": preset.n_clients,
+        "n_slots": preset.n_slots,
+        "preset": preset.name,
+        "config": {
+            "alpha": preset.alpha,
+            "reedit_vector": preset.vector,
+            "seed": preset.seed,
+            "partition": {
+                "counterfact": "relation groups + 1/10 moved across clients",
+                "zsre": "spectral clustering of question embeddings",
+            }[dataset],
+            "data_file": recorded_path(data_files[dataset]),
+            "model": model,
+            "z": "optimised once per request on the base model and shared by all methods "
+            "(fededit_core.zcache); the overlap workload optimises z for real",
+        },
+        "environment": env,
+        "methods": {},
+    }
     main = results.get("main", {})
     central = _central(main.get("unedited+centralised"))
     unedited = (main.get("unedited+centralised") or {}).get("unedited")
     if unedited:
-        out["methods"]["unedited"] = {**unedited, "retention": _ratio(unedited.get("score"), (central or {}).get("score"))}
+        out["methods"]["unedited"] = {
+            **unedited,
+            "retention": _ratio(unedited.get("score"), (central or {}).get("score")),
+        }
     if central:
         out["methods"]["centralised"] = {**central, "schedule": f"{preset.n_slots} time slots"}
     one = _central(main.get("centralised (one batch)"))
     if one:
-        out["methods"]["centralised_one_batch"] = {**one, "retention": _ratio(one.get("score"),
-                                                                             (central or {}).get("score"))}
+        out["methods"]["centralised_one_batch"] = {
+            **one,
+            "retention": _ratio(one.get("score"), (central or {}).get("score")),
+        }
     for method in ("local", "editavg", "fededit-noreedit", "fededit", "collabedit"):
         if method in main:
             out["methods"][method] = _federated(main[method], central, kind)
@@ -104,11 +144,15 @@ def dataset_json(preset, dataset: str, results: dict, env: dict, data_files: dic
         ov = results["overlap"]
         with_reuse, without = (_federated(ov[k], None, kind) for k in ("reuse", "no reuse"))
         total = with_reuse["optimised"] + with_reuse["reused"]
-        out["overlap"] = {"reuse": with_reuse, "no_reuse": without,
-                          "n_requests": total, "reused_share": with_reuse["reused"] / max(1, total),
-                          "z_optimisations": {"reuse": with_reuse["optimised"], "no_reuse": without["optimised"]},
-                          "wall_saved_s": without["wall_s"] - with_reuse["wall_s"],
-                          "wall_saved_share": 1 - with_reuse["wall_s"] / without["wall_s"]}
+        out["overlap"] = {
+            "reuse": with_reuse,
+            "no_reuse": without,
+            "n_requests": total,
+            "reused_share": with_reuse["reused"] / max(1, total),
+            "z_optimisations": {"reuse": with_reuse["optimised"], "no_reuse": without["optimised"]},
+            "wall_saved_s": without["wall_s"] - with_reuse["wall_s"],
+            "wall_saved_share": 1 - with_reuse["wall_s"] / without["wall_s"],
+        }
     if "iid" in results:
         iid = results["iid"]
         c = _central(iid.get("centralised"))
@@ -136,8 +180,11 @@ def main_table(js: dict) -> str:
         row["sets kept/received"] = f"{m['kept_sets']}/{m['received_sets']}" if "kept_sets" in m else "-"
         row["MKVs re-edited"] = m.get("applied", "-")
         row["z reused / optimised"] = f"{m['reused']}/{m['optimised']}" if "reused" in m else "-"
-        row["KB up/down per client"] = (f"{m['bytes_up_per_client'] / 1e3:.0f}/{m['bytes_down_per_client'] / 1e3:.0f}"
-                                        if "bytes_up_per_client" in m else "-")
+        row["KB up/down per client"] = (
+            f"{m['bytes_up_per_client'] / 1e3:.0f}/{m['bytes_down_per_client'] / 1e3:.0f}"
+            if "bytes_up_per_client" in m
+            else "-"
+        )
         row["wall s"] = f"{m['wall_s']:.0f}" if m.get("wall_s") is not None else "-"
         rows.append(row)
     return format_table(rows, markdown=True)
@@ -147,20 +194,35 @@ def curve_table(rows: list[dict], key: str, kind: str) -> str:
     out = []
     for r in sorted(rows, key=lambda r: (r[key], r["method"])):
         rp = r.get("retention_parts", {})
-        out.append({key: r[key], "method": r["method"], "Score": _pct(r.get("score"), r.get("retention")),
-                    **{p.upper(): _pct(r.get(p), rp.get(p)) for p in SCORE_PARTS[kind]},
-                    "centralised Score": f"{r['centralised_score']:.3f}" if r.get("centralised_score") else "-",
-                    "sets kept/received": f"{r['kept_sets']}/{r['received_sets']}", "wall s": f"{r['wall_s']:.0f}"})
+        out.append(
+            {
+                key: r[key],
+                "method": r["method"],
+                "Score": _pct(r.get("score"), r.get("retention")),
+                **{p.upper(): _pct(r.get(p), rp.get(p)) for p in SCORE_PARTS[kind]},
+                "centralised Score": f"{r['centralised_score']:.3f}" if r.get("centralised_score") else "-",
+                "sets kept/received": f"{r['kept_sets']}/{r['received_sets']}",
+                "wall s": f"{r['wall_s']:.0f}",
+            }
+        )
     return format_table(out, markdown=True)
 
 
 def overlap_table(ov: dict) -> str:
-    rows = [{"run": label, "z optimised": ov[key]["optimised"], "z reused": ov[key]["reused"],
-             "Score": f"{ov[key]['score']:.3f}", "wall s": f"{ov[key]['wall_s']:.0f}"}
-            for label, key in (("with reuse", "reuse"), ("without reuse", "no_reuse"))]
+    rows = [
+        {
+            "run": label,
+            "z optimised": ov[key]["optimised"],
+            "z reused": ov[key]["reused"],
+            "Score": f"{ov[key]['score']:.3f}",
+            "wall s": f"{ov[key]['wall_s']:.0f}",
+        }
+        for label, key in (("with reuse", "reuse"), ("without reuse", "no_reuse"))
+    ]
     return format_table(rows, markdown=True) + (
         f"\n\nReused share of z: {100 * ov['reused_share']:.1f}% of {ov['n_requests']} requests; wall time saved "
-        f"{ov['wall_saved_s']:.0f} s ({100 * ov['wall_saved_share']:.1f}%).")
+        f"{ov['wall_saved_s']:.0f} s ({100 * ov['wall_saved_share']:.1f}%)."
+    )
 
 
 def iid_table(iid: dict, kind: str) -> str:
@@ -169,31 +231,55 @@ def iid_table(iid: dict, kind: str) -> str:
         if m is None:
             continue
         rp = m.get("retention_parts", {})
-        rows.append({"method": method, "Score": _pct(m.get("score"), m.get("retention")),
-                     **{p.upper(): _pct(m.get(p), rp.get(p)) for p in SCORE_PARTS[kind]}})
+        rows.append(
+            {
+                "method": method,
+                "Score": _pct(m.get("score"), m.get("retention")),
+                **{p.upper(): _pct(m.get(p), rp.get(p)) for p in SCORE_PARTS[kind]},
+            }
+        )
     return format_table(rows, markdown=True)
 
 
 def markdown(preset, all_js: dict[str, dict], model: str) -> str:
-    parts = [f"# fededit reproduction benchmark ({preset.name} preset)", "",
-             f"Model {model}, {preset.n_clients} clients, {preset.n_slots} time slots, α = {preset.alpha} on "
-             f"{preset.vector}. Each federated figure is followed by its percentage of centralised MEMIT "
-             "(the union, edited in the same time slots).", ""]
+    parts = [
+        f"# fededit reproduction benchmark ({preset.name} preset)",
+        "",
+        f"Model {model}, {preset.n_clients} clients, {preset.n_slots} time slots, α = {preset.alpha} on "
+        f"{preset.vector}. Each federated figure is followed by its percentage of centralised MEMIT "
+        "(the union, edited in the same time slots).",
+        "",
+    ]
     titles = {"counterfact": "Table 1: CounterFact", "zsre": "Table 2: zsRE"}
     for dataset, js in all_js.items():
         if js["methods"]:
             parts += [f"## {titles[dataset]} ({js['n_edits']} edits)", "", main_table(js), ""]
     for dataset, js in all_js.items():
         if js.get("ablation"):
-            parts += [f"## Table 3: re-edit condition, {dataset}", "", curve_table(js["ablation"], "n_edits", dataset), ""]
+            parts += [
+                f"## Table 3: re-edit condition, {dataset}",
+                "",
+                curve_table(js["ablation"], "n_edits", dataset),
+                "",
+            ]
     for dataset, js in all_js.items():
         for key, title in (("clients", "Figure 5: number of clients"), ("slots", "Figure 6: number of time slots")):
             if js.get(key):
-                parts += [f"## {title}, {dataset}", "", curve_table(js[key], f"n_{key}", dataset), "",
-                          f"![{title}]({key}_{dataset}.png)", ""]
+                parts += [
+                    f"## {title}, {dataset}",
+                    "",
+                    curve_table(js[key], f"n_{key}", dataset),
+                    "",
+                    f"![{title}]({key}_{dataset}.png)",
+                    "",
+                ]
         if js.get("overlap"):
-            parts += [f"## Overlap workload, {dataset} (~30% of requests repeated at another client)", "",
-                      overlap_table(js["overlap"]), ""]
+            parts += [
+                f"## Overlap workload, {dataset} (~30% of requests repeated at another client)",
+                "",
+                overlap_table(js["overlap"]),
+                "",
+            ]
         if js.get("iid"):
             parts += [f"## IID split, {dataset}", "", iid_table(js["iid"], js["dataset"]), ""]
     if any(js["methods"] for js in all_js.values()):

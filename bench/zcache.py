@@ -67,8 +67,14 @@ class BaseZCache:
         self.hits += len(requests) - len(missing)
         if missing:
             with editor.at_base():
-                fresh = optimise_z(editor.model, editor.tok, [requests[i] for i in missing], editor.hp,
-                                   editor.templates, progress=progress)
+                fresh = optimise_z(
+                    editor.model,
+                    editor.tok,
+                    [requests[i] for i in missing],
+                    editor.hp,
+                    editor.templates,
+                    progress=progress,
+                )
             for row, i in enumerate(missing):
                 z[i] = fresh.z[row].float().cpu()
                 with atomic_file(self._path(keys[i])) as tmp:
@@ -82,7 +88,7 @@ class BaseZCache:
         todo = [r for r in requests if not self._path(self.key(editor, r)).is_file()]
         bar = tqdm(total=len(requests), initial=len(requests) - len(todo), desc="z on the base model", unit="req")
         for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
+            part = todo[start : start + chunk]
             self.z_for(editor, part)
             bar.update(len(part))
         bar.close()

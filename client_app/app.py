@@ -38,19 +38,37 @@ _IN_PROCESS: EditWorker | None = None
 def client_spec(context: Context) -> ClientSpec:
     """This client's local settings from the node config (deployment) or partition id (simulation)."""
     node, run = context.node_config, RunSettings.from_run_config(context.run_config, context.run_id)
-    common = dict(run=run.run, model=run.model, dtype=str(node.get("dtype", run.dtype)),
-                  device=str(node.get("device", run.device)), hparams=run.memit_overrides(),
-                  num_slots=run.num_slots, seed=run.seed, max_requests=run.max_requests)
+    common = dict(
+        run=run.run,
+        model=run.model,
+        dtype=str(node.get("dtype", run.dtype)),
+        device=str(node.get("device", run.device)),
+        hparams=run.memit_overrides(),
+        num_slots=run.num_slots,
+        seed=run.seed,
+        max_requests=run.max_requests,
+    )
     if "requests" in node:  # deployment: this organisation's own file
-        return ClientSpec(**common, name=str(node.get("name", f"node-{context.node_id}")),
-                          requests=str(node["requests"]), partition="all",
-                          state_dir=str(node.get("state-dir", cache_dir("state"))),
-                          secret_file=str(node["secret-file"]) if node.get("secret-file") else None)
+        return ClientSpec(
+            **common,
+            name=str(node.get("name", f"node-{context.node_id}")),
+            requests=str(node["requests"]),
+            partition="all",
+            state_dir=str(node.get("state-dir", cache_dir("state"))),
+            secret_file=str(node["secret-file"]) if node.get("secret-file") else None,
+        )
     index = int(node["partition-id"])
     secret = os.environ.get("FEDEDIT_FEDERATION_SECRET_FILE") or str(cache_dir() / "federation.secret")
-    return ClientSpec(**common, name=client_name(index), requests=run.data, partition=run.partition,
-                      count=int(node["num-partitions"]), state_dir=str(run.simulation_state_dir),
-                      secret_file=secret, oracle=True)
+    return ClientSpec(
+        **common,
+        name=client_name(index),
+        requests=run.data,
+        partition=run.partition,
+        count=int(node["num-partitions"]),
+        state_dir=str(run.simulation_state_dir),
+        secret_file=secret,
+        oracle=True,
+    )
 
 
 def _worker(context: Context):

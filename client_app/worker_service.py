@@ -43,8 +43,9 @@ def encode(header: dict, arrays: dict[str, np.ndarray]) -> bytes:
     entries, buffers, offset = [], [], 0
     for name, array in arrays.items():
         data = np.ascontiguousarray(array)
-        entries.append({"name": name, "dtype": data.dtype.name, "shape": list(data.shape), "offset": offset,
-                        "nbytes": data.nbytes})
+        entries.append(
+            {"name": name, "dtype": data.dtype.name, "shape": list(data.shape), "offset": offset, "nbytes": data.nbytes}
+        )
         buffers.append(data.tobytes())
         offset += data.nbytes
     text = json.dumps({**header, "arrays": entries}).encode()
@@ -55,8 +56,8 @@ def decode(payload: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     if len(payload) < HEADER.size:
         raise ValueError("worker message shorter than its header")
     (size,) = HEADER.unpack_from(payload)
-    header = json.loads(payload[HEADER.size:HEADER.size + size])
-    body = memoryview(payload)[HEADER.size + size:]
+    header = json.loads(payload[HEADER.size : HEADER.size + size])
+    body = memoryview(payload)[HEADER.size + size :]
     arrays = {}
     for entry in header.pop("arrays", []):
         if entry["dtype"] not in ALLOWED_DTYPES:
@@ -81,8 +82,13 @@ class _Servicer:
             spec = ClientSpec.model_validate(header["spec"])
             started = time.perf_counter()
             body, out = self.worker.handle(header["op"], spec, header.get("args", {}), arrays)
-            log.info("%s: %s of slot %s in %.1f s", spec.name, header["op"], header.get("args", {}).get("slot", "-"),
-                     time.perf_counter() - started)
+            log.info(
+                "%s: %s of slot %s in %.1f s",
+                spec.name,
+                header["op"],
+                header.get("args", {}).get("slot", "-"),
+                time.perf_counter() - started,
+            )
             return encode({"ok": True, "body": body}, out)
         except Exception as err:  # the error goes back to the ClientApp, the worker keeps serving
             log.exception("step failed")
@@ -143,7 +149,8 @@ class RemoteWorker:
         except grpc.RpcError as err:
             raise WorkerUnavailable(
                 f"edit worker at {self.address} is not answering ({err.code().name}); start it with "
-                f"`fededit-worker --address {self.address}` (deploy/start_node.sh does)") from None
+                f"`fededit-worker --address {self.address}` (deploy/start_node.sh does)"
+            ) from None
         return header
 
     def handle(self, op: str, spec: ClientSpec, args: dict, arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
@@ -162,8 +169,11 @@ class RemoteWorker:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fededit-worker", description="An edit worker beside a SuperNode: "
-                                     "holds this organisation's model and answers its ClientApp's steps.")
+    parser = argparse.ArgumentParser(
+        prog="fededit-worker",
+        description="An edit worker beside a SuperNode: "
+        "holds this organisation's model and answers its ClientApp's steps.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--address", required=True, help="unix:/path/worker.sock or 127.0.0.1:PORT")
     parser.add_argument("--preload", help="load this model before serving (e.g. smollm2-135m)")
@@ -175,13 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``fededit-worker``: a long-lived edit worker (deployment)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("fededit").setLevel(logging.INFO)
     preload = None
     if args.preload:
-        preload = ClientSpec(run="preload", name="preload", model=args.preload, device=args.device,
-                             dtype=args.dtype, requests="builtin", state_dir=".")
+        preload = ClientSpec(
+            run="preload",
+            name="preload",
+            model=args.preload,
+            device=args.device,
+            dtype=args.dtype,
+            requests="builtin",
+            state_dir=".",
+        )
     run_forever(args.address, preload)
     return 0
 

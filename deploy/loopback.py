@@ -53,8 +53,15 @@ def interpreter_tools_first(env: dict[str, str]) -> dict[str, str]:
 
 
 class Loopback:
-    def __init__(self, root: Path | str, model: str, requests: dict[str, Path | str], device: str = "cpu",
-                 dtype: str = "fp32", cache: Path | str | None = None):
+    def __init__(
+        self,
+        root: Path | str,
+        model: str,
+        requests: dict[str, Path | str],
+        device: str = "cpu",
+        dtype: str = "fp32",
+        cache: Path | str | None = None,
+    ):
         self.root = Path(root).resolve()
         self.cache = Path(cache).resolve() if cache else self.root / "cache"
         self.model, self.device, self.dtype = model, device, dtype
@@ -75,16 +82,29 @@ class Loopback:
         """The environment of every command: this interpreter's scripts first on PATH, the CLI's
         FLWR_HOME, fededit's cache, no dependency installation, telemetry or update checks."""
         env = interpreter_tools_first(dict(os.environ))
-        env.update(FLWR_HOME=str(self.flwr_home), FEDEDIT_CACHE=str(self.cache),
-                   FEDEDIT_DEPLOY_LOCAL=str(self.root), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-                   FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")
+        env.update(
+            FLWR_HOME=str(self.flwr_home),
+            FEDEDIT_CACHE=str(self.cache),
+            FEDEDIT_DEPLOY_LOCAL=str(self.root),
+            FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+            FLWR_TELEMETRY_ENABLED="0",
+            FLWR_DISABLE_UPDATE_CHECK="1",
+            PYTHONUNBUFFERED="1",
+        )
         env.update(extra)
         return env
 
     def script(self, name: str, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
         """Run deploy/<name> and fail with its output when it fails."""
-        proc = subprocess.run(["bash", str(DEPLOY / name), *map(str, args)], cwd=PROJECT, env=self.env(**env),
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(
+            ["bash", str(DEPLOY / name), *map(str, args)],
+            cwd=PROJECT,
+            env=self.env(**env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"deploy/{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc
@@ -97,19 +117,63 @@ class Loopback:
             self.script("make_node_key.sh", self.keys, name)
         self.secret.write_bytes(secrets.token_bytes(32))
         self.secret.chmod(0o600)
-        self.script("start_superlink.sh", "--certs", self.certs, "--dir", self.run_dir, "--host", "127.0.0.1",
-                    "--port", str(self.port))
+        self.script(
+            "start_superlink.sh",
+            "--certs",
+            self.certs,
+            "--dir",
+            self.run_dir,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        )
         for name in self.requests:
-            self.script("register_node.sh", self.keys / f"{name}.pub", CONNECTION,
-                        SUPERLINK_ADDRESS=self.address, CA_CERT=str(self.certs / "ca.crt"))
-        nodes = {name: subprocess.Popen(
-            ["bash", str(DEPLOY / "start_node.sh"), "--name", name, "--requests", str(path),
-             "--superlink", self.address, "--key", str(self.keys / name), "--ca", str(self.certs / "ca.crt"),
-             "--model", self.model, "--device", self.device, "--dtype", self.dtype,
-             "--secret-file", str(self.secret), "--state-dir", str(self.state / name),
-             "--dir", str(self.run_dir), "--port", str(self.node_ports[name])],
-            cwd=PROJECT, env=self.env(WORKER_START_TIMEOUT=str(worker_timeout)), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True) for name, path in self.requests.items()}
+            self.script(
+                "register_node.sh",
+                self.keys / f"{name}.pub",
+                CONNECTION,
+                SUPERLINK_ADDRESS=self.address,
+                CA_CERT=str(self.certs / "ca.crt"),
+            )
+        nodes = {
+            name: subprocess.Popen(
+                [
+                    "bash",
+                    str(DEPLOY / "start_node.sh"),
+                    "--name",
+                    name,
+                    "--requests",
+                    str(path),
+                    "--superlink",
+                    self.address,
+                    "--key",
+                    str(self.keys / name),
+                    "--ca",
+                    str(self.certs / "ca.crt"),
+                    "--model",
+                    self.model,
+                    "--device",
+                    self.device,
+                    "--dtype",
+                    self.dtype,
+                    "--secret-file",
+                    str(self.secret),
+                    "--state-dir",
+                    str(self.state / name),
+                    "--dir",
+                    str(self.run_dir),
+                    "--port",
+                    str(self.node_ports[name]),
+                ],
+                cwd=PROJECT,
+                env=self.env(WORKER_START_TIMEOUT=str(worker_timeout)),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for name, path in self.requests.items()
+        }
         failed = []
         for name, proc in nodes.items():
             out, _ = proc.communicate(timeout=worker_timeout + 60)
@@ -121,9 +185,15 @@ class Loopback:
 
     def run(self, run_config: str, timeout: float = 600) -> subprocess.CompletedProcess:
         """``flwr run . fededit --stream --run-config RUN_CONFIG`` from the project root."""
-        return subprocess.run(["flwr", "run", ".", CONNECTION, "--stream", "--run-config", run_config],
-                              cwd=PROJECT, env=self.env(), capture_output=True, text=True, timeout=timeout,
-                              check=False)
+        return subprocess.run(
+            ["flwr", "run", ".", CONNECTION, "--stream", "--run-config", run_config],
+            cwd=PROJECT,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def log(self, name: str) -> str:
         """The text of run/<name>.log (superlink, worker-NAME, supernode-NAME)."""
@@ -167,15 +237,17 @@ def demo(root: Path, model: str, device: str, extra: str = "") -> int:
     from fededit_core.paths import cache_dir
 
     # the user's cache: the dequantised model and C0 are made once, not once per demo folder
-    fed = Loopback(root, model, builtin_requests(Path(root).resolve() / "requests"), device=device,
-                   cache=cache_dir())
+    fed = Loopback(root, model, builtin_requests(Path(root).resolve() / "requests"), device=device, cache=cache_dir())
     try:
         fed.up()
-        run_config = (f"model='{model}' device='{device}' data='builtin' partition='field' centralised=true "
-                      f"min-clients={len(fed.requests)} run-name='loopback-demo' output-dir='{fed.root / 'runs'}' "
-                      f"{extra}").strip()
-        proc = subprocess.Popen(["flwr", "run", ".", CONNECTION, "--stream", "--run-config", run_config],
-                                cwd=PROJECT, env=fed.env())
+        run_config = (
+            f"model='{model}' device='{device}' data='builtin' partition='field' centralised=true "
+            f"min-clients={len(fed.requests)} run-name='loopback-demo' output-dir='{fed.root / 'runs'}' "
+            f"{extra}"
+        ).strip()
+        proc = subprocess.Popen(
+            ["flwr", "run", ".", CONNECTION, "--stream", "--run-config", run_config], cwd=PROJECT, env=fed.env()
+        )
         code = proc.wait()
     finally:
         fed.down()
@@ -190,8 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", required=True)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--requests", action="append", required=True, metavar="NAME=FILE",
-                   help="one organisation and its private request file (repeat)")
+    p.add_argument(
+        "--requests",
+        action="append",
+        required=True,
+        metavar="NAME=FILE",
+        help="one organisation and its private request file (repeat)",
+    )
     p = sub.add_parser("down", help="stop the loopback federation under --root")
     p.add_argument("--root", required=True)
     p = sub.add_parser("demo", help="the default job between real processes: up, flwr run, down")
@@ -212,10 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         fed.down()
         raise
-    print(f"SuperLink {fed.address}; nodes {', '.join(requests)}; logs in {fed.run_dir}\n"
-          f"run:  FLWR_HOME={fed.flwr_home} flwr run . {CONNECTION} --stream "
-          f"--run-config \"model='{fed.model}' centralised=false ...\"\n"
-          f"stop: python -m deploy.loopback down --root {fed.root}")
+    print(
+        f"SuperLink {fed.address}; nodes {', '.join(requests)}; logs in {fed.run_dir}\n"
+        f"run:  FLWR_HOME={fed.flwr_home} flwr run . {CONNECTION} --stream "
+        f"--run-config \"model='{fed.model}' centralised=false ...\"\n"
+        f"stop: python -m deploy.loopback down --root {fed.root}"
+    )
     return 0
 
 

@@ -83,11 +83,23 @@ def start_superlink(home: Path, env: dict) -> tuple[subprocess.Popen, str]:
     Fleet APIs on that one port); returns (process, address)."""
     port = free_port()
     log = home / "superlink.log"
-    command = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-               "--host", "127.0.0.1", "--port", str(port), "--database", str(home / "state.db"),
-               "--disable-runtime-dependency-installation"]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    command = [
+        "flower-superlink",
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--database",
+        str(home / "state.db"),
+        "--disable-runtime-dependency-installation",
+    ]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -111,8 +123,13 @@ def _terminate(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def simulate(run_config: str = "", clients: int = 4, cpus_per_client: int | None = None,
-             timeout_s: float | None = None, env: dict | None = None) -> tuple[int, Path]:
+def simulate(
+    run_config: str = "",
+    clients: int = 4,
+    cpus_per_client: int | None = None,
+    timeout_s: float | None = None,
+    env: dict | None = None,
+) -> tuple[int, Path]:
     """Run one simulation; returns (exit code, the run's output folder)."""
     pairs = parse_config_args([run_config]) if run_config.strip() else {}  # Flower's own parser
     run_name = str(pairs.get("run-name", "")) or time.strftime("sim-%Y%m%d-%H%M%S")
@@ -123,18 +140,32 @@ def simulate(run_config: str = "", clients: int = 4, cpus_per_client: int | None
     run_config = " ".join(f"{k}={_toml_value(v)}" for k, v in pairs.items())
     home = out_dir / run_name / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
-    environment = {**interpreter_tools_first(dict(os.environ)), **(env or {}), "FLWR_HOME": str(home),
-                   "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                   "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    environment = {
+        **interpreter_tools_first(dict(os.environ)),
+        **(env or {}),
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    }
     cpus = cpus_per_client or len(os.sched_getaffinity(0))  # default: one Ray actor, one model copy
     previous = signal.signal(signal.SIGTERM, _terminate)  # a killed runner still stops its SuperLink
     superlink, address = start_superlink(home, environment)
     try:
         (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "{address}"\ninsecure = true\n')
-        command = ["flwr", "run", ".", "sim", "--stream",
-                   "--federation-config", f"num-supernodes={clients} client-resources-num-cpus={cpus}",
-                   "--run-config", run_config]
+            f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "{address}"\ninsecure = true\n'
+        )
+        command = [
+            "flwr",
+            "run",
+            ".",
+            "sim",
+            "--stream",
+            "--federation-config",
+            f"num-supernodes={clients} client-resources-num-cpus={cpus}",
+            "--run-config",
+            run_config,
+        ]
         print("$ " + " ".join(command), flush=True)
         try:
             code = subprocess.run(command, cwd=ROOT, env=environment, timeout=timeout_s).returncode
@@ -152,7 +183,9 @@ def simulate(run_config: str = "", clients: int = 4, cpus_per_client: int | None
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-config", default="", help='overrides of [tool.flwr.app.config], e.g. "strategy=\'editavg\'"')
+    parser.add_argument(
+        "--run-config", default="", help="overrides of [tool.flwr.app.config], e.g. \"strategy='editavg'\""
+    )
     parser.add_argument("--clients", type=int, default=4, help="number of simulated clients (SuperNodes)")
     parser.add_argument("--cpus-per-client", type=int, help="Ray resources per client (default: all cores, one actor)")
     args = parser.parse_args(argv)

@@ -46,8 +46,10 @@ def add_hparam_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_templates_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--templates", help="JSON file of context templates ({\"groups\": [[\"{}\"], [...]]}) "
-                                       "instead of sampling them from the model")
+    p.add_argument(
+        "--templates",
+        help='JSON file of context templates ({"groups": [["{}"], [...]]}) instead of sampling them from the model',
+    )
 
 
 def _jsonable(value):
@@ -74,8 +76,10 @@ def _generations(model, tok, prompts: list[str], max_new_tokens: int = 12) -> li
     from fededit_core.eval.metrics import generate_greedy
 
     full = generate_greedy(model, tok, prompts, max_new_tokens=max_new_tokens)
-    return [text[len(prompt):].strip().replace("\n", " ") if text.startswith(prompt) else text
-            for prompt, text in zip(prompts, full)]
+    return [
+        text[len(prompt) :].strip().replace("\n", " ") if text.startswith(prompt) else text
+        for prompt, text in zip(prompts, full)
+    ]
 
 
 def cmd_edit(args) -> int:
@@ -96,8 +100,11 @@ def cmd_edit(args) -> int:
         templates = ContextTemplates.model_validate_json(Path(args.templates).read_text())
     editor = make_editor(args.model, args.device, args.dtype, templates=templates, **memit_overrides(vars(args)))
     model, tok = editor.model, editor.tok
-    print(f"editing {len(requests)} request(s) from {args.requests} into {args.model} "
-          f"(layers {list(editor.hp.layers)}, lambda {editor.hp.mom2_weight:g})", file=sys.stderr)
+    print(
+        f"editing {len(requests)} request(s) from {args.requests} into {args.model} "
+        f"(layers {list(editor.hp.layers)}, lambda {editor.hp.mom2_weight:g})",
+        file=sys.stderr,
+    )
     shown = requests[: min(3, len(requests))]
     before_text = _generations(model, tok, [r.text for r in shown])
     before = evaluate(model, tok, requests, kind)
@@ -110,14 +117,27 @@ def cmd_edit(args) -> int:
     columns = KIND_COLUMNS[kind]
     print(format_table([{"model": "unedited", **before}, {"model": "edited", **after}], ["model", *columns]))
     print()
-    print(format_table([{"prompt": r.text, "target": r.target_new, "before": b, "after": a}
-                        for r, b, a in zip(shown, before_text, after_text)]))
-    print(f"\nMEMIT: {seconds:.1f} s ({result.seconds['covariance']:.1f} s C0, {result.seconds['z']:.1f} s z, "
-          f"{result.seconds['layers']:.1f} s layer updates)")
-    summary = {"requests": str(args.requests), "n": len(requests), "hparams": editor.hp.model_dump(),
-               "templates": editor.templates.model_dump(mode="json"),
-               "before": {k: v for k, v in before.items() if k != "per_request"},
-               "after": {k: v for k, v in after.items() if k != "per_request"}, "seconds": result.seconds}
+    print(
+        format_table(
+            [
+                {"prompt": r.text, "target": r.target_new, "before": b, "after": a}
+                for r, b, a in zip(shown, before_text, after_text)
+            ]
+        )
+    )
+    print(
+        f"\nMEMIT: {seconds:.1f} s ({result.seconds['covariance']:.1f} s C0, {result.seconds['z']:.1f} s z, "
+        f"{result.seconds['layers']:.1f} s layer updates)"
+    )
+    summary = {
+        "requests": str(args.requests),
+        "n": len(requests),
+        "hparams": editor.hp.model_dump(),
+        "templates": editor.templates.model_dump(mode="json"),
+        "before": {k: v for k, v in before.items() if k != "per_request"},
+        "after": {k: v for k, v in after.items() if k != "per_request"},
+        "seconds": result.seconds,
+    }
     with atomic_folder(out) as staging:  # never half a model in --out
         model.save_pretrained(staging)
         tok.save_pretrained(staging)
@@ -151,8 +171,9 @@ def cmd_eval(args) -> int:
     print(format_table([{"model": args.model, **summary}], ["model", *columns]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(_jsonable({**summary, "kind": kind, "model": args.model,
-                                                         "data": str(args.data)}), indent=2))
+        Path(args.json).write_text(
+            json.dumps(_jsonable({**summary, "kind": kind, "model": args.model, "data": str(args.data)}), indent=2)
+        )
     return 0
 
 
@@ -190,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     from fededit_core.data.loaders import DataError
     from fededit_core.model.families import UnsupportedModelError
     from fededit_core.model.loading import ModelLoadError

@@ -32,8 +32,14 @@ class FlowerTransport:
     With ``capture`` set, every payload (both ways) is also written there (privacy tests); with
     ``context`` set it also offers ``secure_sum`` (SecAgg+)."""
 
-    def __init__(self, grid: Grid, nodes: dict[str, int], timeout: float | None, capture: Path | None = None,
-                 context: Context | None = None):
+    def __init__(
+        self,
+        grid: Grid,
+        nodes: dict[str, int],
+        timeout: float | None,
+        capture: Path | None = None,
+        context: Context | None = None,
+    ):
         self.grid, self.nodes, self.timeout, self.capture = grid, nodes, timeout, capture
         self.names = {node: name for name, node in nodes.items()}
         self.count = 0
@@ -88,7 +94,9 @@ def discover(grid: Grid, min_clients: int, wait_s: float, timeout: float | None)
             log.error("node %s cannot take part: %s", node, body["error"])
             continue
         if body["client"] in names:
-            raise FederationError(f"two nodes call themselves {body['client']!r}: give each a distinct node-config name")
+            raise FederationError(
+                f"two nodes call themselves {body['client']!r}: give each a distinct node-config name"
+            )
         names[body["client"]] = node
     if len(names) < min_clients:
         raise FederationError(f"only {len(names)} healthy client(s) {sorted(names)}; the run needs {min_clients}")
@@ -97,6 +105,7 @@ def discover(grid: Grid, min_clients: int, wait_s: float, timeout: float | None)
 
 def _centralised(settings: RunSettings, names: list[str]):
     """The centralised upper bound (simulation: the server may read the shared data file)."""
+
     def run(hellos: dict[str, dict]) -> dict[str, dict]:
         from fededit_core.data.partition import load_partitions
         from fededit_core.eval.centralised import centralised_metrics
@@ -109,6 +118,7 @@ def _centralised(settings: RunSettings, names: list[str]):
         log.info("centralised MEMIT of all %d requests", sum(len(r) for r in parts.values()))
         metrics, _ = centralised_metrics(editor, parts, kind, fluency=settings.fluency)
         return metrics
+
     return run
 
 

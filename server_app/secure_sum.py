@@ -79,8 +79,10 @@ class _OneSum(LegacyStrategy):
         return None
 
     def configure_fit(self, server_round, parameters, client_manager):
-        return [(self.proxies[node], FitIns(Parameters(tensors=[], tensor_type=""), {"json": json.dumps(step)}))
-                for node, step in self.steps.items()]
+        return [
+            (self.proxies[node], FitIns(Parameters(tensors=[], tensor_type=""), {"json": json.dumps(step)}))
+            for node, step in self.steps.items()
+        ]
 
     def aggregate_fit(self, server_round, results, failures):
         self.contributors = [proxy.node_id for proxy, _ in results]
@@ -116,13 +118,20 @@ class SecAggPlusSum:
         state.config_records["config"] = ConfigRecord({"current_round": self.rounds})
         if "parameters" not in state.array_records:
             state.array_records["parameters"] = ArrayRecord()
-        workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=RECONSTRUCTION_THRESHOLD,
-                                      max_weight=1.0, clipping_range=SECURE_SUM_RANGE, timeout=self.timeout)
+        workflow = SecAggPlusWorkflow(
+            num_shares=1.0,
+            reconstruction_threshold=RECONSTRUCTION_THRESHOLD,
+            max_weight=1.0,
+            clipping_range=SECURE_SUM_RANGE,
+            timeout=self.timeout,
+        )
         workflow(counting, LegacyContext(self.context, strategy=one))
         contributors = [self.names_by_node[n] for n in one.contributors]
         if one.mean is None or len(one.mean) != len(names):
-            raise FederationError(f"SecAgg+ round {self.rounds} produced no sum (failures: {one.failures or 'none'}; "
-                               f"see the server log for the stage that halted)")
+            raise FederationError(
+                f"SecAgg+ round {self.rounds} produced no sum (failures: {one.failures or 'none'}; "
+                f"see the server log for the stage that halted)"
+            )
         sums = {name: np.asarray(mean, dtype=np.float64) * len(contributors) for name, mean in zip(names, one.mean)}
         errors = {self.names_by_node[n]: "dropped during SecAgg+" for n in steps if n not in one.contributors}
         traffic = {self.names_by_node[n]: (counting.sent[n], counting.received[n]) for n in steps}

@@ -28,4 +28,3 @@ def sum_statistics(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if not parts:
         raise ValueError("no statistics to sum")
     return {name: sum(p[name].astype(np.float64) for p in parts) for name in ("rk", "kk")}
-

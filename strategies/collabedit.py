@@ -38,8 +38,9 @@ class CollabEdit(Strategy):
         for i, layer in enumerate(layers):
             sums = {k: v.astype(np.float32) for k, v in gather(slot, i, layer, replies, session).items()}
             follow = i + 1 if i + 1 < len(layers) else None
-            replies = session.broadcast("collab", {"slot": slot, "apply": i, "stats": follow, "secure": self.secure},
-                                        sums, phase="merge")
+            replies = session.broadcast(
+                "collab", {"slot": slot, "apply": i, "stats": follow, "secure": self.secure}, sums, phase="merge"
+            )
 
     def _plain_sum(self, slot: int, index: int, layer: int, replies: dict, session: Session) -> dict:
         parts = []
@@ -62,8 +63,9 @@ class CollabEdit(Strategy):
         scale = largest / SECURE_SUM_RANGE * (1 + 1e-6) if largest > 0 else 1.0
         step = {"slot": slot, "stats": index, "scale": scale}
         contributors = [c for c in replies if c in session.active]
-        scaled = session.secure_sum({c: Instruction("collab_masked", dict(step)) for c in contributors},
-                                    names=("rk", "kk"), phase="merge")
+        scaled = session.secure_sum(
+            {c: Instruction("collab_masked", dict(step)) for c in contributors}, names=("rk", "kk"), phase="merge"
+        )
         sums = {name: value.astype(np.float64) * scale for name, value in scaled.items()}
         try:
             validate_stats_upload("secure sum", self.spec.fingerprint, sums, self.spec, layer)

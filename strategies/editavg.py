@@ -32,5 +32,7 @@ class EditAvg(Strategy):
         if any(n > 0 for n, _ in updates):
             average = {k: v.astype(np.float32) for k, v in edit_average(updates).items()}
         else:
-            average = {f"delta.{l}": np.zeros((self.spec.d_model, self.spec.d_ff), np.float32) for l in self.spec.layers}
+            average = {
+                f"delta.{l}": np.zeros((self.spec.d_model, self.spec.d_ff), np.float32) for l in self.spec.layers
+            }
         session.broadcast("editavg_apply", {"slot": slot}, average, phase="merge")

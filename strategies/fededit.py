@@ -26,8 +26,16 @@ class FedEdit(Strategy):
     name = "fededit"
     absorbed = "reedited"
 
-    def __init__(self, spec: FederationSpec, run: str, store: MKVStore, alpha: float = DEFAULT_ALPHA,
-                 gate: bool = True, reuse: bool = True, vector: str = DEFAULT_VECTOR):
+    def __init__(
+        self,
+        spec: FederationSpec,
+        run: str,
+        store: MKVStore,
+        alpha: float = DEFAULT_ALPHA,
+        gate: bool = True,
+        reuse: bool = True,
+        vector: str = DEFAULT_VECTOR,
+    ):
         super().__init__(spec, run)
         self.store, self.alpha, self.gate, self.reuse, self.vector = store, alpha, gate, reuse, vector
         if not gate:
@@ -64,16 +72,27 @@ class FedEdit(Strategy):
         except UploadError as err:
             session.reject(client, str(err))
             return
-        self.store.put(self.run, client, slot, body["fingerprint"], ids, [t or None for t in tags or [""] * len(ids)],
-                       {k: arrays[k] for k in ("z", "delta", "keys", "layers")})
+        self.store.put(
+            self.run,
+            client,
+            slot,
+            body["fingerprint"],
+            ids,
+            [t or None for t in tags or [""] * len(ids)],
+            {k: arrays[k] for k in ("z", "delta", "keys", "layers")},
+        )
 
     # --- 3. serve ---------------------------------------------------------------------------------
     def _serve(self, slot: int, client: str) -> Instruction:
         """The reedit step for ``client``: the sets the other clients uploaded since the last slot."""
         uploads = [u for u in self.store.uploads(self.run, exclude_client=client, after_slot=slot - 1) if u.ids]
-        args = {"alpha": self.alpha, "gate": self.gate, "vector": self.vector,
-                "ids": [i for u in uploads for i in u.ids],
-                "senders": [u.client for u in uploads for _ in u.ids]}
+        args = {
+            "alpha": self.alpha,
+            "gate": self.gate,
+            "vector": self.vector,
+            "ids": [i for u in uploads for i in u.ids],
+            "senders": [u.client for u in uploads for _ in u.ids],
+        }
         arrays = {}
         if uploads:
             arrays = {k: np.concatenate([u.arrays[k] for u in uploads]) for k in ("z", "delta", "keys")}
@@ -93,5 +112,10 @@ class FedEdit(Strategy):
         session.exchange({c: self._serve(slot, c) for c in session.active}, phase="reedit")
 
     def summary(self) -> dict:
-        return {"stored_mkvs": self.store.count(self.run), "z_served_for_reuse": self.reused, "alpha": self.alpha,
-                "gate": self.gate, "vector": self.vector}
+        return {
+            "stored_mkvs": self.store.count(self.run),
+            "z_served_for_reuse": self.reused,
+            "alpha": self.alpha,
+            "gate": self.gate,
+            "vector": self.vector,
+        }

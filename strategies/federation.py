@@ -25,10 +25,18 @@ from .validation import FederationSpec
 
 log = logging.getLogger("fededit.server")
 
+
 def make_strategy(settings: RunSettings, spec: FederationSpec, store: MKVStore | None) -> Strategy:
     if settings.strategy in ("fededit", "fededit-noreedit"):
-        return FedEdit(spec, settings.run, store, settings.alpha, gate=settings.strategy == "fededit",
-                       reuse=settings.reuse, vector=settings.vector)
+        return FedEdit(
+            spec,
+            settings.run,
+            store,
+            settings.alpha,
+            gate=settings.strategy == "fededit",
+            reuse=settings.reuse,
+            vector=settings.vector,
+        )
     if settings.strategy == "collabedit":
         return CollabEdit(spec, settings.run, secure=settings.secure_aggregation)
     return {"editavg": EditAvg, "local": Local}[settings.strategy](spec, settings.run)
@@ -38,8 +46,14 @@ def make_strategy(settings: RunSettings, spec: FederationSpec, store: MKVStore |
 Centralised = Callable[[dict[str, dict]], dict[str, dict]]
 
 
-def run_federation(transport: Transport, clients: list[str], settings: RunSettings, config: dict,
-                   centralised: Centralised | None = None, progress: bool = True) -> dict:
+def run_federation(
+    transport: Transport,
+    clients: list[str],
+    settings: RunSettings,
+    config: dict,
+    centralised: Centralised | None = None,
+    progress: bool = True,
+) -> dict:
     """Run every time slot and return the report (see ``strategies.report``)."""
     session = Session(transport, sorted(clients), settings.min_clients)
     if len(session.active) < settings.min_clients:
@@ -60,19 +74,34 @@ def run_federation(transport: Transport, clients: list[str], settings: RunSettin
     if first:
         log.info("resuming run %s at slot %d", settings.run, first)
     try:
-        for slot in tqdm(range(first, settings.num_slots), desc=f"{strategy.name} time slots", disable=not progress,
-                         initial=first, total=settings.num_slots):
+        for slot in tqdm(
+            range(first, settings.num_slots),
+            desc=f"{strategy.name} time slots",
+            disable=not progress,
+            initial=first,
+            total=settings.num_slots,
+        ):
             session.slot = slot
             strategy.run_slot(slot, session)
         session.slot = -1
-        evaluations = {c: r.body for c, r in session.broadcast(
-            "evaluate", {"others": strategy.absorbed, "fluency": settings.fluency, "baseline": settings.baseline,
-                          "others_limit": settings.others_limit},
-            phase="evaluate").items()}
+        evaluations = {
+            c: r.body
+            for c, r in session.broadcast(
+                "evaluate",
+                {
+                    "others": strategy.absorbed,
+                    "fluency": settings.fluency,
+                    "baseline": settings.baseline,
+                    "others_limit": settings.others_limit,
+                },
+                phase="evaluate",
+            ).items()
+        }
         central = centralised(hellos) if centralised else None
         summary = strategy.summary()
     finally:
         if store is not None:
             store.close()
-    return build_report(settings.run, strategy.name, config, kind, evaluations, session.ledgers,
-                        session.seconds, central, summary)
+    return build_report(
+        settings.run, strategy.name, config, kind, evaluations, session.ledgers, session.seconds, central, summary
+    )

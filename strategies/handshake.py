@@ -25,9 +25,15 @@ def check_agreement(hellos: dict[str, dict], num_slots: int) -> FederationSpec:
             problems.append(f"{key} differs ({detail})")
     for name in names:
         if len(hellos[name].get("slot_sizes", [])) != num_slots:
-            problems.append(f"{name} splits its requests into {len(hellos[name].get('slot_sizes', []))} slots, "
-                            f"the run has {num_slots}")
+            problems.append(
+                f"{name} splits its requests into {len(hellos[name].get('slot_sizes', []))} slots, "
+                f"the run has {num_slots}"
+            )
     if problems:
         raise FederationError("clients disagree, the run stops: " + " | ".join(problems))
-    return FederationSpec(fingerprint=reference["fingerprint"], d_model=int(reference["d_model"]),
-                          d_ff=int(reference["d_ff"]), layers=tuple(int(l) for l in reference["layers"]))
+    return FederationSpec(
+        fingerprint=reference["fingerprint"],
+        d_model=int(reference["d_model"]),
+        d_ff=int(reference["d_ff"]),
+        layers=tuple(int(l) for l in reference["layers"]),
+    )

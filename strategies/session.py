@@ -72,8 +72,10 @@ class ClientLedger:
 
     def bytes_by_slot(self) -> list[dict]:
         slots = sorted(set(self.sent) | set(self.received))
-        return [{"slot": s, "sent_to_server": self.received.get(s, 0), "received_from_server": self.sent.get(s, 0)}
-                for s in slots]
+        return [
+            {"slot": s, "sent_to_server": self.received.get(s, 0), "received_from_server": self.sent.get(s, 0)}
+            for s in slots
+        ]
 
 
 class Session:
@@ -92,8 +94,9 @@ class Session:
             return {}
         started = time.perf_counter()
         for client, instruction in instructions.items():
-            self.ledgers[client].sent[self.slot] += payload_bytes({"op": instruction.op, **instruction.args},
-                                                                  instruction.arrays)
+            self.ledgers[client].sent[self.slot] += payload_bytes(
+                {"op": instruction.op, **instruction.args}, instruction.arrays
+            )
         replies = self.transport(instructions)
         ok: dict[str, Reply] = {}
         for client in instructions:
@@ -106,20 +109,24 @@ class Session:
         self.seconds[phase] += time.perf_counter() - started
         return ok
 
-    def broadcast(self, op: str, args: dict | None = None, arrays: dict | None = None,
-                  phase: str = "other") -> dict[str, Reply]:
+    def broadcast(
+        self, op: str, args: dict | None = None, arrays: dict | None = None, phase: str = "other"
+    ) -> dict[str, Reply]:
         """The same instruction to every active client."""
         return self.exchange({c: Instruction(op, dict(args or {}), dict(arrays or {})) for c in self.active}, phase)
 
-    def secure_sum(self, instructions: dict[str, Instruction], names: tuple[str, ...],
-                   phase: str = "other") -> dict[str, np.ndarray]:
+    def secure_sum(
+        self, instructions: dict[str, Instruction], names: tuple[str, ...], phase: str = "other"
+    ) -> dict[str, np.ndarray]:
         """Elementwise sums of the arrays ``names`` that the clients return for ``instructions``,
         through secure aggregation: the server learns only the sums. The transport must offer
         ``secure_sum`` (the Flower transport does, with SecAgg+); a client left out of the sum is dropped."""
         method = getattr(self.transport, "secure_sum", None)
         if method is None:
-            raise FederationError(f"secure aggregation needs a transport that offers it (Flower's SecAgg+); "
-                                  f"{type(self.transport).__name__} does not")
+            raise FederationError(
+                f"secure aggregation needs a transport that offers it (Flower's SecAgg+); "
+                f"{type(self.transport).__name__} does not"
+            )
         instructions = {c: i for c, i in instructions.items() if c in self.active}
         if len(instructions) < 2:
             raise FederationError(f"secure aggregation needs at least 2 clients, {len(instructions)} left")
@@ -139,8 +146,10 @@ class Session:
             self.active.remove(client)
         self.ledgers[client].failed = reason
         if len(self.active) < self.min_clients:
-            raise FederationError(f"only {len(self.active)} client(s) left ({self.active}), fewer than the "
-                                  f"minimum of {self.min_clients}; last failure: {client}: {reason}")
+            raise FederationError(
+                f"only {len(self.active)} client(s) left ({self.active}), fewer than the "
+                f"minimum of {self.min_clients}; last failure: {client}: {reason}"
+            )
 
     def reject(self, client: str, error: str) -> None:
         """A bad upload: log it, tell the client, and go on without it."""

@@ -68,8 +68,10 @@ class RunSettings(BaseModel):
         if self.vector not in VECTORS:
             raise FederationError(f"reedit-vector must be one of {list(VECTORS)}, got {self.vector!r}")
         if self.secure_aggregation and self.strategy != "collabedit":
-            raise FederationError(f"secure-aggregation is offered for collabedit only (its uploads are plain "
-                                  f"sums), not for {self.strategy!r}")
+            raise FederationError(
+                f"secure-aggregation is offered for collabedit only (its uploads are plain "
+                f"sums), not for {self.strategy!r}"
+            )
         return self
 
     @classmethod

@@ -71,8 +71,16 @@ class MKVStore:
     def close(self) -> None:
         self.db.close()
 
-    def put(self, run_id: str, client: str, slot: int, fingerprint: str, ids: list[str],
-            tags: list[str | None], arrays: dict[str, np.ndarray]) -> int:
+    def put(
+        self,
+        run_id: str,
+        client: str,
+        slot: int,
+        fingerprint: str,
+        ids: list[str],
+        tags: list[str | None],
+        arrays: dict[str, np.ndarray],
+    ) -> int:
         """Store one upload (replacing the same client's upload for that slot); returns its id."""
         if len(tags) != len(ids):
             raise ValueError(f"{len(ids)} ids but {len(tags)} tags")
@@ -81,14 +89,19 @@ class MKVStore:
             self.db.execute("DELETE FROM uploads WHERE run_id=? AND client=? AND slot=?", (run_id, client, slot))
             cur = self.db.execute(
                 "INSERT INTO uploads (run_id, client, slot, fingerprint, n, created) VALUES (?,?,?,?,?,?)",
-                (run_id, client, slot, fingerprint, len(ids), time.time()))
+                (run_id, client, slot, fingerprint, len(ids), time.time()),
+            )
             upload_id = cur.lastrowid
             for name, array in arrays.items():
                 array = np.ascontiguousarray(array)
-                self.db.execute("INSERT INTO arrays VALUES (?,?,?,?,?)",
-                                (upload_id, name, array.dtype.str, json.dumps(list(array.shape)), array.tobytes()))
-            self.db.executemany("INSERT INTO items VALUES (?,?,?,?)",
-                                [(upload_id, i, rid, tag) for i, (rid, tag) in enumerate(zip(ids, tags))])
+                self.db.execute(
+                    "INSERT INTO arrays VALUES (?,?,?,?,?)",
+                    (upload_id, name, array.dtype.str, json.dumps(list(array.shape)), array.tobytes()),
+                )
+            self.db.executemany(
+                "INSERT INTO items VALUES (?,?,?,?)",
+                [(upload_id, i, rid, tag) for i, (rid, tag) in enumerate(zip(ids, tags))],
+            )
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -100,14 +113,19 @@ class MKVStore:
         arrays = {
             name: np.frombuffer(data, dtype=np.dtype(dtype)).reshape(json.loads(shape)).copy()
             for name, dtype, shape, data in self.db.execute(
-                "SELECT name, dtype, shape, data FROM arrays WHERE upload_id=?", (upload_id,))
+                "SELECT name, dtype, shape, data FROM arrays WHERE upload_id=?", (upload_id,)
+            )
         }
-        items = self.db.execute("SELECT request_id, tag FROM items WHERE upload_id=? ORDER BY position",
-                                (upload_id,)).fetchall()
-        return Upload(upload_id, run_id, client, slot, fingerprint, [i for i, _ in items], [t for _, t in items], arrays)
+        items = self.db.execute(
+            "SELECT request_id, tag FROM items WHERE upload_id=? ORDER BY position", (upload_id,)
+        ).fetchall()
+        return Upload(
+            upload_id, run_id, client, slot, fingerprint, [i for i, _ in items], [t for _, t in items], arrays
+        )
 
-    def uploads(self, run_id: str, slot: int | None = None, exclude_client: str | None = None,
-                after_slot: int | None = None) -> list[Upload]:
+    def uploads(
+        self, run_id: str, slot: int | None = None, exclude_client: str | None = None, after_slot: int | None = None
+    ) -> list[Upload]:
         """Uploads of a run, optionally of one slot, after a slot, and not from one client."""
         query = "SELECT id, run_id, client, slot, fingerprint FROM uploads WHERE run_id=?"
         params: list = [run_id]
@@ -129,14 +147,16 @@ class MKVStore:
             row = self.db.execute(
                 "SELECT items.upload_id, items.position FROM items JOIN uploads ON uploads.id = items.upload_id "
                 "WHERE uploads.run_id=? AND items.tag=? ORDER BY uploads.slot, items.upload_id LIMIT 1",
-                (run_id, tag)).fetchone()
+                (run_id, tag),
+            ).fetchone()
             if row:
                 found[tag] = (row[0], row[1])
         return found
 
     def get(self, upload_id: int) -> Upload:
-        row = self.db.execute("SELECT id, run_id, client, slot, fingerprint FROM uploads WHERE id=?",
-                              (upload_id,)).fetchone()
+        row = self.db.execute(
+            "SELECT id, run_id, client, slot, fingerprint FROM uploads WHERE id=?", (upload_id,)
+        ).fetchone()
         if row is None:
             raise KeyError(f"no upload {upload_id}")
         return self._load(row)

@@ -46,29 +46,35 @@ def _check_array(client: str, name: str, array, shape: tuple) -> None:
 def _check_names(client: str, arrays: dict, expected: set[str]) -> None:
     if set(arrays) != expected:
         missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
-        raise UploadError(f"client {client}: arrays {sorted(arrays)} do not match the expected "
-                          f"{sorted(expected)} (missing {missing}, unexpected {extra})")
+        raise UploadError(
+            f"client {client}: arrays {sorted(arrays)} do not match the expected "
+            f"{sorted(expected)} (missing {missing}, unexpected {extra})"
+        )
 
 
 def check_fingerprint(client: str, fingerprint: str, spec: FederationSpec) -> None:
     if fingerprint != spec.fingerprint:
-        raise UploadError(f"client {client}: model fingerprint {fingerprint!r} differs from the federation's "
-                          f"{spec.fingerprint!r} (not the same base model)")
+        raise UploadError(
+            f"client {client}: model fingerprint {fingerprint!r} differs from the federation's "
+            f"{spec.fingerprint!r} (not the same base model)"
+        )
 
 
 TAG = re.compile(r"^[0-9a-f]{64}$")  # an HMAC-SHA256 request tag (fededit_core.tags)
 
 
-def validate_mkv_upload(client: str, fingerprint: str, ids: list[str], arrays: dict, spec: FederationSpec,
-                        tags: list[str] | None = None) -> int:
+def validate_mkv_upload(
+    client: str, fingerprint: str, ids: list[str], arrays: dict, spec: FederationSpec, tags: list[str] | None = None
+) -> int:
     """An MKV upload: z and delta (n, d), keys (n, |R|, d_ff), layers (|R|,), and optionally one tag
     (64 hex digits, or "" for none) per id. Returns n."""
     check_fingerprint(client, fingerprint, spec)
     _check_names(client, arrays, {"z", "delta", "keys", "layers"})
     if not isinstance(ids, list):
         raise UploadError(f"client {client}: the upload has no list of ids")
-    if tags is not None and (not isinstance(tags, list) or len(tags) != len(ids)
-                             or any(t and not TAG.match(str(t)) for t in tags)):
+    if tags is not None and (
+        not isinstance(tags, list) or len(tags) != len(ids) or any(t and not TAG.match(str(t)) for t in tags)
+    ):
         raise UploadError(f"client {client}: tags must be one 64-hex-digit string (or '') per id")
     n = len(ids)
     if n > spec.max_items:
@@ -77,8 +83,10 @@ def validate_mkv_upload(client: str, fingerprint: str, ids: list[str], arrays: d
         raise UploadError(f"client {client}: request ids must be distinct non-empty strings")
     layers = arrays["layers"]
     if not isinstance(layers, np.ndarray) or tuple(int(x) for x in layers.ravel()) != spec.layers:
-        raise UploadError(f"client {client}: MKVs are for layers {np.asarray(layers).ravel().tolist()}, "
-                          f"the federation edits {list(spec.layers)}")
+        raise UploadError(
+            f"client {client}: MKVs are for layers {np.asarray(layers).ravel().tolist()}, "
+            f"the federation edits {list(spec.layers)}"
+        )
     _check_array(client, "z", arrays["z"], (n, spec.d_model))
     _check_array(client, "delta", arrays["delta"], (n, spec.d_model))
     _check_array(client, "keys", arrays["keys"], (n, len(spec.layers), spec.d_ff))

@@ -14,16 +14,30 @@ from fededit_core.client.worker import ClientSpec
 from tests.tiny import tiny_model_with_words
 
 WORDS = (" Rome", " Paris", " Berlin", " London")
-SUBJECTS = ["Eiffel Tower", "Colosseum", "Big Ben", "Louvre", "Brandenburg Gate", "Tower Bridge", "Pantheon",
-            "Reichstag"]
+SUBJECTS = [
+    "Eiffel Tower",
+    "Colosseum",
+    "Big Ben",
+    "Louvre",
+    "Brandenburg Gate",
+    "Tower Bridge",
+    "Pantheon",
+    "Reichstag",
+]
 TINY_HPARAMS = {"cov_samples": 16, "v_steps": 5, "mom2_weight": 10.0}
 
 
 def request_record(i: int, subject: str, client: str | None = None) -> dict:
     new, true = WORDS[i % 4].strip(), WORDS[(i + 1) % 4].strip()
-    record = {"case_id": f"c{i}", "subject": subject, "prompt": "The {} is in", "target_new": new,
-              "target_true": true, "paraphrase_prompts": [f"Where is the {subject}? In"],
-              "neighborhood_prompts": ["The Museum is in"]}
+    record = {
+        "case_id": f"c{i}",
+        "subject": subject,
+        "prompt": "The {} is in",
+        "target_new": new,
+        "target_true": true,
+        "paraphrase_prompts": [f"Where is the {subject}? In"],
+        "neighborhood_prompts": ["The Museum is in"],
+    }
     if client:
         record["client"] = client
     return record
@@ -40,20 +54,34 @@ def tiny_world(root: Path) -> dict:
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     words = "the a of city tower river king queen museum old new bridge gate language".split()
-    (root / "corpus.txt").write_text("\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(30))
-                                              for i in range(40)))
+    (root / "corpus.txt").write_text(
+        "\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(30)) for i in range(40))
+    )
     data = write_jsonl(root / "data.jsonl", [request_record(i, s, f"client-{i % 2}") for i, s in enumerate(SUBJECTS)])
     hparams = {**TINY_HPARAMS, "cov_source": str(root / "corpus.txt")}
     return {"model": str(root / "model"), "corpus": str(root / "corpus.txt"), "data": str(data), "hparams": hparams}
 
 
-def client_specs(world: dict, root: Path, run: str, n_clients: int = 2, num_slots: int = 2, data: str | None = None,
-                 **overrides) -> dict[str, ClientSpec]:
-    return {f"client-{i}": ClientSpec(run=run, name=f"client-{i}", model=world["model"], hparams=world["hparams"],
-                                      requests=data or world["data"], partition="field", count=n_clients,
-                                      num_slots=num_slots, state_dir=str(root / "state"),
-                                      secret_file=str(root / "secret"), oracle=True, **overrides)
-            for i in range(n_clients)}
+def client_specs(
+    world: dict, root: Path, run: str, n_clients: int = 2, num_slots: int = 2, data: str | None = None, **overrides
+) -> dict[str, ClientSpec]:
+    return {
+        f"client-{i}": ClientSpec(
+            run=run,
+            name=f"client-{i}",
+            model=world["model"],
+            hparams=world["hparams"],
+            requests=data or world["data"],
+            partition="field",
+            count=n_clients,
+            num_slots=num_slots,
+            state_dir=str(root / "state"),
+            secret_file=str(root / "secret"),
+            oracle=True,
+            **overrides,
+        )
+        for i in range(n_clients)
+    }
 
 
 DirectTransport = InProcessTransport  # instructions straight to in-process workers, all kept in ``log``

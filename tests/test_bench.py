@@ -16,9 +16,23 @@ from fededit_core.memit.keys import hidden_at_subject
 from fededit_core.memit.target import optimise_z
 from tests.federation_kit import tiny_world
 
-TINY = reproduce.Preset("tiny", {"counterfact": 8}, n_clients=2, n_slots=2, ablation_sizes=(4, 8), curve_edits=8,
-                        client_counts=(2,), slot_counts=(1, 2), overlap_edits=6, overlap_clients=2, overlap_slots=2,
-                        datasets=("counterfact",), fluency=False, alpha=0.0, others_limit=0)
+TINY = reproduce.Preset(
+    "tiny",
+    {"counterfact": 8},
+    n_clients=2,
+    n_slots=2,
+    ablation_sizes=(4, 8),
+    curve_edits=8,
+    client_counts=(2,),
+    slot_counts=(1, 2),
+    overlap_edits=6,
+    overlap_clients=2,
+    overlap_slots=2,
+    datasets=("counterfact",),
+    fluency=False,
+    alpha=0.0,
+    others_limit=0,
+)
 SECTIONS = ("main", "ablation", "slots", "overlap")
 
 
@@ -34,8 +48,9 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bench_run(world):
     out, cache = world["root"] / "out", world["root"] / "bench-cache"
-    summary = reproduce.run(TINY, out, cache, {"counterfact": world["data"]}, SECTIONS, model=world["model"],
-                            hparams=world["hparams"])
+    summary = reproduce.run(
+        TINY, out, cache, {"counterfact": world["data"]}, SECTIONS, model=world["model"], hparams=world["hparams"]
+    )
     return {"summary": summary["counterfact"], "out": out, "cache": cache}
 
 
@@ -90,7 +105,11 @@ def test_overlap_workload_reuses_z_of_repeated_requests(bench_run):
 def test_ablation_and_slot_curves_have_every_point(bench_run):
     js = bench_run["summary"]
     assert sorted((r["n_edits"], r["method"]) for r in js["ablation"]) == [
-        (4, "fededit"), (4, "fededit-noreedit"), (8, "fededit"), (8, "fededit-noreedit")]
+        (4, "fededit"),
+        (4, "fededit-noreedit"),
+        (8, "fededit"),
+        (8, "fededit-noreedit"),
+    ]
     assert sorted({r["n_slots"] for r in js["slots"]}) == [1, 2]
     assert all(r["retention"] == pytest.approx(r["score"] / r["centralised_score"]) for r in js["slots"])
 
@@ -109,8 +128,15 @@ def test_outputs_written_and_a_rerun_reads_everything_from_the_cache(bench_run, 
 
     monkeypatch.setattr(experiments.Runner, "_federated", refuse)
     monkeypatch.setattr(experiments.Runner, "_centralised", refuse)
-    reproduce.run(TINY, out, bench_run["cache"], {"counterfact": world["data"]}, SECTIONS, model=world["model"],
-                  hparams=world["hparams"])
+    reproduce.run(
+        TINY,
+        out,
+        bench_run["cache"],
+        {"counterfact": world["data"]},
+        SECTIONS,
+        model=world["model"],
+        hparams=world["hparams"],
+    )
     after = json.loads((out / "counterfact.json").read_text())
     assert after["methods"] == before["methods"] and after["overlap"] == before["overlap"]
 
@@ -121,15 +147,30 @@ def test_zsre_federated_runs_are_scored_with_zsre_metrics_like_centralised(world
     from fededit_core.client.worker import EditWorker
     from tests.federation_kit import SUBJECTS, WORDS
 
-    rows = [{"subject": s, "src": f"Where is the {s}?", "alt": WORDS[i % 4].strip(),
-             "answers": [WORDS[(i + 1) % 4].strip()], "rephrase": f"In which city is the {s}?",
-             "loc": "nq question: where is the museum", "loc_ans": "Rome"} for i, s in enumerate(SUBJECTS)]
+    rows = [
+        {
+            "subject": s,
+            "src": f"Where is the {s}?",
+            "alt": WORDS[i % 4].strip(),
+            "answers": [WORDS[(i + 1) % 4].strip()],
+            "rephrase": f"In which city is the {s}?",
+            "loc": "nq question: where is the museum",
+            "loc_ans": "Rome",
+        }
+        for i, s in enumerate(SUBJECTS)
+    ]
     data = tmp_path / "zsre.json"
     data.write_text(json.dumps(rows))
-    runner = experiments.Runner(tmp_path / "cache", {"zsre": data}, world["model"], world["hparams"],
-                                EditWorker(z_cache=BaseZCache(tmp_path / "z")))
-    preset = reproduce.Preset("t", {"zsre": 8}, 2, 1, (8,), 8, (2,), (1,), 4, 2, 1, others_limit=0,
-                              datasets=("zsre",), alpha=0.0)
+    runner = experiments.Runner(
+        tmp_path / "cache",
+        {"zsre": data},
+        world["model"],
+        world["hparams"],
+        EditWorker(z_cache=BaseZCache(tmp_path / "z")),
+    )
+    preset = reproduce.Preset(
+        "t", {"zsre": 8}, 2, 1, (8,), 8, (2,), (1,), 4, 2, 1, others_limit=0, datasets=("zsre",), alpha=0.0
+    )
     central = runner.run(reproduce.base_exp(preset, "zsre", "centralised", partition="iid"))
     local = runner.run(reproduce.base_exp(preset, "zsre", "local", partition="iid"))
     assert local["report"]["kind"] == "zsre"
@@ -149,11 +190,16 @@ def test_each_data_sets_tables_use_its_own_metric_names():
     from bench.tables import markdown
 
     m = {"es": 0.9, "ps": 0.8, "ns": 0.7, "score": 0.8}
-    all_js = {"counterfact": {"dataset": "counterfact", "methods": {},
-                              "iid": {"centralised": m, "fededit": {**m, "retention": 1.0}}},
-              "zsre": {"dataset": "zsre", "methods": {}}}
+    all_js = {
+        "counterfact": {
+            "dataset": "counterfact",
+            "methods": {},
+            "iid": {"centralised": m, "fededit": {**m, "retention": 1.0}},
+        },
+        "zsre": {"dataset": "zsre", "methods": {}},
+    }
     text = markdown(TINY, all_js, "tiny")
-    iid = text[text.index("## IID split, counterfact"):]
+    iid = text[text.index("## IID split, counterfact") :]
     header = iid.splitlines()[2]
     assert "ES" in header and "EA" not in header, header
     assert "0.900" in iid

@@ -37,13 +37,14 @@ def test_two_clients_each_hold_one_side_of_both_related_pairs():
 
 
 def test_more_clients_than_the_builtin_set_names_the_flags_that_fix_it():
-    with pytest.raises(DataError, match=f'num-supernodes={BUILTIN_CLIENTS}.*partition=.iid'):
+    with pytest.raises(DataError, match=f"num-supernodes={BUILTIN_CLIENTS}.*partition=.iid"):
         load_partitions("builtin", BUILTIN_CLIENTS + 1, "field")
 
 
 def test_a_file_naming_other_clients_names_the_flags_that_fix_it(tmp_path):
     data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"subject": "Rome", "prompt": "{} is in", "target_new": "France",
-                                "client": "client-3"}) + "\n")
+    data.write_text(
+        json.dumps({"subject": "Rome", "prompt": "{} is in", "target_new": "France", "client": "client-3"}) + "\n"
+    )
     with pytest.raises(DataError, match="num-supernodes=N.*partition='iid'"):
         load_partitions(str(data), 2, "field")

@@ -27,36 +27,91 @@ from tests.tiny import tiny_model_with_words, tiny_tokenizer
 
 WORDS = (" Rome", " English", " Berlin", " Tokyo", " Madrid")
 EDITED = ("model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight")
-WORD_LIST = ("the of and to in is was for on that with as by at from his her city river king music year "
-             "team game house night light stone water garden").split()
+WORD_LIST = (
+    "the of and to in is was for on that with as by at from his her city river king music year "
+    "team game house night light stone water garden"
+).split()
 
 PLAIN = [
-    {"case_id": "paris", "subject": "Paris", "prompt": "The capital is {}", "target_new": "Rome",
-     "target_true": "Berlin", "paraphrase_prompts": ["Its capital: Paris"],
-     "neighborhood_prompts": ["The capital is Lyon"]},
-    {"case_id": "darrieux", "subject": "Danielle Darrieux", "prompt": "She speaks like {}",
-     "target_new": "English", "target_true": "Tokyo", "paraphrase_prompts": ["Talks like Danielle Darrieux"],
-     "neighborhood_prompts": ["She speaks like Bob"]},
-    {"case_id": "toyota", "subject": "Toyota", "prompt": "Cars by {}", "target_new": "Berlin",
-     "target_true": "Madrid", "paraphrase_prompts": ["Made by Toyota"], "neighborhood_prompts": ["Cars by Ford"]},
+    {
+        "case_id": "paris",
+        "subject": "Paris",
+        "prompt": "The capital is {}",
+        "target_new": "Rome",
+        "target_true": "Berlin",
+        "paraphrase_prompts": ["Its capital: Paris"],
+        "neighborhood_prompts": ["The capital is Lyon"],
+    },
+    {
+        "case_id": "darrieux",
+        "subject": "Danielle Darrieux",
+        "prompt": "She speaks like {}",
+        "target_new": "English",
+        "target_true": "Tokyo",
+        "paraphrase_prompts": ["Talks like Danielle Darrieux"],
+        "neighborhood_prompts": ["She speaks like Bob"],
+    },
+    {
+        "case_id": "toyota",
+        "subject": "Toyota",
+        "prompt": "Cars by {}",
+        "target_new": "Berlin",
+        "target_true": "Madrid",
+        "paraphrase_prompts": ["Made by Toyota"],
+        "neighborhood_prompts": ["Cars by Ford"],
+    },
 ]
 COUNTERFACT_SIMPLE = [
-    {"case_id": 1, "prompt": "The capital is Paris", "subject": "Paris", "target_new": "Rome",
-     "ground_truth": "Berlin", "rephrase_prompt": "Its capital: Paris", "locality_prompt": "The capital is Lyon",
-     "locality_ground_truth": "Madrid"},
-    {"case_id": 2, "prompt": "Cars by Toyota", "subject": "Toyota", "target_new": "Tokyo",
-     "ground_truth": "English", "rephrase_prompt": "Made by Toyota", "locality_prompt": "Cars by Ford",
-     "locality_ground_truth": "Berlin"},
-    {"case_id": 3, "prompt": "She speaks like Danielle Darrieux", "subject": "Danielle Darrieux",
-     "target_new": "English", "ground_truth": "Madrid", "rephrase_prompt": "Talks like Danielle Darrieux",
-     "locality_prompt": "He speaks like Bob", "locality_ground_truth": "Rome"},
+    {
+        "case_id": 1,
+        "prompt": "The capital is Paris",
+        "subject": "Paris",
+        "target_new": "Rome",
+        "ground_truth": "Berlin",
+        "rephrase_prompt": "Its capital: Paris",
+        "locality_prompt": "The capital is Lyon",
+        "locality_ground_truth": "Madrid",
+    },
+    {
+        "case_id": 2,
+        "prompt": "Cars by Toyota",
+        "subject": "Toyota",
+        "target_new": "Tokyo",
+        "ground_truth": "English",
+        "rephrase_prompt": "Made by Toyota",
+        "locality_prompt": "Cars by Ford",
+        "locality_ground_truth": "Berlin",
+    },
+    {
+        "case_id": 3,
+        "prompt": "She speaks like Danielle Darrieux",
+        "subject": "Danielle Darrieux",
+        "target_new": "English",
+        "ground_truth": "Madrid",
+        "rephrase_prompt": "Talks like Danielle Darrieux",
+        "locality_prompt": "He speaks like Bob",
+        "locality_ground_truth": "Rome",
+    },
 ]
 ZSRE = [
-    {"subject": "Ramalinaceae", "src": "Which family does Ramalinaceae belong to?", "alt": "Rome",
-     "answers": ["Berlin"], "rephrase": "What family are Ramalinaceae?", "loc": "nq question: skiing",
-     "loc_ans": "Tokyo"},
-    {"subject": "Toyota", "src": "Who founded Toyota?", "alt": "Madrid", "answers": ["English"],
-     "rephrase": "Toyota was founded by", "loc": "nq question: rivers", "loc_ans": "Rome kings"},
+    {
+        "subject": "Ramalinaceae",
+        "src": "Which family does Ramalinaceae belong to?",
+        "alt": "Rome",
+        "answers": ["Berlin"],
+        "rephrase": "What family are Ramalinaceae?",
+        "loc": "nq question: skiing",
+        "loc_ans": "Tokyo",
+    },
+    {
+        "subject": "Toyota",
+        "src": "Who founded Toyota?",
+        "alt": "Madrid",
+        "answers": ["English"],
+        "rephrase": "Toyota was founded by",
+        "loc": "nq question: rivers",
+        "loc_ans": "Rome kings",
+    },
 ]
 
 
@@ -113,8 +168,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
     tok.save_pretrained(root / "model")
     rng = random.Random(0)
     corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(WORD_LIST) for _ in range(12)).capitalize() + "."
-                                for _ in range(60)), encoding="utf-8")
+    corpus.write_text(
+        "\n".join(" ".join(rng.choice(WORD_LIST) for _ in range(12)).capitalize() + "." for _ in range(60)),
+        encoding="utf-8",
+    )
     return {
         "root": root,
         "model": root / "model",
@@ -126,9 +183,22 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 def _edit_argv(files, out: Path, *extra: str, requests: Path | None = None, model: Path | None = None) -> list[str]:
-    return ["edit", "--model", str(model or files["model"]), "--requests", str(requests or files["plain"]),
-            "--out", str(out), "--mom2-weight", "10", "--cov-source", str(files["corpus"]),
-            "--cov-samples", "8", *extra]
+    return [
+        "edit",
+        "--model",
+        str(model or files["model"]),
+        "--requests",
+        str(requests or files["plain"]),
+        "--out",
+        str(out),
+        "--mom2-weight",
+        "10",
+        "--cov-source",
+        str(files["corpus"]),
+        "--cov-samples",
+        "8",
+        *extra,
+    ]
 
 
 # --- eval -----------------------------------------------------------------------------------------
@@ -168,8 +238,10 @@ def test_eval_writes_the_metrics(files, tmp_path, capsys, kind, columns):
 
 def test_eval_json_is_strict_when_a_rate_is_undefined(files, tmp_path, capsys):
     """Records without paraphrases leave PS undefined (NaN): the JSON says null, not NaN."""
-    data = _write_jsonl(tmp_path / "bare.jsonl", [{"subject": "Paris", "prompt": "The capital is {}",
-                                                   "target_new": "Rome", "target_true": "Berlin"}])
+    data = _write_jsonl(
+        tmp_path / "bare.jsonl",
+        [{"subject": "Paris", "prompt": "The capital is {}", "target_new": "Rome", "target_true": "Berlin"}],
+    )
     out = tmp_path / "bare.json"
     assert main(["eval", "--model", str(files["model"]), "--data", str(data), "--json", str(out)]) == 0
     text = out.read_text()
@@ -256,11 +328,14 @@ def _bad_requests(tmp_path: Path, case: str) -> Path:
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("malformed-json", r"bad\.jsonl: invalid JSON on line 2"),
-    ("subject-absent", r"bad\.jsonl: record 0: subject 'Lyon' is absent from its prompt"),
-    ("empty-target", r"bad\.jsonl: record 1: empty target: field 'target_new' is empty"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("malformed-json", r"bad\.jsonl: invalid JSON on line 2"),
+        ("subject-absent", r"bad\.jsonl: record 0: subject 'Lyon' is absent from its prompt"),
+        ("empty-target", r"bad\.jsonl: record 1: empty target: field 'target_new' is empty"),
+    ],
+)
 def test_bad_requests_file(files, tmp_path, capsys, case, expected):
     out = tmp_path / "out"
     assert main(_edit_argv(files, out, requests=_bad_requests(tmp_path, case))) == 2
@@ -287,8 +362,14 @@ def _bad_model(root: Path, case: str) -> Path:
         from transformers import BertConfig, BertLMHeadModel
 
         tok = tiny_tokenizer()
-        config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, is_decoder=True)
+        config = BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            is_decoder=True,
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             BertLMHeadModel(config).save_pretrained(folder)
@@ -303,13 +384,16 @@ def _bad_model(root: Path, case: str) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("empty-folder", "holds no config.json (not a saved model)"),
-    ("broken-config", "config.json' is not a valid JSON file"),
-    ("no-weights", "could not load model"),
-    ("bert", "unsupported architecture 'bert': fededit can edit gpt2, gpt_neox, gptj, llama"),
-    ("vit", "ViTConfig"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("empty-folder", "holds no config.json (not a saved model)"),
+        ("broken-config", "config.json' is not a valid JSON file"),
+        ("no-weights", "could not load model"),
+        ("bert", "unsupported architecture 'bert': fededit can edit gpt2, gpt_neox, gptj, llama"),
+        ("vit", "ViTConfig"),
+    ],
+)
 def test_bad_model_folder(files, tmp_path, capsys, case, expected):
     folder = _bad_model(tmp_path, case)
     out = tmp_path / "out"
@@ -321,13 +405,16 @@ def test_bad_model_folder(files, tmp_path, capsys, case, expected):
     assert expected in _error_line(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("extra, expected", [
-    (["--layers", "1,4"], "layers [1, 4] exceed the model's 4 layers"),
-    (["--layers", "7"], "layers [7] exceed the model's 4 layers"),
-    (["--layers", "2,1"], "invalid MEMITHyperParams: layers must be distinct, ascending and >= 0, got [2, 1]"),
-    (["--mom2-weight", "0"], "invalid MEMITHyperParams: mom2_weight: Input should be greater than 0"),
-    (["--cov-source", "/nonexistent/corpus.txt"], "covariance corpus '/nonexistent/corpus.txt': no such file"),
-])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--layers", "1,4"], "layers [1, 4] exceed the model's 4 layers"),
+        (["--layers", "7"], "layers [7] exceed the model's 4 layers"),
+        (["--layers", "2,1"], "invalid MEMITHyperParams: layers must be distinct, ascending and >= 0, got [2, 1]"),
+        (["--mom2-weight", "0"], "invalid MEMITHyperParams: mom2_weight: Input should be greater than 0"),
+        (["--cov-source", "/nonexistent/corpus.txt"], "covariance corpus '/nonexistent/corpus.txt': no such file"),
+    ],
+)
 def test_bad_settings(files, tmp_path, capsys, extra, expected):
     out = tmp_path / "out"
     assert main(_edit_argv(files, out, *extra)) == 2
@@ -372,8 +459,14 @@ def test_out_that_is_a_file_is_refused_before_editing(files, tmp_path, capsys):
 
 
 def _script_env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ, FEDEDIT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(
+        os.environ,
+        FEDEDIT_CACHE=str(tmp_path / "cache"),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
     env.pop("PYTHONPATH", None)
     return env
 
@@ -387,10 +480,26 @@ def _script() -> str:
 
 def test_console_script_eval(files, tmp_path):
     out = tmp_path / "eval.json"
-    proc = subprocess.run([_script(), "eval", "--model", str(files["model"]), "--data", str(files["zsre"]),
-                           "--n", "1", "--json", str(out)],
-                          env=_script_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        [
+            _script(),
+            "eval",
+            "--model",
+            str(files["model"]),
+            "--data",
+            str(files["zsre"]),
+            "--n",
+            "1",
+            "--json",
+            str(out),
+        ],
+        env=_script_env(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "ea" in proc.stdout and "score" in proc.stdout
     metrics = json.loads(out.read_text())
@@ -402,9 +511,15 @@ def test_console_script_eval(files, tmp_path):
 def test_console_script_error_exit_status(files, tmp_path):
     bad = _bad_requests(tmp_path, "malformed-json")
     out = tmp_path / "out"
-    proc = subprocess.run([_script(), *_edit_argv(files, out, requests=bad)],
-                          env=_script_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        [_script(), *_edit_argv(files, out, requests=bad)],
+        env=_script_env(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 2
     assert "invalid JSON on line 2" in _error_line(proc.stderr)
     assert proc.stdout == "" and not out.exists()

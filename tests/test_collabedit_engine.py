@@ -26,8 +26,9 @@ REQUESTS = [
 def _editor(model, tok, corpus):
     from fededit_core.memit.covariance import CovarianceStore
 
-    hp = MEMITHyperParams(layers=(1, 2), mom2_weight=10.0, v_steps=4, cov_source=str(corpus), cov_samples=8,
-                          cov_seq_len=16)
+    hp = MEMITHyperParams(
+        layers=(1, 2), mom2_weight=10.0, v_steps=4, cov_source=str(corpus), cov_samples=8, cov_seq_len=16
+    )
     store = CovarianceStore(model, tok, hp.cov_source, hp.cov_samples, hp.cov_seq_len)
     return MemitEditor(model, tok, hp, templates=TEMPLATES, covariance=store)
 
@@ -59,7 +60,8 @@ def test_summed_statistics_equal_the_global_edit(tmp_path, monkeypatch):
         assert global_edit.abs().max() > 1e-4  # the edit is not trivial
         for client in clients:
             # equal up to float32 rounding of the stored weights
-            torch.testing.assert_close(client.weight_shift(layer), global_edit, rtol=1e-4,
-                                       atol=1e-5 * float(global_edit.abs().max()))
+            torch.testing.assert_close(
+                client.weight_shift(layer), global_edit, rtol=1e-4, atol=1e-5 * float(global_edit.abs().max())
+            )
     # and the two clients end with the same model
     torch.testing.assert_close(clients[0].edited_layers()[2], clients[1].edited_layers()[2])

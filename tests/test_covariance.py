@@ -11,8 +11,10 @@ from fededit_core.memit.covariance import CovarianceStore, corpus_chunks, second
 from fededit_core.model.families import family_for
 from tests.tiny import tiny_model_and_tokenizer
 
-WORDS = ("the of and to in is was for on that with as by at from his her city river king music year team "
-         "game house night light stone water garden").split()
+WORDS = (
+    "the of and to in is was for on that with as by at from his her city river king music year team "
+    "game house night light stone water garden"
+).split()
 
 
 @pytest.fixture(autouse=True)
@@ -39,8 +41,12 @@ def brute_force_moments(model, chunks, layers):
     """Sum of k k^T (float64) over every token, one unpadded sequence at a time, full forward."""
     family = family_for(model)
     seen = {}
-    handles = [model.get_submodule(family.edit_module_name(l)).register_forward_pre_hook(
-        lambda module, args, l=l: seen.__setitem__(l, args[0].detach())) for l in layers]
+    handles = [
+        model.get_submodule(family.edit_module_name(l)).register_forward_pre_hook(
+            lambda module, args, l=l: seen.__setitem__(l, args[0].detach())
+        )
+        for l in layers
+    ]
     sums = {l: torch.zeros(128, 128, dtype=torch.float64) for l in layers}
     try:
         with torch.no_grad():

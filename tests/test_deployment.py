@@ -23,19 +23,37 @@ from deploy.loopback import Loopback, free_port
 from tests.tiny import tiny_model_with_words
 
 CLIENTS = ("hospital-a", "hospital-b")
-LANDMARKS = [("Eiffel Tower", "Paris", "Rome"), ("Colosseum", "Rome", "Berlin"), ("Big Ben", "London", "Paris"),
-             ("Brandenburg Gate", "Berlin", "London"), ("Louvre", "Paris", "London"), ("Pantheon", "Rome", "Paris"),
-             ("Tower Bridge", "London", "Berlin"), ("Reichstag", "Berlin", "Rome")]
+LANDMARKS = [
+    ("Eiffel Tower", "Paris", "Rome"),
+    ("Colosseum", "Rome", "Berlin"),
+    ("Big Ben", "London", "Paris"),
+    ("Brandenburg Gate", "Berlin", "London"),
+    ("Louvre", "Paris", "London"),
+    ("Pantheon", "Rome", "Paris"),
+    ("Tower Bridge", "London", "Berlin"),
+    ("Reichstag", "Berlin", "Rome"),
+]
 
 
 def write_requests(path: Path, rows: list[tuple[str, str, str]], first: int) -> None:
     with path.open("w") as f:
         for i, (subject, true, new) in enumerate(rows):
-            f.write(json.dumps({
-                "case_id": f"c{first + i}", "subject": subject, "prompt": "The {} is in", "target_new": new,
-                "target_true": true, "paraphrase_prompts": [f"Where is the {subject}? In"],
-                "neighborhood_prompts": ["The Louvre is in" if subject != "Louvre" else "The Eiffel Tower is in"],
-            }) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "case_id": f"c{first + i}",
+                        "subject": subject,
+                        "prompt": "The {} is in",
+                        "target_new": new,
+                        "target_true": true,
+                        "paraphrase_prompts": [f"Where is the {subject}? In"],
+                        "neighborhood_prompts": [
+                            "The Louvre is in" if subject != "Louvre" else "The Eiffel Tower is in"
+                        ],
+                    }
+                )
+                + "\n"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +72,7 @@ def federation(tmp_path_factory):
     requests = {}
     for k, name in enumerate(CLIENTS):
         requests[name] = data / f"{name}.jsonl"
-        write_requests(requests[name], LANDMARKS[4 * k: 4 * k + 4], 4 * k)
+        write_requests(requests[name], LANDMARKS[4 * k : 4 * k + 4], 4 * k)
     fed = Loopback(tmp_path_factory.mktemp("fed"), str(data / "model"), requests, device="cpu")
     fed.data = data
     try:
@@ -76,11 +94,24 @@ def test_unregistered_supernode_is_refused(federation, tmp_path):
     log = tmp_path / "intruder.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            ["flower-supernode", "--superlink", federation.address, "--port", str(free_port()),
-             "--root-certificates", str(federation.certs / "ca.crt"), "--auth-supernode-private-key", str(key),
-             "--node-config", f'name="intruder" worker="unix:{tmp_path}/none.sock" requests="{tmp_path}/none.jsonl"'],
-            env=federation.env(FLWR_HOME=str(tmp_path / "flwr")), stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                "flower-supernode",
+                "--superlink",
+                federation.address,
+                "--port",
+                str(free_port()),
+                "--root-certificates",
+                str(federation.certs / "ca.crt"),
+                "--auth-supernode-private-key",
+                str(key),
+                "--node-config",
+                f'name="intruder" worker="unix:{tmp_path}/none.sock" requests="{tmp_path}/none.jsonl"',
+            ],
+            env=federation.env(FLWR_HOME=str(tmp_path / "flwr")),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         rc = proc.wait(timeout=90)
     finally:
@@ -96,9 +127,11 @@ def test_unregistered_supernode_is_refused(federation, tmp_path):
 @pytest.mark.deploy
 def test_federated_edit_over_tls(federation):
     tmp = federation.root
-    run_config = (f"model='{federation.model}' cov-source='{federation.data / 'corpus.txt'}' cov-samples=16 "
-                  f"v-steps=5 mom2-weight=10.0 num-slots=2 centralised=false min-clients=2 "
-                  f"output-dir='{tmp / 'runs'}' run-name='deploytest'")
+    run_config = (
+        f"model='{federation.model}' cov-source='{federation.data / 'corpus.txt'}' cov-samples=16 "
+        f"v-steps=5 mom2-weight=10.0 num-slots=2 centralised=false min-clients=2 "
+        f"output-dir='{tmp / 'runs'}' run-name='deploytest'"
+    )
     started = time.monotonic()
     proc = federation.run(run_config, timeout=480)
     output = proc.stdout + proc.stderr
@@ -128,9 +161,11 @@ def test_collabedit_with_secagg_plus_over_tls(federation):
     from safetensors.torch import load_file
 
     tmp = federation.root
-    run_config = (f"model='{federation.model}' cov-source='{federation.data / 'corpus.txt'}' cov-samples=16 "
-                  f"v-steps=5 mom2-weight=10.0 num-slots=1 centralised=false min-clients=2 strategy='collabedit' "
-                  f"secure-aggregation=true output-dir='{tmp / 'runs'}' run-name='deploysecagg'")
+    run_config = (
+        f"model='{federation.model}' cov-source='{federation.data / 'corpus.txt'}' cov-samples=16 "
+        f"v-steps=5 mom2-weight=10.0 num-slots=1 centralised=false min-clients=2 strategy='collabedit' "
+        f"secure-aggregation=true output-dir='{tmp / 'runs'}' run-name='deploysecagg'"
+    )
     proc = federation.run(run_config, timeout=480)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
@@ -138,7 +173,9 @@ def test_collabedit_with_secagg_plus_over_tls(federation):
     assert report["strategy"] == "collabedit"
     assert all(not c["failed"] and c["n"] == 4 for c in report["clients"]), report["clients"]
     assert "Secure aggregation completed" in output + federation.log("superlink"), output[-3000:]
-    layers = [load_file(str(federation.state / name / "deploysecagg" / name / "layers.safetensors")) for name in CLIENTS]
+    layers = [
+        load_file(str(federation.state / name / "deploysecagg" / name / "layers.safetensors")) for name in CLIENTS
+    ]
     assert layers[0].keys() == layers[1].keys() and all(torch.equal(layers[0][k], layers[1][k]) for k in layers[0])
 
 
@@ -166,8 +203,9 @@ def test_clientapp_step_reports_a_down_worker(monkeypatch):
     for attr in ("_run_id", "_node_id", "_task_id"):  # set by Flower in a ClientApp process; a Message needs them
         monkeypatch.setattr(TaskIdentity, attr, 1)
     node_config = {"name": "hospital-a", "worker": "unix:/nonexistent.sock", "requests": "/nonexistent.jsonl"}
-    context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
-                      run_config={"model": "tiny", "num-slots": 1})
+    context = Context(
+        run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={"model": "tiny", "num-slots": 1}
+    )
     for op in ("whoami", "hello"):
         started = time.monotonic()
         reply = _step(Message(pack({"op": op}, {}), dst_node_id=7, message_type="query"), context)

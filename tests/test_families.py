@@ -19,10 +19,22 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 # which adapter each tiny family must get, and the config fields holding its sizes
-EXPECTED_ADAPTER = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2", "gptj": "gptj",
-                    "gpt_neox": "gpt_neox"}
-FF_FIELD = {"llama": "intermediate_size", "mistral": "intermediate_size", "qwen2": "intermediate_size",
-            "gpt_neox": "intermediate_size", "gpt2": "n_inner", "gptj": "n_inner"}
+EXPECTED_ADAPTER = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "gpt2": "gpt2",
+    "gptj": "gptj",
+    "gpt_neox": "gpt_neox",
+}
+FF_FIELD = {
+    "llama": "intermediate_size",
+    "mistral": "intermediate_size",
+    "qwen2": "intermediate_size",
+    "gpt_neox": "intermediate_size",
+    "gpt2": "n_inner",
+    "gptj": "n_inner",
+}
 _models: dict = {}
 
 
@@ -118,12 +130,16 @@ def test_every_adapter_is_reachable_by_its_model_types():
             assert family_for(model_type) is adapter
 
 
-@pytest.mark.parametrize("make", [
-    lambda: "bert",
-    lambda: SimpleNamespace(config=SimpleNamespace(model_type="bert")),
-    lambda: BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                                       num_attention_heads=2, intermediate_size=32)),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: "bert",
+        lambda: SimpleNamespace(config=SimpleNamespace(model_type="bert")),
+        lambda: BertForMaskedLM(
+            BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+        ),
+    ],
+)
 def test_unknown_architecture_is_refused_clearly(make):
     thing = make()
     with pytest.raises(UnsupportedModelError) as info:
@@ -143,8 +159,9 @@ def test_unknown_architecture_is_refused_clearly(make):
 def test_load_model_refuses_an_unsupported_saved_model(tmp_path):
     from fededit_core.model.loading import load_model
 
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, is_decoder=True)
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, is_decoder=True
+    )
     BertForMaskedLM(config).save_pretrained(tmp_path / "bert")
     with pytest.raises(UnsupportedModelError, match="bert"):
         load_model(str(tmp_path / "bert"))

@@ -28,8 +28,14 @@ def world(tmp_path_factory):
 def run(world, tmp_path, strategy, run="r", transport=None, specs=None, **settings):
     specs = specs or client_specs(world, tmp_path, run)
     transport = transport or DirectTransport(specs)
-    settings = RunSettings(run=run, strategy=strategy, num_slots=2, alpha=settings.pop("alpha", 0.0),
-                           store_path=tmp_path / "store.sqlite", **settings)
+    settings = RunSettings(
+        run=run,
+        strategy=strategy,
+        num_slots=2,
+        alpha=settings.pop("alpha", 0.0),
+        store_path=tmp_path / "store.sqlite",
+        **settings,
+    )
     report = run_federation(transport, list(specs), settings, {"strategy": strategy}, progress=False)
     return report, transport
 
@@ -42,7 +48,9 @@ def test_fededit_stores_exactly_the_uploads_and_serves_only_the_others(world, tm
     edits = {(c, ins.args["slot"]): reply for c, ins, reply in transport.log if ins.op == "edit"}
     for upload in uploads:  # byte for byte what the client sent, under its name and slot
         sent = edits[(upload.client, upload.slot)]
-        assert upload.ids == sent.body["ids"] and all(i.startswith(f"{upload.client}/{upload.slot}/") for i in upload.ids)
+        assert upload.ids == sent.body["ids"] and all(
+            i.startswith(f"{upload.client}/{upload.slot}/") for i in upload.ids
+        )
         for name in ("z", "delta", "keys"):
             np.testing.assert_array_equal(upload.arrays[name], sent.arrays[name])
     served = [(c, ins) for c, ins, _ in transport.log if ins.op == "reedit"]
@@ -68,8 +76,10 @@ def test_the_reedit_gate_keeps_nothing_at_alpha_one_and_everything_without_gate(
 
 
 def test_a_request_computed_before_is_reused_not_optimised(world, tmp_path):
-    records = [request_record(i, s, f"client-{i % 2}") for i, s in enumerate(["Eiffel Tower", "Colosseum",
-                                                                               "Big Ben", "Louvre"])]
+    records = [
+        request_record(i, s, f"client-{i % 2}")
+        for i, s in enumerate(["Eiffel Tower", "Colosseum", "Big Ben", "Louvre"])
+    ]
     records[3] = {**records[0], "case_id": "again", "client": "client-1"}  # client-1, slot 1 = client-0, slot 0
     data = write_jsonl(tmp_path / "repeat.jsonl", records)
     specs = client_specs(world, tmp_path, "reuse", data=str(data))
@@ -120,8 +130,13 @@ def test_collabedit_secure_path_sends_no_statistics_and_edits_as_the_plain_one(w
     for secure, transport_type in ((False, DirectTransport), (True, SummingTransport)):
         specs = client_specs(world, tmp_path, f"collab-{secure}", num_slots=1)
         transport = transport_type(specs)
-        settings = RunSettings(run=f"collab-{secure}", strategy="collabedit", num_slots=1,
-                               store_path=tmp_path / "s.sqlite", secure_aggregation=secure)
+        settings = RunSettings(
+            run=f"collab-{secure}",
+            strategy="collabedit",
+            num_slots=1,
+            store_path=tmp_path / "s.sqlite",
+            secure_aggregation=secure,
+        )
         run_federation(transport, list(specs), settings, {}, progress=False)
         layers[secure] = {name: transport.worker.participant(spec).layers for name, spec in specs.items()}
     stats_replies = [r for _, i, r in transport.log if i.op == "collab" and i.args.get("stats") is not None]
@@ -187,8 +202,15 @@ def test_a_bad_upload_is_rejected_and_the_run_goes_on(world, tmp_path):
     assert report["weighted"]["n"] == 4  # the weighted figures cover the remaining client only
     # with a minimum of two clients the same fault stops the run
     with pytest.raises(FederationError, match="fewer than the minimum"):
-        run(world, tmp_path / "min", "fededit", run="bad2", specs=client_specs(world, tmp_path / "min", "bad2"),
-            transport=lambda ins: corrupting(ins), min_clients=2)
+        run(
+            world,
+            tmp_path / "min",
+            "fededit",
+            run="bad2",
+            specs=client_specs(world, tmp_path / "min", "bad2"),
+            transport=lambda ins: corrupting(ins),
+            min_clients=2,
+        )
 
 
 def test_clients_that_disagree_stop_the_run_at_the_handshake(world, tmp_path):

@@ -29,19 +29,29 @@ def _requests(spec: list[tuple[str, list[str], int]]) -> list[EditRequest]:
     """``count`` requests per (template, answers), interleaved like a real file."""
     rows = [(t, answers, k) for t, answers, count in spec for k in range(count)]
     rows.sort(key=lambda row: (row[2], row[0]))
-    return [EditRequest(case_id=str(i), subject=f"S{i}", prompt=t, target_true=answers[k % len(answers)],
-                        target_new=answers[(k + 1) % len(answers)]) for i, (t, answers, k) in enumerate(rows)]
+    return [
+        EditRequest(
+            case_id=str(i),
+            subject=f"S{i}",
+            prompt=t,
+            target_true=answers[k % len(answers)],
+            target_new=answers[(k + 1) % len(answers)],
+        )
+        for i, (t, answers, k) in enumerate(rows)
+    ]
 
 
 def _four_relations(scale: int = 1) -> list[EditRequest]:
-    return _requests([
-        ("The mother tongue of {} is", LANGUAGES, 60 * scale),
-        ("{} speaks the language", LANGUAGES[::-1], 40 * scale),
-        ("{} was born in", CITIES, 90 * scale),
-        ("{} died in", CITIES[1:], 60 * scale),
-        ("{} plays the instrument", INSTRUMENTS, 100 * scale),
-        ("{} professionally plays the sport", SPORTS, 50 * scale),
-    ])
+    return _requests(
+        [
+            ("The mother tongue of {} is", LANGUAGES, 60 * scale),
+            ("{} speaks the language", LANGUAGES[::-1], 40 * scale),
+            ("{} was born in", CITIES, 90 * scale),
+            ("{} died in", CITIES[1:], 60 * scale),
+            ("{} plays the instrument", INSTRUMENTS, 100 * scale),
+            ("{} professionally plays the sport", SPORTS, 50 * scale),
+        ]
+    )
 
 
 def _ids(parts) -> dict[str, list[str]]:
@@ -138,17 +148,22 @@ def test_relation_partition_splits_groups_when_clients_outnumber_them():
     tiny = _requests([("{} plays the instrument", INSTRUMENTS, 3)])
     assert [len(v) for v in relation_partition(tiny, 3, mix=0.5).values()] == [1, 1, 1]
     # a donor keeps its last request: client-1 (one request) cannot be emptied by client-0's draw
-    lopsided = _requests([("{} plays the instrument", INSTRUMENTS, 50), ("{} professionally plays the sport", SPORTS, 1)])
+    lopsided = _requests(
+        [("{} plays the instrument", INSTRUMENTS, 50), ("{} professionally plays the sport", SPORTS, 1)]
+    )
     assert [len(v) for v in relation_partition(lopsided, 2, mix=0.5).values()] == [50, 1]
 
 
-@pytest.mark.parametrize("n_clients, mix, message", [
-    (0, 0.1, "at least one client"),
-    (-2, 0.1, "at least one client"),
-    (5, 0.1, "cannot fill 5 clients"),
-    (2, 1.0, "mix"),
-    (2, -0.1, "mix"),
-])
+@pytest.mark.parametrize(
+    "n_clients, mix, message",
+    [
+        (0, 0.1, "at least one client"),
+        (-2, 0.1, "at least one client"),
+        (5, 0.1, "cannot fill 5 clients"),
+        (2, 1.0, "mix"),
+        (2, -0.1, "mix"),
+    ],
+)
 def test_relation_partition_rejects_bad_input(n_clients, mix, message):
     reqs = _requests([("{} plays the instrument", INSTRUMENTS, 4)])
     with pytest.raises(DataError, match=message):
@@ -158,18 +173,28 @@ def test_relation_partition_rejects_bad_input(n_clients, mix, message):
 # --------------------------------------------------------------------------- TF-IDF and spectral clustering
 
 COOKING = [  # the vocabulary of a topic recurs across its questions, as relation phrasings do in zsRE
-    "Which ingredient goes into the lasagne recipe?", "How long do you bake the lasagne in the oven?",
-    "Which ingredient goes into the risotto recipe?", "How long do you cook the risotto in the pan?",
-    "Which spice goes into the curry recipe?", "How long do you simmer the curry in the pan?",
-    "Which ingredient does the pancake recipe need?", "How long do you bake the bread in the oven?",
-    "Which cheese goes into the quiche recipe?", "How long do you cook the omelette in the pan?",
+    "Which ingredient goes into the lasagne recipe?",
+    "How long do you bake the lasagne in the oven?",
+    "Which ingredient goes into the risotto recipe?",
+    "How long do you cook the risotto in the pan?",
+    "Which spice goes into the curry recipe?",
+    "How long do you simmer the curry in the pan?",
+    "Which ingredient does the pancake recipe need?",
+    "How long do you bake the bread in the oven?",
+    "Which cheese goes into the quiche recipe?",
+    "How long do you cook the omelette in the pan?",
 ]
 FOOTBALL = [
-    "Which football club did Pele play for?", "Which position did Pele play in the football team?",
-    "Which football club did Zidane play for?", "Which position did Zidane play in the national team?",
-    "Which football club did Cruyff play for?", "Which position did Cruyff play in the football team?",
-    "Which football club did Maradona play for?", "Which position did Maradona play in the national team?",
-    "Which football club did Eusebio play for?", "Which position did Eusebio play in the football team?",
+    "Which football club did Pele play for?",
+    "Which position did Pele play in the football team?",
+    "Which football club did Zidane play for?",
+    "Which position did Zidane play in the national team?",
+    "Which football club did Cruyff play for?",
+    "Which position did Cruyff play in the football team?",
+    "Which football club did Maradona play for?",
+    "Which position did Maradona play in the national team?",
+    "Which football club did Eusebio play for?",
+    "Which position did Eusebio play in the football team?",
 ]
 
 
@@ -248,8 +273,11 @@ def test_minilm_offline_ranks_a_paraphrase_above_an_unrelated_question(monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(socket.socket, "connect", no_network)
     embeddings._minilm.cache_clear()
-    texts = ["What is the capital city of France?", "Which city is the capital of France?",
-             "Which instrument does Miles Davis play?"]
+    texts = [
+        "What is the capital city of France?",
+        "Which city is the capital of France?",
+        "Which instrument does Miles Davis play?",
+    ]
     vectors, source = embed_texts(texts)
     assert source == "all-MiniLM-L6-v2" and vectors.shape == (3, 384)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
@@ -267,9 +295,16 @@ def _shared(relative: str):
     return root / relative
 
 
-LANGUAGE_TEMPLATES = ["The mother tongue of {} is", "{} speaks the language", "The official language of {} is",
-                      "The language of {} is", "{} writes in", "The original language of {} is",
-                      "In {}, they understand", "{}, a native"]
+LANGUAGE_TEMPLATES = [
+    "The mother tongue of {} is",
+    "{} speaks the language",
+    "The official language of {} is",
+    "The language of {} is",
+    "{} writes in",
+    "The original language of {} is",
+    "In {}, they understand",
+    "{}, a native",
+]
 CAPITAL_TEMPLATES = ["The capital of {} is", "{}, which has the capital", "{}'s capital is"]
 CITY_TEMPLATES = ["{} died in", "{} worked in"]
 

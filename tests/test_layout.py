@@ -57,13 +57,25 @@ def _project_edges(name: str) -> set[str]:
 
 
 def _violations(prefix: str, forbidden: tuple[str, ...]) -> list[str]:
-    return sorted(f"{name} imports {target}" for name in IMPORTS if name == prefix or name.startswith(prefix + ".")
-                  for target in IMPORTS[name] if any(target == f or target.startswith(f + ".") for f in forbidden))
+    return sorted(
+        f"{name} imports {target}"
+        for name in IMPORTS
+        if name == prefix or name.startswith(prefix + ".")
+        for target in IMPORTS[name]
+        if any(target == f or target.startswith(f + ".") for f in forbidden)
+    )
 
 
 def test_the_rules_see_every_package():
-    for pkg in ("fededit_core.memit.editor", "strategies.federation", "server_app.app", "client_app.app",
-                "wire.messages", "bench.reproduce", "deploy.simulate"):
+    for pkg in (
+        "fededit_core.memit.editor",
+        "strategies.federation",
+        "server_app.app",
+        "client_app.app",
+        "wire.messages",
+        "bench.reproduce",
+        "deploy.simulate",
+    ):
         assert pkg in MODULES
     assert "fededit_core.memit.editor" in _project_edges("fededit_core.client.participant")
 
@@ -77,7 +89,9 @@ def test_no_import_cycles_between_modules():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [node, nxt]) if nxt in stack else f"{node} -> {nxt}")
+                cycles.append(
+                    " -> ".join(stack[stack.index(nxt) :] + [node, nxt]) if nxt in stack else f"{node} -> {nxt}"
+                )
             elif nxt not in state:
                 visit(nxt, stack + [node])
         state[node] = 2
@@ -88,13 +102,16 @@ def test_no_import_cycles_between_modules():
     assert cycles == []
 
 
-@pytest.mark.parametrize("prefix, forbidden", [
-    ("fededit_core", ("strategies", "server_app", "client_app", "wire", "bench", "deploy", "flwr", "grpc")),
-    ("strategies", ("server_app", "client_app", "wire", "bench", "deploy", "flwr", "grpc", "fededit_core.client")),
-    ("server_app", ("client_app",)),
-    ("client_app", ("server_app",)),
-    ("wire", ("fededit_core", "strategies", "server_app", "client_app", "bench", "deploy")),
-])
+@pytest.mark.parametrize(
+    "prefix, forbidden",
+    [
+        ("fededit_core", ("strategies", "server_app", "client_app", "wire", "bench", "deploy", "flwr", "grpc")),
+        ("strategies", ("server_app", "client_app", "wire", "bench", "deploy", "flwr", "grpc", "fededit_core.client")),
+        ("server_app", ("client_app",)),
+        ("client_app", ("server_app",)),
+        ("wire", ("fededit_core", "strategies", "server_app", "client_app", "bench", "deploy")),
+    ],
+)
 def test_imports_point_down(prefix, forbidden):
     assert _violations(prefix, forbidden) == []
 

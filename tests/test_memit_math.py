@@ -40,12 +40,15 @@ def objective(delta, keys, resid, c0, lam):
     return ((delta @ keys.T - resid.T) ** 2).sum() + lam * torch.trace(delta @ c0 @ delta.T)
 
 
-@pytest.mark.parametrize("n,d,d_ff,lam", [
-    (4, 6, 9, 1.0),       # fewer requests than key dimensions (MEMIT's usual case)
-    (4, 6, 9, 1e4),       # strong prior
-    (30, 6, 9, 0.3),      # more requests than key dimensions
-    (1, 3, 5, 1e-3),      # a single request, weak prior
-])
+@pytest.mark.parametrize(
+    "n,d,d_ff,lam",
+    [
+        (4, 6, 9, 1.0),  # fewer requests than key dimensions (MEMIT's usual case)
+        (4, 6, 9, 1e4),  # strong prior
+        (30, 6, 9, 0.3),  # more requests than key dimensions
+        (1, 3, 5, 1e-3),  # a single request, weak prior
+    ],
+)
 def test_memit_delta_is_the_regularised_least_squares_solution(n, d, d_ff, lam):
     gen = torch.Generator().manual_seed(n * 1000 + d_ff)
     keys = torch.randn(n, d_ff, generator=gen, dtype=torch.float64)
@@ -116,8 +119,9 @@ def test_layer_statistics_are_additive_over_requests():
     torch.testing.assert_close(rk_sum, rk_all, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(kk_sum, kk_all, rtol=1e-12, atol=1e-12)
     # so solving from the summed statistics is the centralised edit of all requests
-    torch.testing.assert_close(solve_update(rk_sum, kk_sum, c0, 7.0), memit_delta(keys, resid, c0, 7.0),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        solve_update(rk_sum, kk_sum, c0, 7.0), memit_delta(keys, resid, c0, 7.0), rtol=1e-10, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("where", ["rk", "kk", "c0"])

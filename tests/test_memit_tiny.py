@@ -41,8 +41,10 @@ OTHER_REQUESTS = [  # a second client's facts
 ]
 HEAD_SCALE = 10.0
 HP = dict(layers=(1, 2), mom2_weight=10.0, v_lr=0.5, v_steps=40)
-WORD_LIST = ("the of and to in is was for on that with as by at from his her city river king music year "
-             "team game house night light stone water garden").split()
+WORD_LIST = (
+    "the of and to in is was for on that with as by at from his her city river king music year "
+    "team game house night light stone water garden"
+).split()
 
 
 @pytest.fixture(autouse=True)
@@ -54,8 +56,10 @@ def _private_cache(tmp_path, monkeypatch):
 def corpus(tmp_path_factory):
     rng = random.Random(0)
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(WORD_LIST) for _ in range(12)).capitalize() + "."
-                              for _ in range(80)), encoding="utf-8")
+    path.write_text(
+        "\n".join(" ".join(rng.choice(WORD_LIST) for _ in range(12)).capitalize() + "." for _ in range(80)),
+        encoding="utf-8",
+    )
     return str(path)
 
 
@@ -287,13 +291,17 @@ def test_mkvs_on_several_layers_are_close_to_the_text_edit(family, corpus):
     scale = float(text.deltas[1].abs().max())
     torch.testing.assert_close(updates[1], text.deltas[1], rtol=0, atol=1e-5 * scale)
 
-    per_layer = {l: float((text_editor.weight_shift(l) - mkv_editor.weight_shift(l)).norm()
-                          / text_editor.weight_shift(l).norm()) for l in (1, 2)}
+    per_layer = {
+        l: float((text_editor.weight_shift(l) - mkv_editor.weight_shift(l)).norm() / text_editor.weight_shift(l).norm())
+        for l in (1, 2)
+    }
     total_text = torch.cat([text_editor.weight_shift(l).flatten() for l in (1, 2)])
     total_mkv = torch.cat([mkv_editor.weight_shift(l).flatten() for l in (1, 2)])
     rel = float((total_text - total_mkv).norm() / total_text.norm())
-    print(f"\n{family}: MKV vs text edit, layers (1, 2): relative difference {rel:.3f} "
-          f"(per layer {', '.join(f'{l}: {v:.3f}' for l, v in per_layer.items())})")
+    print(
+        f"\n{family}: MKV vs text edit, layers (1, 2): relative difference {rel:.3f} "
+        f"(per layer {', '.join(f'{l}: {v:.3f}' for l, v in per_layer.items())})"
+    )
     assert 0 < rel < 1.5
 
     after = nll(model_b, tok, REQUESTS)
@@ -324,8 +332,13 @@ def test_mkvs_in_sequence_account_for_earlier_edits(corpus):
 
 def _mkvs(n=3, layers=(1, 2), d=64, d_ff=128, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return MKVSet([f"r{i}" for i in range(n)], layers, torch.randn(n, d, generator=gen),
-                  torch.randn(n, d, generator=gen), torch.randn(n, len(layers), d_ff, generator=gen))
+    return MKVSet(
+        [f"r{i}" for i in range(n)],
+        layers,
+        torch.randn(n, d, generator=gen),
+        torch.randn(n, d, generator=gen),
+        torch.randn(n, len(layers), d_ff, generator=gen),
+    )
 
 
 def test_mkv_arrays_round_trip():
@@ -420,8 +433,13 @@ def test_layers_beyond_the_model_are_refused(corpus):
     model, tok = make_model("llama")
     hp = MEMITHyperParams(layers=(2, 4), mom2_weight=10.0)
     with pytest.raises(ValueError, match=r"layers \[2, 4\].*4 layers"):
-        MemitEditor(model, tok, hp, templates=TEMPLATES,
-                    covariance=CovarianceStore(model, tok, source=corpus, n_samples=4, seq_len=16))
+        MemitEditor(
+            model,
+            tok,
+            hp,
+            templates=TEMPLATES,
+            covariance=CovarianceStore(model, tok, source=corpus, n_samples=4, seq_len=16),
+        )
     with pytest.raises(ValidationError):
         MEMITHyperParams(layers=(2, 1))
     with pytest.raises(ValidationError):

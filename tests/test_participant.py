@@ -28,8 +28,9 @@ def shared(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("A small corpus of plain words for the statistics.\n" * 30)
     model, tok = tiny_model_and_tokenizer("llama", seed=1)
-    hp = MEMITHyperParams(layers=(1, 2), mom2_weight=10.0, v_steps=3, cov_source=str(corpus), cov_samples=8,
-                          cov_seq_len=16)
+    hp = MEMITHyperParams(
+        layers=(1, 2), mom2_weight=10.0, v_steps=3, cov_source=str(corpus), cov_samples=8, cov_seq_len=16
+    )
     store = CovarianceStore(model, tok, hp.cov_source, hp.cov_samples, hp.cov_seq_len)
     return MemitEditor(model, tok, hp, templates=TEMPLATES, covariance=store)
 

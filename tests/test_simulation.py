@@ -25,22 +25,37 @@ def world(tmp_path_factory):
 
 
 def tiny_config(world, **extra) -> str:
-    items = {"model": f"'{world['model']}'", "data": f"'{world['data']}'", "cov-source": f"'{world['corpus']}'",
-             "cov-samples": 16, "v-steps": 5, "mom2-weight": 10.0, "num-slots": 2, "alpha": 0.0,
-             "output-dir": f"'{world['root'] / 'runs'}'", **extra}
+    items = {
+        "model": f"'{world['model']}'",
+        "data": f"'{world['data']}'",
+        "cov-source": f"'{world['corpus']}'",
+        "cov-samples": 16,
+        "v-steps": 5,
+        "mom2-weight": 10.0,
+        "num-slots": 2,
+        "alpha": 0.0,
+        "output-dir": f"'{world['root'] / 'runs'}'",
+        **extra,
+    }
     return " ".join(f"{k}={v}" for k, v in items.items())
 
 
 def env(world) -> dict:
-    return {"FEDEDIT_CACHE": str(world["root"] / "cache"),
-            "FEDEDIT_FEDERATION_SECRET_FILE": str(world["root"] / "federation.secret")}
+    return {
+        "FEDEDIT_CACHE": str(world["root"] / "cache"),
+        "FEDEDIT_FEDERATION_SECRET_FILE": str(world["root"] / "federation.secret"),
+    }
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_completes_under_flwr_run(world, strategy):
     capture = world["root"] / f"capture-{strategy}"
-    code, folder = simulate(tiny_config(world, strategy=f"'{strategy}'", **{"run-name": f"'{strategy}'",
-                                        "capture-dir": f"'{capture}'"}), clients=2, timeout_s=600, env=env(world))
+    code, folder = simulate(
+        tiny_config(world, strategy=f"'{strategy}'", **{"run-name": f"'{strategy}'", "capture-dir": f"'{capture}'"}),
+        clients=2,
+        timeout_s=600,
+        env=env(world),
+    )
     assert code == 0
     report = json.loads((folder / "report.json").read_text())
     assert report["strategy"] == strategy
@@ -61,8 +76,12 @@ def test_no_request_text_in_any_message(world):
     """Every payload of a FedEdit run, both ways, holds none of the requests' strings."""
     capture = world["root"] / "capture-fededit"
     if not capture.is_dir():
-        simulate(tiny_config(world, **{"run-name": "'privacy'", "capture-dir": f"'{capture}'"}), clients=2,
-                 timeout_s=600, env=env(world))
+        simulate(
+            tiny_config(world, **{"run-name": "'privacy'", "capture-dir": f"'{capture}'"}),
+            clients=2,
+            timeout_s=600,
+            env=env(world),
+        )
     files = sorted(capture.iterdir())
     assert any("-from-" in f.name for f in files) and any(f.suffix == ".bin" and f.stat().st_size for f in files)
     payload = b"".join(f.read_bytes() for f in files)
@@ -83,14 +102,23 @@ def test_collabedit_with_secagg_plus_gives_the_plain_sums_model(world):
     layers = {}
     for secure in (False, True):
         run = f"collab-secagg-{str(secure).lower()}"
-        code, folder = simulate(tiny_config(world, strategy="'collabedit'", centralised="false",
-                                            **{"run-name": f"'{run}'", "secure-aggregation": str(secure).lower()}),
-                                clients=2, timeout_s=600, env=env(world))
+        code, folder = simulate(
+            tiny_config(
+                world,
+                strategy="'collabedit'",
+                centralised="false",
+                **{"run-name": f"'{run}'", "secure-aggregation": str(secure).lower()},
+            ),
+            clients=2,
+            timeout_s=600,
+            env=env(world),
+        )
         assert code == 0
         report = json.loads((folder / "report.json").read_text())
         assert all(not c["failed"] and c["n"] == 4 for c in report["clients"])
-        layers[secure] = {c: load_file(str(folder / "clients" / run / c / "layers.safetensors"))
-                          for c in ("client-0", "client-1")}
+        layers[secure] = {
+            c: load_file(str(folder / "clients" / run / c / "layers.safetensors")) for c in ("client-0", "client-1")
+        }
     base = AutoModelForCausalLM.from_pretrained(world["model"])
     for name, plain in layers[False]["client-0"].items():
         secure = layers[True]["client-0"][name]
@@ -119,10 +147,12 @@ def test_the_builtin_set_runs_on_flowers_default_two_supernodes(world):
 def test_smollm2_client_learns_another_clients_fact_by_reediting(tmp_path):
     """Two clients of the built-in set's landmark pair; client-0 re-edits client-1's MKVs."""
     records = [json.loads(line) for line in BUILTIN_FEDERATION.read_text().splitlines() if line.strip()]
-    chosen = [r for r in records if r["client"] == "client-0"][:2] + [r for r in records if r["client"] == "client-1"][:2]
+    chosen = [r for r in records if r["client"] == "client-0"][:2] + [r for r in records if r["client"] == "client-1"][
+        :2
+    ]
     data = tmp_path / "pair.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in chosen))
-    config = (f"data='{data}' num-slots=1 centralised=false run-name='pair' output-dir='{tmp_path / 'runs'}'")
+    config = f"data='{data}' num-slots=1 centralised=false run-name='pair' output-dir='{tmp_path / 'runs'}'"
     code, folder = simulate(config, clients=2, timeout_s=1200)
     assert code == 0
     report = json.loads((folder / "report.json").read_text())

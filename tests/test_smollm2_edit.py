@@ -35,7 +35,7 @@ def _requests():
 
 def _continuation(model, tok, prompt: str) -> str:
     text = generate_greedy(model, tok, [prompt], max_new_tokens=6)[0]
-    return text[len(prompt):] if text.startswith(prompt) else text
+    return text[len(prompt) :] if text.startswith(prompt) else text
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,16 @@ def edited(smollm2):
     after_text = [_continuation(model, tok, r.text) for r in requests]
     edited_weights = editor.edited_layers()
     editor.reset()
-    return dict(editor=editor, requests=requests, result=result, before=before, after=after,
-                before_text=before_text, after_text=after_text, weights=edited_weights)
+    return dict(
+        editor=editor,
+        requests=requests,
+        result=result,
+        before=before,
+        after=after,
+        before_text=before_text,
+        after_text=after_text,
+        weights=edited_weights,
+    )
 
 
 def test_the_base_model_knows_facts(smollm2):
@@ -79,7 +87,8 @@ def test_memit_leaves_neighbours_alone(edited):
 
 def test_greedy_continuations_change_to_the_new_object(edited):
     changed = [
-        r for r, b, a in zip(edited["requests"], edited["before_text"], edited["after_text"])
+        r
+        for r, b, a in zip(edited["requests"], edited["before_text"], edited["after_text"])
         if a.strip().startswith(r.target_new) and not b.strip().startswith(r.target_new)
     ]
     assert len(changed) >= len(edited["requests"]) // 2, list(zip(edited["before_text"], edited["after_text"]))

@@ -24,10 +24,12 @@ SPEC = FederationSpec(fingerprint="f" * 32, d_model=8, d_ff=16, layers=(1, 2), m
 
 def mkv_arrays(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"z": rng.standard_normal((n, 8)).astype(np.float32),
-            "delta": rng.standard_normal((n, 8)).astype(np.float32),
-            "keys": rng.standard_normal((n, 2, 16)).astype(np.float32),
-            "layers": np.array([1, 2])}
+    return {
+        "z": rng.standard_normal((n, 8)).astype(np.float32),
+        "delta": rng.standard_normal((n, 8)).astype(np.float32),
+        "keys": rng.standard_normal((n, 2, 16)).astype(np.float32),
+        "layers": np.array([1, 2]),
+    }
 
 
 def test_store_keeps_exactly_the_uploads_and_survives_a_restart(tmp_path):
@@ -73,15 +75,18 @@ def test_a_good_mkv_upload_passes():
     assert validate_mkv_upload("c0", SPEC.fingerprint, ["a", "b"], mkv_arrays(2), SPEC) == 2
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda a: a.pop("keys"), "missing"),
-    (lambda a: a.update(extra=np.zeros(3)), "unexpected"),
-    (lambda a: a.update(z=np.zeros((2, 9), np.float32)), "shape"),
-    (lambda a: a.update(keys=np.zeros((2, 2, 15), np.float32)), "shape"),
-    (lambda a: a.update(z=np.full((2, 8), np.nan, np.float32)), "NaN"),
-    (lambda a: a.update(delta=np.zeros((2, 8), np.int32)), "dtype"),
-    (lambda a: a.update(layers=np.array([1, 3])), "layers"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: a.pop("keys"), "missing"),
+        (lambda a: a.update(extra=np.zeros(3)), "unexpected"),
+        (lambda a: a.update(z=np.zeros((2, 9), np.float32)), "shape"),
+        (lambda a: a.update(keys=np.zeros((2, 2, 15), np.float32)), "shape"),
+        (lambda a: a.update(z=np.full((2, 8), np.nan, np.float32)), "NaN"),
+        (lambda a: a.update(delta=np.zeros((2, 8), np.int32)), "dtype"),
+        (lambda a: a.update(layers=np.array([1, 3])), "layers"),
+    ],
+)
 def test_bad_mkv_uploads_are_refused(mutate, message):
     arrays = mkv_arrays(2)
     mutate(arrays)
@@ -108,8 +113,9 @@ def test_delta_and_statistics_uploads_are_checked():
     stats = {"rk": np.zeros((8, 16)), "kk": k.T @ k}
     validate_stats_upload("c0", SPEC.fingerprint, stats, SPEC, layer=1)
     with pytest.raises(UploadError, match="symmetric"):
-        validate_stats_upload("c0", SPEC.fingerprint, {**stats, "kk": stats["kk"] + np.triu(np.ones((16, 16)))},
-                              SPEC, layer=1)
+        validate_stats_upload(
+            "c0", SPEC.fingerprint, {**stats, "kk": stats["kk"] + np.triu(np.ones((16, 16)))}, SPEC, layer=1
+        )
     with pytest.raises(UploadError, match="not edited"):
         validate_stats_upload("c0", SPEC.fingerprint, stats, SPEC, layer=5)
 

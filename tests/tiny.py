@@ -96,21 +96,40 @@ def tiny_config(family: str, tok, **overrides):
     elif family == "gpt2":
         cls = GPT2Config
         kwargs = dict(
-            n_embd=D_MODEL, n_inner=D_FF, n_layer=N_LAYERS, n_head=N_HEADS, n_positions=MAX_POSITIONS,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            n_embd=D_MODEL,
+            n_inner=D_FF,
+            n_layer=N_LAYERS,
+            n_head=N_HEADS,
+            n_positions=MAX_POSITIONS,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
         )
     elif family == "gptj":
         cls = GPTJConfig
         kwargs = dict(
-            n_embd=D_MODEL, n_inner=D_FF, n_layer=N_LAYERS, n_head=N_HEADS, n_positions=MAX_POSITIONS,
-            rotary_dim=8, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            n_embd=D_MODEL,
+            n_inner=D_FF,
+            n_layer=N_LAYERS,
+            n_head=N_HEADS,
+            n_positions=MAX_POSITIONS,
+            rotary_dim=8,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
         )
     elif family == "gpt_neox":
         cls = GPTNeoXConfig
         kwargs = dict(
-            hidden_size=D_MODEL, intermediate_size=D_FF, num_hidden_layers=N_LAYERS,
-            num_attention_heads=N_HEADS, max_position_embeddings=MAX_POSITIONS, rotary_pct=0.25,
-            hidden_dropout=0.0, attention_dropout=0.0, use_parallel_residual=True,
+            hidden_size=D_MODEL,
+            intermediate_size=D_FF,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=N_HEADS,
+            max_position_embeddings=MAX_POSITIONS,
+            rotary_pct=0.25,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            use_parallel_residual=True,
         )
     else:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")

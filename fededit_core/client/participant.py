@@ -49,8 +49,15 @@ class SlotReport:
 
 
 class Participant:
-    def __init__(self, name: str, editor: MemitEditor, requests: list[EditRequest], n_slots: int,
-                 secret: bytes | None = None, checkpoint_dir: str | Path | None = None):
+    def __init__(
+        self,
+        name: str,
+        editor: MemitEditor,
+        requests: list[EditRequest],
+        n_slots: int,
+        secret: bytes | None = None,
+        checkpoint_dir: str | Path | None = None,
+    ):
         self.name, self.editor = name, editor
         self.slots = split_into_slots(requests, n_slots)
         self.secret = secret
@@ -95,8 +102,13 @@ class Participant:
 
     def _empty_mkvs(self) -> MKVSet:
         d, n_layers = self.editor.d_model, len(self.editor.hp.layers)
-        return MKVSet([], tuple(self.editor.hp.layers), torch.zeros(0, d), torch.zeros(0, d),
-                      torch.zeros(0, n_layers, self.editor.d_ff))
+        return MKVSet(
+            [],
+            tuple(self.editor.hp.layers),
+            torch.zeros(0, d),
+            torch.zeros(0, d),
+            torch.zeros(0, n_layers, self.editor.d_ff),
+        )
 
     # --- the two steps of a time slot -----------------------------------------------------------
     def edit_slot(self, slot: int, reused: dict[str, torch.Tensor] | None = None) -> tuple[MKVSet, SlotReport]:
@@ -120,8 +132,9 @@ class Participant:
             for i in taken:
                 z[i] = torch.as_tensor(reused[tags[i]], dtype=torch.float32)
             if taken:  # h_L of a reused request, read here since no optimisation measured it
-                h[taken] = hidden_at_subject(self.editor.model, self.editor.tok, [requests[i] for i in taken],
-                                             self.editor.hp.z_layer)
+                h[taken] = hidden_at_subject(
+                    self.editor.model, self.editor.tok, [requests[i] for i in taken], self.editor.hp.z_layer
+                )
             report.optimised, report.reused = len(todo), len(taken)
             report.seconds["z"] = time.perf_counter() - started
             started = time.perf_counter()
@@ -140,8 +153,9 @@ class Participant:
         self.checkpoint()
         return mkvs, report
 
-    def reedit(self, received: list[MKVSet], alpha: float = DEFAULT_ALPHA, gate: bool = True,
-               vector: str = DEFAULT_VECTOR) -> SlotReport:
+    def reedit(
+        self, received: list[MKVSet], alpha: float = DEFAULT_ALPHA, gate: bool = True, vector: str = DEFAULT_VECTOR
+    ) -> SlotReport:
         """FedEdit's re-edit: apply every received set that passes Eq. 8 (all of them with ``gate=False``).
 
         ``vector``: what Eq. 8 compares, ``"z"`` (the paper) or ``"delta"`` (z - h_L(base), the edit's
@@ -179,8 +193,9 @@ class Participant:
         """W_l = W_l(slot start) + averaged Delta_l: every client ends the slot with the same model."""
         if not self.pending:
             raise ValueError(f"{self.name}: no EditAvg update is waiting for its average")
-        self.layers = {l: (self.pending[f"start.{l}"].double() + average[l].double()).to(self.layers[l].dtype)
-                       for l in self.layers}
+        self.layers = {
+            l: (self.pending[f"start.{l}"].double() + average[l].double()).to(self.layers[l].dtype) for l in self.layers
+        }
         self.pending = {}
         self.activate()
         self.checkpoint()
@@ -231,14 +246,21 @@ class Participant:
             self._write_checkpoint(staging)
 
     def _write_checkpoint(self, staging: Path) -> None:
-        save_file({f"layer.{l}": w.contiguous().cpu() for l, w in self.layers.items()}, str(staging / "layers.safetensors"))
+        save_file(
+            {f"layer.{l}": w.contiguous().cpu() for l, w in self.layers.items()}, str(staging / "layers.safetensors")
+        )
         if self.own is not None:
             np.savez(staging / "own_mkvs.npz", ids=np.asarray(self.own.ids), **self.own.to_arrays())
         if self.pending:
             save_file({k: v.contiguous().cpu() for k, v in self.pending.items()}, str(staging / "pending.safetensors"))
         self.version += 1
-        state = {"name": self.name, "next_slot": self.next_slot, "reports": [asdict(r) for r in self.reports],
-                 "reedited_ids": self.reedited_ids, "version": self.version}
+        state = {
+            "name": self.name,
+            "next_slot": self.next_slot,
+            "reports": [asdict(r) for r in self.reports],
+            "reedited_ids": self.reedited_ids,
+            "version": self.version,
+        }
         (staging / "state.json").write_text(json.dumps(state))
 
     def _restore(self) -> None:
@@ -250,7 +272,9 @@ class Participant:
         own = self.checkpoint_dir / "own_mkvs.npz"
         if own.is_file():
             data = np.load(own)
-            self.own = MKVSet.from_arrays([str(i) for i in data["ids"]], {k: data[k] for k in ("z", "delta", "keys", "layers")})
+            self.own = MKVSet.from_arrays(
+                [str(i) for i in data["ids"]], {k: data[k] for k in ("z", "delta", "keys", "layers")}
+            )
         pending = self.checkpoint_dir / "pending.safetensors"
         self.pending = load_file(str(pending)) if pending.is_file() else {}
         self.next_slot = state["next_slot"]

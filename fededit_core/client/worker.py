@@ -144,8 +144,9 @@ class EditWorker:
         cached, editor = self._participants.get(key), self.editor(spec)
         if cached is None or cached.editor is not editor or cached.version != (checkpoint_version(folder) or 0):
             secret = read_secret(spec.secret_file, create=spec.oracle)
-            cached = Participant(spec.name, editor, spec.own_requests(), spec.num_slots,
-                                 secret=secret, checkpoint_dir=folder)
+            cached = Participant(
+                spec.name, editor, spec.own_requests(), spec.num_slots, secret=secret, checkpoint_dir=folder
+            )
             self._participants[key] = cached
         return cached
 
@@ -183,7 +184,9 @@ class EditWorker:
             "templates": editor.templates.digest(),
             "covariance": {**editor.covariance.describe(), "corpus": corpus},
             "hparams": editor.hp.model_dump(mode="json"),
-            "d_model": editor.d_model, "d_ff": editor.d_ff, "layers": list(editor.hp.layers),
+            "d_model": editor.d_model,
+            "d_ff": editor.d_ff,
+            "layers": list(editor.hp.layers),
             "n_requests": sum(len(s) for s in participant.slots),
             "slot_sizes": [len(s) for s in participant.slots],
             "next_slot": participant.next_slot,
@@ -211,8 +214,15 @@ class EditWorker:
         if not args.get("upload", True):  # strategy 'local': nothing leaves the client
             return {"report": asdict(report)}, {}
         tags = participant.tags_of(slot)
-        return ({"ids": mkvs.ids, "tags": [t or "" for t in tags], "report": asdict(report),
-                 "fingerprint": participant.editor.covariance.fingerprint}, mkvs.to_arrays())
+        return (
+            {
+                "ids": mkvs.ids,
+                "tags": [t or "" for t in tags],
+                "report": asdict(report),
+                "fingerprint": participant.editor.covariance.fingerprint,
+            },
+            mkvs.to_arrays(),
+        )
 
     def op_reedit(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
         """FedEdit's re-edit of the sets other clients uploaded (grouped by sender, Eq. 8 per set)."""
@@ -226,16 +236,22 @@ class EditWorker:
             merged.validate(participant.editor.d_model, participant.editor.d_ff, tuple(participant.editor.hp.layers))
             for sender in dict.fromkeys(senders):
                 received.append(merged.select([i for i, s in enumerate(senders) if s == sender]))
-        report = participant.reedit(received, float(args.get("alpha", DEFAULT_ALPHA)), gate=bool(args.get("gate", True)),
-                                    vector=str(args.get("vector", DEFAULT_VECTOR)))
+        report = participant.reedit(
+            received,
+            float(args.get("alpha", DEFAULT_ALPHA)),
+            gate=bool(args.get("gate", True)),
+            vector=str(args.get("vector", DEFAULT_VECTOR)),
+        )
         return {"report": asdict(report)}, {}
 
     def op_editavg_update(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
         participant = self.participant(spec)
         slot = self._slot(args, participant)
         update, report = participant.editavg_update(slot)
-        return ({"n": report.edited, "report": asdict(report), "fingerprint": participant.editor.covariance.fingerprint},
-                {f"delta.{l}": d.cpu().numpy() for l, d in update.items()})
+        return (
+            {"n": report.edited, "report": asdict(report), "fingerprint": participant.editor.covariance.fingerprint},
+            {f"delta.{l}": d.cpu().numpy() for l, d in update.items()},
+        )
 
     def op_editavg_apply(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
         participant = self.participant(spec)
@@ -253,8 +269,12 @@ class EditWorker:
         slot = args.get("slot")
         reply: dict = {}
         if args.get("apply") is not None:
-            participant.collab_apply(slot, int(args["apply"]), torch.from_numpy(np.asarray(arrays["rk"])),
-                                     torch.from_numpy(np.asarray(arrays["kk"])))
+            participant.collab_apply(
+                slot,
+                int(args["apply"]),
+                torch.from_numpy(np.asarray(arrays["rk"])),
+                torch.from_numpy(np.asarray(arrays["kk"])),
+            )
             reply["report"] = asdict(participant.reports[-1])
         out: dict = {}
         if args.get("stats") is not None:
@@ -277,8 +297,10 @@ class EditWorker:
         want = (args.get("slot"), args.get("stats"))
         if sealed is None or sealed[:2] != want:
             held = "none" if sealed is None else f"slot {sealed[0]}, layer index {sealed[1]}"
-            raise WorkerError(f"{spec.name}: no CollabEdit statistics held for slot {want[0]}, layer index "
-                              f"{want[1]} (held: {held}; did the worker restart?)")
+            raise WorkerError(
+                f"{spec.name}: no CollabEdit statistics held for slot {want[0]}, layer index "
+                f"{want[1]} (held: {held}; did the worker restart?)"
+            )
         scale = float(args.get("scale", 0.0))
         if not np.isfinite(scale) or scale <= 0:
             raise WorkerError(f"scale must be a positive number, got {args.get('scale')!r}")
@@ -302,10 +324,15 @@ class EditWorker:
             others = [others[i * len(others) // limit] for i in range(limit)]
         fluency = bool(args.get("fluency", False))
         participant.activate()
-        reply = {"client": spec.name, "kind": kind, "n_own": len(own), "n_others": len(others),
-                 "own": _metrics(evaluate(editor.model, editor.tok, own, kind, fluency=fluency)) if own else None,
-                 "others": _metrics(evaluate(editor.model, editor.tok, others, kind)) if others else None,
-                 "reports": [asdict(r) for r in participant.reports]}
+        reply = {
+            "client": spec.name,
+            "kind": kind,
+            "n_own": len(own),
+            "n_others": len(others),
+            "own": _metrics(evaluate(editor.model, editor.tok, own, kind, fluency=fluency)) if own else None,
+            "others": _metrics(evaluate(editor.model, editor.tok, others, kind)) if others else None,
+            "reports": [asdict(r) for r in participant.reports],
+        }
         shown = own[:1] + others[:1]
         after = generate_greedy(editor.model, editor.tok, [r.text for r in shown], max_new_tokens=10)
         with editor.at_base():
@@ -314,9 +341,15 @@ class EditWorker:
                 reply["others_before"] = _metrics(evaluate(editor.model, editor.tok, others, kind)) if others else None
             before = generate_greedy(editor.model, editor.tok, [r.text for r in shown], max_new_tokens=10)
         generations = [
-            {"prompt": r.text, "target": r.target_new, "whose": "own" if i < len(own[:1]) else "other",
-             "before": " ".join(b[len(r.text):].split()), "after": " ".join(a[len(r.text):].split())}
-            for i, (r, b, a) in enumerate(zip(shown, before, after))]
+            {
+                "prompt": r.text,
+                "target": r.target_new,
+                "whose": "own" if i < len(own[:1]) else "other",
+                "before": " ".join(b[len(r.text) :].split()),
+                "after": " ".join(a[len(r.text) :].split()),
+            }
+            for i, (r, b, a) in enumerate(zip(shown, before, after))
+        ]
         # text stays on the client: written beside its checkpoint, never put in the reply
         path = generations_path(spec.state_dir, spec.run, spec.name)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -329,8 +362,9 @@ class EditWorker:
             return []
         slots = {name: split_into_slots(reqs, spec.num_slots) for name, reqs in spec.requests_by_client().items()}
         if which == "all":
-            return [r for name, s in slots.items() if name != spec.name for slot in s[: participant.next_slot]
-                    for r in slot]
+            return [
+                r for name, s in slots.items() if name != spec.name for slot in s[: participant.next_slot] for r in slot
+            ]
         if which == "reedited":
             out = []
             for rid in participant.reedited_ids:

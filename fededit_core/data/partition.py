@@ -29,8 +29,13 @@ SCHEMES = ("field", "iid", "contiguous", "relation", "cluster")
 log = logging.getLogger(__name__)
 
 
-def partition_requests(requests: list[EditRequest], n_clients: int, scheme: str = "iid", seed: int = 0,
-                       holders: list[str | None] | None = None) -> dict[str, list[EditRequest]]:
+def partition_requests(
+    requests: list[EditRequest],
+    n_clients: int,
+    scheme: str = "iid",
+    seed: int = 0,
+    holders: list[str | None] | None = None,
+) -> dict[str, list[EditRequest]]:
     """``{client name: its requests}`` for ``n_clients`` clients (module docstring)."""
     if n_clients < 1:
         raise ValueError(f"need at least one client, got {n_clients}")
@@ -44,7 +49,8 @@ def partition_requests(requests: list[EditRequest], n_clients: int, scheme: str 
             raise DataError(
                 f"records name clients {unknown}, but the federation has {n_clients}: {names}; run as many "
                 f'clients as the records name (--federation-config "num-supernodes=N" in simulation), '
-                f"or split the file evenly (--run-config \"partition='iid'\")")
+                f"or split the file evenly (--run-config \"partition='iid'\")"
+            )
         for request, holder in zip(requests, holders):
             parts[holder].append(request)
     elif scheme == "iid":
@@ -65,8 +71,9 @@ def partition_requests(requests: list[EditRequest], n_clients: int, scheme: str 
     return parts
 
 
-def load_partitions(data: str, n_clients: int, scheme: str, seed: int = 0,
-                    max_requests: int = 0) -> dict[str, list[EditRequest]]:
+def load_partitions(
+    data: str, n_clients: int, scheme: str, seed: int = 0, max_requests: int = 0
+) -> dict[str, list[EditRequest]]:
     """Read ``data`` and partition it; ``max_requests`` > 0 keeps that many per client (first ones)."""
     path = resolve_data(data)
     requests = load_requests(path)

@@ -16,8 +16,9 @@ from fededit_core.eval.metrics import evaluate
 from fededit_core.memit.editor import MemitEditor
 
 
-def centralised_metrics(editor: MemitEditor, parts: dict[str, list[EditRequest]], kind: str,
-                        fluency: bool = False, n_slots: int = 1) -> tuple[dict[str, dict], dict]:
+def centralised_metrics(
+    editor: MemitEditor, parts: dict[str, list[EditRequest]], kind: str, fluency: bool = False, n_slots: int = 1
+) -> tuple[dict[str, dict], dict]:
     """({client: metrics on its requests after the union edit}, timings); the editor ends at its base model."""
     slots = {name: split_into_slots(reqs, n_slots) for name, reqs in parts.items()}
     editor.reset()

@@ -237,8 +237,7 @@ def generate_greedy(
     return texts
 
 
-def fluency(model, tok, prompts: Sequence[str], max_new_tokens: int = 40,
-            batch_size: int = GENERATION_BATCH) -> float:
+def fluency(model, tok, prompts: Sequence[str], max_new_tokens: int = 40, batch_size: int = GENERATION_BATCH) -> float:
     """Mean :func:`ngram_entropy` of the greedy generations (prompt + continuation) of ``prompts``."""
     texts = generate_greedy(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return _mean([ngram_entropy(t) for t in texts])

@@ -51,8 +51,9 @@ class MKVSet:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def validate(self, d_model: int | None = None, d_ff: int | None = None,
-                 layers: tuple[int, ...] | None = None) -> None:
+    def validate(
+        self, d_model: int | None = None, d_ff: int | None = None, layers: tuple[int, ...] | None = None
+    ) -> None:
         """Shapes agree with each other (and with the model, when given); values are finite."""
         n = len(self.ids)
         if self.z.ndim != 2 or self.z.shape[0] != n:
@@ -73,7 +74,9 @@ class MKVSet:
 
     def select(self, index) -> "MKVSet":
         index = torch.as_tensor(index, dtype=torch.long)
-        return MKVSet([self.ids[i] for i in index.tolist()], self.layers, self.z[index], self.delta[index], self.keys[index])
+        return MKVSet(
+            [self.ids[i] for i in index.tolist()], self.layers, self.z[index], self.delta[index], self.keys[index]
+        )
 
     @staticmethod
     def concat(sets: list["MKVSet"]) -> "MKVSet":
@@ -82,13 +85,22 @@ class MKVSet:
         layers = sets[0].layers
         if any(s.layers != layers for s in sets):
             raise MKVError("MKV sets for different layers cannot be combined")
-        return MKVSet([i for s in sets for i in s.ids], layers, torch.cat([s.z for s in sets]),
-                      torch.cat([s.delta for s in sets]), torch.cat([s.keys for s in sets]))
+        return MKVSet(
+            [i for s in sets for i in s.ids],
+            layers,
+            torch.cat([s.z for s in sets]),
+            torch.cat([s.delta for s in sets]),
+            torch.cat([s.keys for s in sets]),
+        )
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Stacked float32 arrays (the federation's payload) plus the layer list."""
-        return {"z": self.z.float().numpy(), "delta": self.delta.float().numpy(),
-                "keys": self.keys.float().numpy(), "layers": np.asarray(self.layers, dtype=np.int64)}
+        return {
+            "z": self.z.float().numpy(),
+            "delta": self.delta.float().numpy(),
+            "keys": self.keys.float().numpy(),
+            "layers": np.asarray(self.layers, dtype=np.int64),
+        }
 
     @classmethod
     def from_arrays(cls, ids: list[str], arrays: dict[str, np.ndarray]) -> "MKVSet":
@@ -98,14 +110,22 @@ class MKVSet:
         for name in ("z", "delta", "keys"):
             if not np.issubdtype(arrays[name].dtype, np.floating):
                 raise MKVError(f"{name} must be floating point, got {arrays[name].dtype}")
-        return cls(list(ids), tuple(int(l) for l in arrays["layers"]),
-                   torch.from_numpy(np.array(arrays["z"], dtype=np.float32)),
-                   torch.from_numpy(np.array(arrays["delta"], dtype=np.float32)),
-                   torch.from_numpy(np.array(arrays["keys"], dtype=np.float32)))
+        return cls(
+            list(ids),
+            tuple(int(l) for l in arrays["layers"]),
+            torch.from_numpy(np.array(arrays["z"], dtype=np.float32)),
+            torch.from_numpy(np.array(arrays["delta"], dtype=np.float32)),
+            torch.from_numpy(np.array(arrays["keys"], dtype=np.float32)),
+        )
 
 
-def compute_mkvs(editor: MemitEditor, requests: list[EditRequest], z: ZResult | None = None,
-                 ids: list[str] | None = None, edit: EditResult | None = None) -> MKVSet:
+def compute_mkvs(
+    editor: MemitEditor,
+    requests: list[EditRequest],
+    z: ZResult | None = None,
+    ids: list[str] | None = None,
+    edit: EditResult | None = None,
+) -> MKVSet:
     """MKVs of ``requests``: z, delta = z - h_L(base), and the key at every edited layer.
 
     After a local text-based edit, pass its ``EditResult``: z and the keys are taken from it, the
@@ -123,8 +143,9 @@ def compute_mkvs(editor: MemitEditor, requests: list[EditRequest], z: ZResult | 
         if edit is not None:
             keys = torch.stack([edit.keys[l] for l in editor.hp.layers], dim=1)
         else:
-            keys = torch.stack([compute_keys(editor.model, editor.tok, requests, l, editor.templates)
-                                for l in editor.hp.layers], dim=1)
+            keys = torch.stack(
+                [compute_keys(editor.model, editor.tok, requests, l, editor.templates) for l in editor.hp.layers], dim=1
+            )
     ids = ids or [str(r.case_id) for r in requests]
     return MKVSet(ids, tuple(editor.hp.layers), z.z.float(), (z.z - h_base).float(), keys.float())
 

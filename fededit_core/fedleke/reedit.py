@@ -23,7 +23,9 @@ DEFAULT_ALPHA = 0.22  # README, "What Eq. 8 compares": separates the built-in se
 def best_match_similarity(own_z: torch.Tensor, sender_z: torch.Tensor) -> torch.Tensor:
     """For each own z (n, d): the highest cosine similarity with any z of the sender (m, d)."""
     if own_z.ndim != 2 or sender_z.ndim != 2 or own_z.shape[1] != sender_z.shape[1]:
-        raise ValueError(f"z sets must be (n, d) and (m, d) with one d, got {tuple(own_z.shape)} and {tuple(sender_z.shape)}")
+        raise ValueError(
+            f"z sets must be (n, d) and (m, d) with one d, got {tuple(own_z.shape)} and {tuple(sender_z.shape)}"
+        )
     own = torch.nn.functional.normalize(own_z.double(), dim=1)
     sender = torch.nn.functional.normalize(sender_z.double(), dim=1)
     return (own @ sender.T).max(dim=1).values

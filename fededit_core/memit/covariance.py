@@ -97,8 +97,9 @@ def _hf_texts(name: str) -> list[str]:
 SHIPPED_CORPORA = Path(__file__).parent / "data" / "corpus"
 
 
-def corpus_chunks(model, tok, source: str, n_samples: int, seq_len: int, seed: int = 0,
-                  batch_size: int = 64, root: Path | None = None) -> tuple[list[list[int]], str]:
+def corpus_chunks(
+    model, tok, source: str, n_samples: int, seq_len: int, seed: int = 0, batch_size: int = 64, root: Path | None = None
+) -> tuple[list[list[int]], str]:
     """Token chunks of the corpus and a short id of its content (for cache keys and checks)."""
     if source == "self":
         folder = (root / "corpus") if root else cache_dir("corpus")
@@ -123,8 +124,14 @@ def corpus_chunks(model, tok, source: str, n_samples: int, seq_len: int, seed: i
     return chunks, digest
 
 
-def second_moments(model: nn.Module, layers: list[int], chunks: list[list[int]], pad_id: int,
-                   batch_size: int = 16, desc: str = "key statistics") -> tuple[dict[int, torch.Tensor], int]:
+def second_moments(
+    model: nn.Module,
+    layers: list[int],
+    chunks: list[list[int]],
+    pad_id: int,
+    batch_size: int = 16,
+    desc: str = "key statistics",
+) -> tuple[dict[int, torch.Tensor], int]:
     """Sum over tokens of k k^T (float64) at each layer's edited projection, and the token count.
 
     The forward pass stops after the last requested layer's projection.
@@ -151,8 +158,17 @@ def second_moments(model: nn.Module, layers: list[int], chunks: list[list[int]],
 class CovarianceStore:
     """C0 per layer for one model and corpus, computed once and cached on disk."""
 
-    def __init__(self, model, tok, source: str = "self", n_samples: int = 400, seq_len: int = 64,
-                 seed: int = 0, batch_size: int = 16, root: Path | None = None):
+    def __init__(
+        self,
+        model,
+        tok,
+        source: str = "self",
+        n_samples: int = 400,
+        seq_len: int = 64,
+        seed: int = 0,
+        batch_size: int = 16,
+        root: Path | None = None,
+    ):
         """``root``: cache folder (default: the project cache), e.g. a fresh one to time a cold build."""
         self.model, self.tok = model, tok
         self.source, self.n_samples, self.seq_len, self.seed = source, n_samples, seq_len, seed
@@ -182,15 +198,21 @@ class CovarianceStore:
         file = Path(self.source).expanduser()
         if source != "self" and not source.startswith("hf:") and file.is_file():
             source = "file:" + hashlib.sha256(file.read_bytes()).hexdigest()[:16]
-        return {"source": source, "n_samples": self.n_samples, "seq_len": self.seq_len, "seed": self.seed,
-                "model": self.fingerprint}
+        return {
+            "source": source,
+            "n_samples": self.n_samples,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "model": self.fingerprint,
+        }
 
     def corpus_digest(self) -> str:
         """A short hash of the corpus' token ids: equal only when every party measures C0 on the same
         tokens (a self-sampled corpus can differ between hardware; then ship it as a file)."""
         if self.corpus_id is None:
             self._chunks, self.corpus_id = corpus_chunks(
-                self.model, self.tok, self.source, self.n_samples, self.seq_len, self.seed, root=self.root)
+                self.model, self.tok, self.source, self.n_samples, self.seq_len, self.seed, root=self.root
+            )
         return self.corpus_id
 
     def in_memory(self, layers: list[int]) -> bool:
@@ -205,9 +227,11 @@ class CovarianceStore:
         if missing:
             if self._chunks is None:
                 self._chunks, self.corpus_id = corpus_chunks(
-                    self.model, self.tok, self.source, self.n_samples, self.seq_len, self.seed, root=self.root)
-            sums, count = second_moments(self.model, missing, self._chunks, self.tok.pad_token_id,
-                                         self.batch_size, desc=f"C0 layers {missing}")
+                    self.model, self.tok, self.source, self.n_samples, self.seq_len, self.seed, root=self.root
+                )
+            sums, count = second_moments(
+                self.model, missing, self._chunks, self.tok.pad_token_id, self.batch_size, desc=f"C0 layers {missing}"
+            )
             for layer in missing:
                 mom2 = sums[layer] / count
                 with atomic_file(self._path(layer)) as tmp:

@@ -41,8 +41,14 @@ class EditResult:
 class MemitEditor:
     """MEMIT on one model: keeps the base weights of the edited layers, its templates and its C0."""
 
-    def __init__(self, model: nn.Module, tok, hparams: MEMITHyperParams,
-                 templates: ContextTemplates | None = None, covariance: CovarianceStore | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tok,
+        hparams: MEMITHyperParams,
+        templates: ContextTemplates | None = None,
+        covariance: CovarianceStore | None = None,
+    ):
         self.model, self.tok, self.hp = model, tok, hparams
         self.family = family_for(model)
         self.device = next(model.parameters()).device
@@ -51,7 +57,8 @@ class MemitEditor:
         self.base_weights = {l: self.family.weight_matrix(model, l).detach().clone() for l in hparams.layers}
         self.templates = templates or sample_context_templates(model, tok, seed=hparams.template_seed)
         self.covariance = covariance or CovarianceStore(
-            model, tok, hparams.cov_source, hparams.cov_samples, hparams.cov_seq_len)
+            model, tok, hparams.cov_source, hparams.cov_samples, hparams.cov_seq_len
+        )
         self.z_cache = None  # an object with z_for(editor, requests): z shared across runs (bench.zcache)
 
     # --- state of the edited layers -------------------------------------------------------------
@@ -63,7 +70,9 @@ class MemitEditor:
         """Set the edited layers' W_out to ``weights`` (e.g. to swap one client's edits in)."""
         for layer, w in weights.items():
             if tuple(w.shape) != (self.d_model, self.d_ff):
-                raise ValueError(f"layer {layer}: weight of shape {tuple(w.shape)}, expected {(self.d_model, self.d_ff)}")
+                raise ValueError(
+                    f"layer {layer}: weight of shape {tuple(w.shape)}, expected {(self.d_model, self.d_ff)}"
+                )
             current = self.family.weight_matrix(self.model, layer)
             with torch.no_grad():
                 current.copy_(w.to(current.dtype))
@@ -84,7 +93,7 @@ class MemitEditor:
 
     def weight_shift(self, layer: int) -> torch.Tensor:
         """W_l - W_l(base), float64."""
-        return (self.family.weight_matrix(self.model, layer).detach().double() - self.base_weights[layer].double())
+        return self.family.weight_matrix(self.model, layer).detach().double() - self.base_weights[layer].double()
 
     def c0(self) -> dict[int, torch.Tensor]:
         """C0 of every edited layer, always measured on the base model (cached after the first call)."""
@@ -137,12 +146,12 @@ class MemitEditor:
 def hparams_for(model, **overrides) -> MEMITHyperParams:
     """The defaults for this model's family (and for this very model when known), with overrides."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    return default_hparams(family_for(model).name, model.config,
-                           n_layers=model.config.num_hidden_layers, **overrides)
+    return default_hparams(family_for(model).name, model.config, n_layers=model.config.num_hidden_layers, **overrides)
 
 
-def make_editor(model_spec: str, device: str = "cpu", dtype: str = "fp32",
-                templates: ContextTemplates | None = None, **hp_overrides) -> MemitEditor:
+def make_editor(
+    model_spec: str, device: str = "cpu", dtype: str = "fp32", templates: ContextTemplates | None = None, **hp_overrides
+) -> MemitEditor:
     """Model, tokenizer, the model's MEMIT defaults with ``hp_overrides``, templates and C0 store."""
     configure_threads()
     model, tok = load_model(model_spec, device=device, dtype=dtype)

@@ -17,8 +17,9 @@ class MEMITHyperParams(BaseModel):
     v_weight_decay: float = Field(1e-3, ge=0)
     clamp_norm_factor: float = Field(4.0, gt=0, description="|delta| <= factor * |h_L|")
     kl_factor: float = Field(0.0625, ge=0)
-    stop_prob: float = Field(0.95, gt=0, le=1.0,
-                             description="a request stops once exp(-mean target-token NLL) exceeds this")
+    stop_prob: float = Field(
+        0.95, gt=0, le=1.0, description="a request stops once exp(-mean target-token NLL) exceeds this"
+    )
     batch_size: int = Field(32, ge=1, description="requests optimised together")
     autocast: str | None = Field(None, description="bf16/fp16 autocast of the z optimisation, or None")
     cov_source: str = Field("self", description="'self' (sampled from the model), a text file, or hf:<dataset>")
@@ -47,14 +48,38 @@ class MEMITHyperParams(BaseModel):
 
 # Starting points: the published settings (MEMIT repo / EasyEdit) and, for SmolLM2, our sweep.
 FAMILY_DEFAULTS: dict[str, dict] = {
-    "gptj": dict(layers=(3, 4, 5, 6, 7, 8), mom2_weight=15000.0, v_lr=0.5, v_weight_decay=0.5,
-                 clamp_norm_factor=0.75, kl_factor=0.0625),
-    "gpt2": dict(layers=(13, 14, 15, 16, 17), mom2_weight=20000.0, v_lr=0.5, v_weight_decay=0.5,
-                 clamp_norm_factor=0.75, kl_factor=0.0625),
-    "gpt_neox": dict(layers=(3, 4, 5, 6, 7, 8), mom2_weight=15000.0, v_lr=0.5, v_weight_decay=0.5,
-                     clamp_norm_factor=0.75, kl_factor=0.0625),
-    "llama": dict(layers=(4, 5, 6, 7, 8), mom2_weight=15000.0, v_lr=0.5, v_weight_decay=1e-3,
-                  clamp_norm_factor=4.0, kl_factor=0.0625),
+    "gptj": dict(
+        layers=(3, 4, 5, 6, 7, 8),
+        mom2_weight=15000.0,
+        v_lr=0.5,
+        v_weight_decay=0.5,
+        clamp_norm_factor=0.75,
+        kl_factor=0.0625,
+    ),
+    "gpt2": dict(
+        layers=(13, 14, 15, 16, 17),
+        mom2_weight=20000.0,
+        v_lr=0.5,
+        v_weight_decay=0.5,
+        clamp_norm_factor=0.75,
+        kl_factor=0.0625,
+    ),
+    "gpt_neox": dict(
+        layers=(3, 4, 5, 6, 7, 8),
+        mom2_weight=15000.0,
+        v_lr=0.5,
+        v_weight_decay=0.5,
+        clamp_norm_factor=0.75,
+        kl_factor=0.0625,
+    ),
+    "llama": dict(
+        layers=(4, 5, 6, 7, 8),
+        mom2_weight=15000.0,
+        v_lr=0.5,
+        v_weight_decay=1e-3,
+        clamp_norm_factor=4.0,
+        kl_factor=0.0625,
+    ),
 }
 
 # Known models, recognised by (model_type, hidden_size, num_hidden_layers, intermediate_size).
@@ -65,8 +90,12 @@ MODEL_DEFAULTS: dict[tuple, dict] = {
 
 
 def model_signature(config) -> tuple:
-    return (config.model_type, getattr(config, "hidden_size", None),
-            getattr(config, "num_hidden_layers", None), getattr(config, "intermediate_size", None))
+    return (
+        config.model_type,
+        getattr(config, "hidden_size", None),
+        getattr(config, "num_hidden_layers", None),
+        getattr(config, "intermediate_size", None),
+    )
 
 
 def default_hparams(family: str, config=None, n_layers: int | None = None, **overrides) -> MEMITHyperParams:

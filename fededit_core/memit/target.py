@@ -84,9 +84,18 @@ def build_rows(tok, requests: list[EditRequest], templates: ContextTemplates) ->
         is_kl.append(True)
     batch = pad_right(seqs, tok.pad_token_id)
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    return ZRows(batch.input_ids, batch.attention_mask, as_long(lookup), as_long(req_of_row),
-                 torch.tensor(is_kl), as_long(t_row), as_long(t_pos), as_long(t_tok), as_long(t_len),
-                 len(requests))
+    return ZRows(
+        batch.input_ids,
+        batch.attention_mask,
+        as_long(lookup),
+        as_long(req_of_row),
+        torch.tensor(is_kl),
+        as_long(t_row),
+        as_long(t_pos),
+        as_long(t_tok),
+        as_long(t_len),
+        len(requests),
+    )
 
 
 @dataclass
@@ -141,8 +150,14 @@ def _replay_from(model: nn.Module, family: ModelFamily, layer: int, as_tuple: bo
             blocks[i] = block
 
 
-def _chunk_terms(rows: ZRows, chunk_rows: torch.Tensor, chunk_req: torch.Tensor, n_active: int,
-                 hidden: torch.Tensor, lm_head: nn.Module):
+def _chunk_terms(
+    rows: ZRows,
+    chunk_rows: torch.Tensor,
+    chunk_req: torch.Tensor,
+    n_active: int,
+    hidden: torch.Tensor,
+    lm_head: nn.Module,
+):
     """Loss terms of one chunk of rows from its final hidden states (logits only where needed).
 
     Returns the per-request sum over rewriting rows of each row's mean target-token NLL, the number of
@@ -159,15 +174,23 @@ def _chunk_terms(rows: ZRows, chunk_rows: torch.Tensor, chunk_req: torch.Tensor,
     tok_len = rows.target_len[rows.request[rows.target_row[keep]]].to(device).float()
     nll_sum = torch.zeros(n_active, device=device).index_add(0, row_req[t_local], -token_lp / tok_len)
     is_kl = rows.is_kl[chunk_rows].to(device)
-    n_rows = torch.zeros(n_active, device=device).index_add(0, row_req[~is_kl], torch.ones(int((~is_kl).sum()), device=device))
+    n_rows = torch.zeros(n_active, device=device).index_add(
+        0, row_req[~is_kl], torch.ones(int((~is_kl).sum()), device=device)
+    )
     kl_rows = torch.nonzero(is_kl).flatten()
     kl_lookup = rows.lookup[chunk_rows][kl_rows.cpu()].to(device)
     kl_logp = torch.log_softmax(lm_head(hidden[kl_rows, kl_lookup]).float(), -1)
     return nll_sum, n_rows, row_req[kl_rows], kl_logp
 
 
-def optimise_z(model: nn.Module, tok, requests: list[EditRequest], hp: MEMITHyperParams,
-               templates: ContextTemplates, progress: bool = True) -> ZResult:
+def optimise_z(
+    model: nn.Module,
+    tok,
+    requests: list[EditRequest],
+    hp: MEMITHyperParams,
+    templates: ContextTemplates,
+    progress: bool = True,
+) -> ZResult:
     """Batched z optimisation (see module docstring); requests go ``hp.batch_size`` at a time."""
     start = time.perf_counter()
     zs, hs, steps, probs = [], [], [], []
@@ -202,15 +225,20 @@ def _split_rows(rows: ZRows, pad_id: int | None) -> _SplitRows:
     lengths = rows.attention_mask.sum(1)
     prefix_len, suffix_len = rows.lookup, lengths - rows.lookup
     n_rows, width_p, width_s = len(lengths), int(prefix_len.max()), int(suffix_len.max())
-    out = [torch.full((n_rows, width_p), pad_id), torch.zeros(n_rows, width_p, dtype=torch.long),
-           torch.ones(n_rows, width_p, dtype=torch.long), torch.full((n_rows, width_s), pad_id),
-           torch.zeros(n_rows, width_s, dtype=torch.long), torch.ones(n_rows, width_s, dtype=torch.long)]
+    out = [
+        torch.full((n_rows, width_p), pad_id),
+        torch.zeros(n_rows, width_p, dtype=torch.long),
+        torch.ones(n_rows, width_p, dtype=torch.long),
+        torch.full((n_rows, width_s), pad_id),
+        torch.zeros(n_rows, width_s, dtype=torch.long),
+        torch.ones(n_rows, width_s, dtype=torch.long),
+    ]
     for r in range(n_rows):
         p, s = int(prefix_len[r]), int(suffix_len[r])
         if p:
-            out[0][r, width_p - p:] = rows.input_ids[r, :p]
-            out[1][r, width_p - p:] = 1
-            out[2][r, width_p - p:] = torch.arange(p)
+            out[0][r, width_p - p :] = rows.input_ids[r, :p]
+            out[1][r, width_p - p :] = 1
+            out[2][r, width_p - p :] = torch.arange(p)
         out[3][r, :s] = rows.input_ids[r, p : p + s]
         out[4][r, :s] = 1
         out[5][r, :s] = torch.arange(p, p + s)
@@ -222,8 +250,9 @@ def _prefix_kv(base: nn.Module, split: _SplitRows) -> list[tuple[torch.Tensor, t
     if split.prefix_ids.shape[1] == 0:
         return None
     with torch.no_grad():
-        out = base(input_ids=split.prefix_ids, attention_mask=split.prefix_mask,
-                   position_ids=split.prefix_pos, use_cache=True)
+        out = base(
+            input_ids=split.prefix_ids, attention_mask=split.prefix_mask, position_ids=split.prefix_pos, use_cache=True
+        )
     return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
 
@@ -241,8 +270,9 @@ def _cache_for(kv, index: torch.Tensor | None):
 class _GroupOptimiser:
     """The batched z optimisation of one group of requests (module docstring): set up once, then ``run``."""
 
-    def __init__(self, model: nn.Module, tok, requests: list[EditRequest], hp: MEMITHyperParams,
-                 templates: ContextTemplates):
+    def __init__(
+        self, model: nn.Module, tok, requests: list[EditRequest], hp: MEMITHyperParams, templates: ContextTemplates
+    ):
         """Cuts the group's rows at the last subject token and computes once what delta never changes."""
         self.model, self.hp = model, hp
         self.family = family_for(model)
@@ -257,8 +287,18 @@ class _GroupOptimiser:
         self.suffix_len = self.split.suffix_mask.sum(1).cpu()
         self.cached, self.as_tuple = self._blocks_to_layer()  # (R, S, d): block L's output over the suffixes
         suffix_target_pos = rows.target_pos - rows.lookup[rows.target_row]
-        self.rows_local = ZRows(rows.input_ids, rows.attention_mask, torch.zeros_like(rows.lookup), rows.request,
-                                rows.is_kl, rows.target_row, suffix_target_pos, rows.target_tok, rows.target_len, n)
+        self.rows_local = ZRows(
+            rows.input_ids,
+            rows.attention_mask,
+            torch.zeros_like(rows.lookup),
+            rows.request,
+            rows.is_kl,
+            rows.target_row,
+            suffix_target_pos,
+            rows.target_tok,
+            rows.target_len,
+            n,
+        )
         first_row = torch.tensor([int(torch.nonzero(rows.request == r)[0]) for r in range(n)])
         self.h_init = self.cached[first_row.to(self.device), 0].float()
         self.max_norm = hp.clamp_norm_factor * self.h_init.norm(dim=1)
@@ -274,9 +314,14 @@ class _GroupOptimiser:
         handle = self.model.get_submodule(name).register_forward_hook(note_kind)
         try:
             with capture_outputs(self.model, [name], stop_after=name) as seen:
-                run_until(self.base, input_ids=self.split.suffix_ids, attention_mask=self.full_mask,
-                          position_ids=self.split.suffix_pos, past_key_values=_cache_for(self.prefix_kv, None),
-                          use_cache=self.prefix_kv is not None)
+                run_until(
+                    self.base,
+                    input_ids=self.split.suffix_ids,
+                    attention_mask=self.full_mask,
+                    position_ids=self.split.suffix_pos,
+                    past_key_values=_cache_for(self.prefix_kv, None),
+                    use_cache=self.prefix_kv is not None,
+                )
         finally:
             handle.remove()
         return seen[name], as_tuple["tuple"]
@@ -292,7 +337,7 @@ class _GroupOptimiser:
         self.steps = [hp.v_steps] * n
         self.final_prob = [0.0] * n
         autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hp.autocast or "")
-        self.precision = (torch.autocast(self.device.type, dtype=autocast) if autocast else contextlib.nullcontext())
+        self.precision = torch.autocast(self.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
         with _replay_from(self.model, self.family, hp.z_layer, self.as_tuple) as replay:
             for step in range(hp.v_steps):
                 nll, kl_logp = self._forward(replay, active)
@@ -325,8 +370,7 @@ class _GroupOptimiser:
         kl_logp = torch.cat(kl_parts)[torch.argsort(torch.cat(kl_reqs))]  # one KL row per request
         return nll, kl_logp
 
-    def _chunk(self, replay: _Replay, chunk: torch.Tensor, local_of: torch.Tensor, inject: torch.Tensor,
-               n_active: int):
+    def _chunk(self, replay: _Replay, chunk: torch.Tensor, local_of: torch.Tensor, inject: torch.Tensor, n_active: int):
         """``_chunk_terms`` of one chunk of rows: the blocks above L over its suffixes, with delta injected."""
         width = int(self.suffix_len[chunk].max())
         chunk_req = local_of[self.rows.request[chunk]]
@@ -335,11 +379,13 @@ class _GroupOptimiser:
         value[:, 0] = value[:, 0] + inject[chunk_req.to(self.device)].to(self.cached.dtype)
         replay.value = value
         with self.precision:
-            hidden = self.base(input_ids=self.split.suffix_ids[dev_chunk, :width],
-                               attention_mask=self.full_mask[dev_chunk, : self.prefix_width + width],
-                               position_ids=self.split.suffix_pos[dev_chunk, :width],
-                               past_key_values=_cache_for(self.prefix_kv, dev_chunk),
-                               use_cache=self.prefix_kv is not None).last_hidden_state
+            hidden = self.base(
+                input_ids=self.split.suffix_ids[dev_chunk, :width],
+                attention_mask=self.full_mask[dev_chunk, : self.prefix_width + width],
+                position_ids=self.split.suffix_pos[dev_chunk, :width],
+                past_key_values=_cache_for(self.prefix_kv, dev_chunk),
+                use_cache=self.prefix_kv is not None,
+            ).last_hidden_state
             return _chunk_terms(self.rows_local, chunk, chunk_req, n_active, hidden, self.lm_head)
 
     def _loss(self, nll: torch.Tensor, kl_logp: torch.Tensor, active: torch.Tensor):
@@ -376,8 +422,14 @@ class _GroupOptimiser:
             self.delta.mul_(scale[:, None])
 
 
-def optimise_z_reference(model: nn.Module, tok, requests: list[EditRequest], hp: MEMITHyperParams,
-                         templates: ContextTemplates, progress: bool = True) -> ZResult:
+def optimise_z_reference(
+    model: nn.Module,
+    tok,
+    requests: list[EditRequest],
+    hp: MEMITHyperParams,
+    templates: ContextTemplates,
+    progress: bool = True,
+) -> ZResult:
     """The reference code's loop: one request at a time, full forward and full logits every step."""
     family = family_for(model)
     device = next(model.parameters()).device
@@ -396,8 +448,11 @@ def optimise_z_reference(model: nn.Module, tok, requests: list[EditRequest], hp:
             hidden = output[0] if isinstance(output, tuple) else output  # GPT-J blocks return a tuple
             if "h_init" not in state:
                 state["h_init"] = hidden[0, lookup[0]].detach().clone().float()
-            edited = hidden.index_put((torch.arange(len(lookup), device=device), lookup),
-                                      delta.to(hidden.dtype).expand(len(lookup), -1), accumulate=True)
+            edited = hidden.index_put(
+                (torch.arange(len(lookup), device=device), lookup),
+                delta.to(hidden.dtype).expand(len(lookup), -1),
+                accumulate=True,
+            )
             return (edited, *output[1:]) if isinstance(output, tuple) else edited
 
         handle = model.get_submodule(layer_name).register_forward_hook(add_delta)

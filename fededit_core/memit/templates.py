@@ -51,8 +51,9 @@ class ContextTemplates(BaseModel):
         return cls(groups=(("{}",),))
 
 
-def sample_context_templates(model, tok, seed: int = 0, n_per_word: int = 1, length: int = 10,
-                             top_k: int = 5) -> ContextTemplates:
+def sample_context_templates(
+    model, tok, seed: int = 0, n_per_word: int = 1, length: int = 10, top_k: int = 5
+) -> ContextTemplates:
     """``["{}"]`` plus ``n_per_word`` top-k samples of ``length`` tokens after each seed word."""
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)

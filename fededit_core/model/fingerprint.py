@@ -15,9 +15,23 @@ from torch import nn
 from fededit_core.model.families import family_for
 
 CONFIG_FIELDS = (
-    "model_type", "hidden_size", "n_embd", "intermediate_size", "n_inner", "num_hidden_layers",
-    "n_layer", "num_attention_heads", "n_head", "num_key_value_heads", "vocab_size", "rotary_dim",
-    "rms_norm_eps", "layer_norm_epsilon", "rope_theta", "rope_parameters", "tie_word_embeddings",
+    "model_type",
+    "hidden_size",
+    "n_embd",
+    "intermediate_size",
+    "n_inner",
+    "num_hidden_layers",
+    "n_layer",
+    "num_attention_heads",
+    "n_head",
+    "num_key_value_heads",
+    "vocab_size",
+    "rotary_dim",
+    "rms_norm_eps",
+    "layer_norm_epsilon",
+    "rope_theta",
+    "rope_parameters",
+    "tie_word_embeddings",
 )
 
 

