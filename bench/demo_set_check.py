@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from fededit_core.model.loading import DEFAULT_MODEL
+
 DATA = Path(__file__).resolve().parents[1] / "fededit_core" / "data" / "federation_demo.jsonl"
 OUT = Path(__file__).resolve().parents[1] / "results" / "engine" / "federation_demo_z_cosine.json"
 ALPHAS = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95]
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DATA))
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a light load)")
     parser.add_argument("--no-z", action="store_true", help="skip check 2 (the z optimisation)")
     parser.add_argument("--json", default=str(OUT), help="where the cosine matrices go")

@@ -24,7 +24,7 @@ from fededit_core.data.slots import split_into_slots
 from fededit_core.fedleke.reedit import best_match_similarity
 from fededit_core.memit.editor import make_editor
 from fededit_core.memit.keys import hidden_at_subject
-from fededit_core.model.loading import configure_threads
+from fededit_core.model.loading import DEFAULT_MODEL, configure_threads
 from fededit_core.paths import cache_dir
 
 from .experiments import select_requests, workload
@@ -38,7 +38,7 @@ def analyse(preset_name: str = "default", alphas=ALPHAS, data: Path = DEFAULT_DA
     preset = PRESETS[preset_name]
     exp = base_exp(preset, "counterfact", "fededit")
     parts = workload(exp, {"counterfact": data})
-    editor = make_editor("smollm2-135m")
+    editor = make_editor(DEFAULT_MODEL)
     editor.z_cache = BaseZCache(cache_dir("bench") / "z")
     union = [r for reqs in parts.values() for r in reqs]
     z = editor.compute_z(union).z  # from the benchmark's cache (optimised there when missing)

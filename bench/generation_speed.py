@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from fededit_core.model.loading import DEFAULT_MODEL
+
 
 def main(argv: list[str] | None = None) -> int:
     from bench.memit_speed import default_data
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="16,32,64", help="comma-separated batch sizes")
     p.add_argument("--tokens", type=int, default=40, help="new tokens per prompt")
     p.add_argument("--data", default=None, help="CounterFact file (default ../shared/data's validation split)")
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b]
     data = Path(args.data) if args.data else default_data()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from fededit_core.model.loading import DEFAULT_MODEL
+
 
 def main(argv: list[str] | None = None) -> int:
     from bench.memit_speed import default_data
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--data")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     configure_threads()

@@ -31,7 +31,7 @@ from fededit_core.cli import add_hparam_args, add_model_args
 from fededit_core.client.worker import ClientSpec, EditWorker
 from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR
 from fededit_core.memit.overrides import memit_overrides
-from fededit_core.model.loading import configure_threads
+from fededit_core.model.loading import DEFAULT_MODEL, configure_threads
 from fededit_core.paths import cache_dir, shared_data_dir
 
 from .experiments import Runner, select_requests
@@ -202,7 +202,7 @@ def run(
     cache: Path,
     data_files: dict[str, Path],
     sections: tuple[str, ...],
-    model: str = "smollm2-135m",
+    model: str = DEFAULT_MODEL,
     device: str = "cpu",
     dtype: str = "fp32",
     hparams: dict | None = None,

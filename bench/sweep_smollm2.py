@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from fededit_core.model.loading import DEFAULT_MODEL
+
 LAYER_SETS = [(2, 3, 4, 5, 6), (3, 4, 5, 6, 7), (4, 5, 6, 7, 8), (6, 7, 8, 9, 10), (8, 9, 10, 11, 12)]
 LAMBDAS = [1000.0, 5000.0, 15000.0]
 
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--data", help="CounterFact file (default: ../shared/data/counterfact/counterfact-train.json)")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     configure_threads()

@@ -33,6 +33,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fededit_core.model.loading import DEFAULT_MODEL
+
 DEPLOY = Path(__file__).resolve().parent
 PROJECT = DEPLOY.parent
 CONNECTION = "fededit"
@@ -260,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("up", help="start a loopback federation under --root")
     p.add_argument("--root", required=True)
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--requests",
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", required=True)
     p = sub.add_parser("demo", help="the default job between real processes: up, flwr run, down")
     p.add_argument("--root", required=True)
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--device", default="cpu")
     p.add_argument("--run-config", default="", help="more run-config pairs, e.g. \"strategy='collabedit'\"")
     args = parser.parse_args(argv)

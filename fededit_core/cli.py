@@ -20,6 +20,7 @@ from fededit_core.data.errors import validation_message
 from fededit_core.eval.tables import KIND_COLUMNS
 from fededit_core.io import atomic_folder
 from fededit_core.memit.overrides import memit_overrides, parse_layers
+from fededit_core.model.loading import DEFAULT_MODEL
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -30,7 +31,7 @@ def _layers(text: str) -> tuple[int, ...]:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a saved folder, a .gguf file or a hub id")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m, a saved folder, a .gguf file or a hub id")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:<i> or auto")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
 

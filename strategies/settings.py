@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fededit_core.data.errors import validation_message
 from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR, VECTORS
 from fededit_core.memit.overrides import memit_overrides
+from fededit_core.model.loading import DEFAULT_MODEL
 from strategies.session import FederationError
 
 STRATEGIES = ("fededit", "fededit-noreedit", "editavg", "collabedit", "local")
@@ -27,7 +28,7 @@ class RunSettings(BaseModel):
 
     run: str = Field("", description="the run's name: run-name, else run-<Flower run id>")
     strategy: str = Field("fededit", description=" | ".join(STRATEGIES))
-    model: str = Field("smollm2-135m", description="embedded name, saved folder, .gguf path or hub id")
+    model: str = Field(DEFAULT_MODEL, description="embedded name, saved folder, .gguf path or hub id")
     device: str = Field("cpu", description="simulation clients and the centralised run (deployment: node config)")
     dtype: str = Field("fp32", description="fp32 | bf16 | fp16")
     data: str = Field("builtin", description="builtin, or a CounterFact / zsRE / JSONL request file")

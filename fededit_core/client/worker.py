@@ -34,6 +34,7 @@ from fededit_core.eval.metrics import evaluate, generate_greedy
 from fededit_core.fedleke.mkv import MKVSet
 from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR
 from fededit_core.memit.editor import MemitEditor, hparams_for, make_editor
+from fededit_core.model.loading import DEFAULT_MODEL
 from fededit_core.paths import generations_path
 
 log = logging.getLogger("fededit.worker")
@@ -50,7 +51,7 @@ class ClientSpec(BaseModel):
 
     run: str = Field(description="run name: checkpoints live in state_dir/run/name")
     name: str
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     device: str = "cpu"
     dtype: str = "fp32"
     hparams: dict = Field(default_factory=dict, description="MEMIT hyperparameter overrides")

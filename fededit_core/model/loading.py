@@ -15,6 +15,8 @@ from fededit_core.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MODEL = "smollm2-135m"  # the embedded model: every command's and run's default
+
 
 def configure_threads() -> None:
     """Use every core for intra-op parallelism on CPU (torch's default can be lower in containers),
@@ -139,7 +141,7 @@ def load_tokenizer(spec: str):
     return tok
 
 
-def load_model(spec: str = "smollm2-135m", device: str = "cpu", dtype: str | torch.dtype = "fp32"):
+def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torch.dtype = "fp32"):
     """(model, tokenizer) for ``spec`` on ``device`` in ``dtype``, in eval mode with gradients off.
 
     ``spec``: an embedded model name (``smollm2-135m``), a saved folder, a ``.gguf`` path or a hub id.
