@@ -84,7 +84,10 @@ def discover(grid: Grid, min_clients: int, wait_s: float, timeout: float | None)
         time.sleep(2.0)
         nodes = list(grid.get_node_ids())
     if len(nodes) < min_clients:
-        raise FederationError(f"{len(nodes)} node(s) connected within {wait_s:.0f} s; the run needs {min_clients}")
+        raise FederationError(
+            f"{len(nodes)} node(s) connected within {wait_s:.0f} s; the run needs {min_clients}: start more nodes, "
+            f'wait longer (--run-config "wait-clients-s=SECONDS") or need fewer ("min-clients={max(1, len(nodes))}")'
+        )
     messages = [Message(pack({"op": "whoami"}, {}), dst_node_id=n, message_type="query") for n in nodes]
     names: dict[str, int] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
@@ -99,7 +102,10 @@ def discover(grid: Grid, min_clients: int, wait_s: float, timeout: float | None)
             )
         names[body["client"]] = node
     if len(names) < min_clients:
-        raise FederationError(f"only {len(names)} healthy client(s) {sorted(names)}; the run needs {min_clients}")
+        raise FederationError(
+            f"only {len(names)} healthy client(s) {sorted(names)}; the run needs {min_clients} "
+            f'(--run-config "min-clients=N" sets it)'
+        )
     return names
 
 

@@ -57,7 +57,9 @@ def run_federation(
     """Run every time slot and return the report (see ``strategies.report``)."""
     session = Session(transport, sorted(clients), settings.min_clients)
     if len(session.active) < settings.min_clients:
-        raise FederationError(f"{len(clients)} client(s) connected, the run needs at least {settings.min_clients}")
+        raise FederationError(
+            f"{len(clients)} client(s) connected, the run needs at least {settings.min_clients} (min-clients)"
+        )
     hellos = {c: r.body for c, r in session.broadcast("hello", phase="handshake").items()}
     spec = check_agreement(hellos, settings.num_slots)
     kind = next(iter(hellos.values()))["kind"]
