@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+# a run's or a client's name becomes one folder name: letters, digits, '.', '_', '-', no leading dot
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def cache_dir(*parts: str) -> Path:
@@ -49,3 +53,12 @@ def recorded_path(path: str | Path) -> str:
 def generations_path(state_dir: str | Path, run: str, client: str) -> Path:
     """Where a client keeps its before/after generations (text: never sent to the server)."""
     return Path(state_dir) / run / f"{client}.generations.json"
+
+
+def safe_name(name: str, what: str = "name") -> str:
+    """``name`` when it can only ever be one folder name (``SAFE_NAME``), else ValueError: a run or
+    client name from the run config must not reach outside the state folder (``../victim``)."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        shown = repr(name) if isinstance(name, str) and len(name) <= 100 else f"a {type(name).__name__}"
+        raise ValueError(f"{what} {shown} is not a plain folder name (letters, digits, '.', '_', '-'; at most 100)")
+    return name

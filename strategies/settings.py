@@ -16,6 +16,7 @@ from fededit_core.data.errors import validation_message
 from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR, VECTORS
 from fededit_core.memit.overrides import memit_overrides
 from fededit_core.model.loading import DEFAULT_MODEL
+from fededit_core.paths import safe_name
 from strategies.session import FederationError
 
 STRATEGIES = ("fededit", "fededit-noreedit", "editavg", "collabedit", "local")
@@ -60,6 +61,12 @@ class RunSettings(BaseModel):
 
     @model_validator(mode="after")
     def _coherent(self):
+        for what, name in (("run", self.run), ("run-name", self.run_name.strip())):
+            if name:
+                try:
+                    safe_name(name, what)
+                except ValueError as err:
+                    raise FederationError(str(err)) from None
         if self.strategy not in STRATEGIES:
             raise FederationError(f"unknown strategy {self.strategy!r}; expected one of {list(STRATEGIES)}")
         if self.num_slots < 1:
@@ -83,6 +90,10 @@ class RunSettings(BaseModel):
         except ValidationError as err:
             raise FederationError(f"invalid run config: {validation_message(err, show_input=True)}") from None
         run = settings.run or settings.run_name.strip() or f"run-{run_id}"
+        try:
+            safe_name(run, "run-name")
+        except ValueError as err:
+            raise FederationError(str(err)) from None
         return settings.model_copy(update={"run": run})
 
     def run_config(self) -> dict:

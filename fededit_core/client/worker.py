@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fededit_core.client.participant import Participant, checkpoint_version
 from fededit_core.data.builtin import resolve_data
@@ -35,7 +35,7 @@ from fededit_core.fedleke.mkv import MKVSet
 from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR
 from fededit_core.memit.editor import MemitEditor, hparams_for, make_editor
 from fededit_core.model.loading import DEFAULT_MODEL
-from fededit_core.paths import generations_path
+from fededit_core.paths import generations_path, safe_name
 
 log = logging.getLogger("fededit.worker")
 
@@ -64,6 +64,11 @@ class ClientSpec(BaseModel):
     state_dir: str
     secret_file: str | None = None
     oracle: bool = Field(False, description="simulation only: may read the other clients' partitions to evaluate them")
+
+    @field_validator("run", "name")
+    @classmethod
+    def _one_folder(cls, value: str, info) -> str:
+        return safe_name(value, info.field_name)
 
     def requests_by_client(self) -> dict[str, list]:
         return load_partitions(self.requests, self.count, self.partition, self.seed, self.max_requests)
