@@ -23,7 +23,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
-from client_app.worker_service import RemoteWorker
+from client_app.worker_service import RemoteWorker, WorkerStepFailed
 from fededit_core.client.worker import ClientSpec, EditWorker
 from fededit_core.data.clients import client_name
 from fededit_core.paths import cache_dir
@@ -71,6 +71,19 @@ def client_spec(context: Context) -> ClientSpec:
     )
 
 
+# errors whose messages this project writes without request text: they may reach the server
+SHAREABLE_ERRORS = ("WorkerError", "WorkerUnavailable")
+
+
+def shareable_error(err: Exception) -> str:
+    """What the server learns of a failed step: the message of this project's own step errors, only
+    the exception's kind for anything else (a data error may quote a private record)."""
+    kind = err.kind if isinstance(err, WorkerStepFailed) else type(err).__name__
+    if kind in SHAREABLE_ERRORS:
+        return f"{kind}: {err}"
+    return f"{kind} (details in this organisation's worker log)"
+
+
 def _worker(context: Context):
     global _IN_PROCESS
     address = context.node_config.get("worker")
@@ -95,7 +108,7 @@ def _step(msg: Message, context: Context) -> Message:
             reply, out = worker.handle(op, spec, body, arrays)
     except Exception as err:  # reported to the server as this client's failure
         log.error("step failed: %s", traceback.format_exc())
-        reply, out = {"error": f"{type(err).__name__}: {err}"}, {}
+        reply, out = {"error": shareable_error(err)}, {}
     return Message(pack(reply, out), reply_to=msg)
 
 

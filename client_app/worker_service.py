@@ -34,6 +34,14 @@ HEADER = struct.Struct("<Q")
 ALLOWED_DTYPES = {"float16", "float32", "float64", "int32", "int64", "bool"}
 
 
+class WorkerStepFailed(RuntimeError):
+    """A step that raised inside the edit worker: ``kind`` is the exception's class name there."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
 class WorkerUnavailable(RuntimeError):
     """The worker named in the node config does not answer."""
 
@@ -92,7 +100,7 @@ class _Servicer:
             return encode({"ok": True, "body": body}, out)
         except Exception as err:  # the error goes back to the ClientApp, the worker keeps serving
             log.exception("step failed")
-            return encode({"ok": False, "error": f"{type(err).__name__}: {err}"}, {})
+            return encode({"ok": False, "kind": type(err).__name__, "error": str(err)}, {})
 
 
 def serve(address: str, worker: EditWorker | None = None) -> grpc.Server:
@@ -161,7 +169,7 @@ class RemoteWorker:
         except grpc.RpcError as err:
             raise WorkerUnavailable(f"edit worker at {self.address} failed during {op!r}: {err.code().name}") from None
         if not header.get("ok"):
-            raise RuntimeError(f"edit worker at {self.address}: {header.get('error')}")
+            raise WorkerStepFailed(str(header.get("kind", "Exception")), str(header.get("error", "")))
         return header["body"], out
 
     def close(self) -> None:
