@@ -18,6 +18,7 @@ line). Every problem is reported as a :class:`DataError` naming the file, the re
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -60,31 +61,74 @@ class _RecordError(Exception):
 # --------------------------------------------------------------------------- reading
 
 
-def _read_records(path: Path) -> list[Any]:
+MAX_DATA_BYTES = 1 << 30  # a request file larger than this is refused before it is read
+MAX_INT_DIGITS = 30
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _json(text: str):
+    """``json.loads`` with bounded integers, no NaN/Infinity, and deep nesting as a ValueError."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _read_text(path: Path) -> str:
+    """The file's UTF-8 text: a regular file (not a pipe, device or folder) of at most ``MAX_DATA_BYTES``."""
+    try:
+        info = path.stat()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
     except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from None
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise DataError(f"{path}: not a regular file (a folder, pipe or device)")
+    if info.st_size > MAX_DATA_BYTES:
+        raise DataError(
+            f"{path}: {info.st_size} bytes, more than the {MAX_DATA_BYTES >> 20} MB a request file may hold"
+        )
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_DATA_BYTES + 1)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(data) > MAX_DATA_BYTES:
+        raise DataError(f"{path}: more than the {MAX_DATA_BYTES >> 20} MB a request file may hold")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
 
+
+def _read_records(path: Path) -> list[Any]:
+    text = _read_text(path)
     stripped = text.lstrip("\ufeff").strip()
     if not stripped:
         raise DataError(f"{path}: file is empty")
 
     if stripped.startswith("["):
         try:
-            value = json.loads(stripped)
+            value = _json(stripped)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        except ValueError as exc:
+            raise DataError(f"{path}: invalid JSON: {exc}") from None
         return value
 
     # A single JSON object (possibly spread over several lines) ...
     try:
-        value = json.loads(stripped)
-    except json.JSONDecodeError:
+        value = _json(stripped)
+    except ValueError:
         pass
     else:
         return [value]
@@ -95,9 +139,11 @@ def _read_records(path: Path) -> list[Any]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(_json(line))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: invalid JSON on line {lineno} (column {exc.colno}): {exc.msg}") from None
+        except ValueError as exc:
+            raise DataError(f"{path}: invalid JSON on line {lineno}: {exc}") from None
     return records
 
 

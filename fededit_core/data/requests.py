@@ -7,6 +7,8 @@ instead of ``target_true``. The evaluation prompts follow CounterFact
 
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -42,6 +44,15 @@ class EditRequest(BaseModel):
                 f'prompt must contain exactly one "{{}}" for the subject, got {self.prompt!r} '
                 f"(subject {self.subject!r})"
             )
+        if self.timestamp is not None and not math.isfinite(self.timestamp):
+            raise ValueError("timestamp must be a finite number")
+        texts = [self.case_id, self.subject, self.prompt, self.target_new, self.target_true, self.neighborhood_target]
+        texts += [*self.paraphrase_prompts, *self.neighborhood_prompts, *self.generation_prompts]
+        for text in texts:
+            try:
+                (text or "").encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("a field holds text that is not valid Unicode (a lone surrogate)") from None
         return self
 
     @property
