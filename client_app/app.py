@@ -28,7 +28,7 @@ from fededit_core.client.worker import ClientSpec, EditWorker
 from fededit_core.data.clients import client_name
 from fededit_core.paths import cache_dir
 from strategies.settings import RunSettings
-from wire.messages import EDIT_ACTION, pack, unpack
+from wire.messages import EDIT_ACTION, Limits, MessageError, pack, unpack
 
 log = logging.getLogger("fededit.client")
 app = ClientApp()
@@ -56,6 +56,7 @@ def client_spec(context: Context) -> ClientSpec:
             partition="all",
             state_dir=str(node.get("state-dir", cache_dir("state"))),
             secret_file=str(node["secret-file"]) if node.get("secret-file") else None,
+            reedit_gate=str(node.get("reedit-gate", "server")),
         )
     index = int(node["partition-id"])
     secret = os.environ.get("FEDEDIT_FEDERATION_SECRET_FILE") or str(cache_dir() / "federation.secret")
@@ -72,7 +73,7 @@ def client_spec(context: Context) -> ClientSpec:
 
 
 # errors whose messages this project writes without request text: they may reach the server
-SHAREABLE_ERRORS = ("WorkerError", "WorkerUnavailable")
+SHAREABLE_ERRORS = ("WorkerError", "StepError", "MessageError", "WorkerUnavailable")
 
 
 def shareable_error(err: Exception) -> str:
@@ -88,16 +89,28 @@ def _worker(context: Context):
     global _IN_PROCESS
     address = context.node_config.get("worker")
     if address:
-        return RemoteWorker(str(address))
+        return RemoteWorker(str(address), max_message_mb=_max_message_mb(context))
     if _IN_PROCESS is None:
         _IN_PROCESS = EditWorker()
     return _IN_PROCESS
 
 
+def _max_message_mb(context: Context) -> int:
+    """How much this node reads from the server: its own ``max-message-mb``, else the run's."""
+    run = RunSettings.from_run_config(context.run_config, context.run_id)
+    return int(context.node_config.get("max-message-mb", run.max_message_mb))
+
+
+def limits(context: Context) -> Limits:
+    return Limits(max_message_bytes=_max_message_mb(context) << 20)
+
+
 def _step(msg: Message, context: Context) -> Message:
     try:
-        body, arrays = unpack(msg.content)
-        op = body.pop("op")
+        body, arrays = unpack(msg.content, limits(context))
+        op = body.pop("op", None)
+        if not isinstance(op, str):
+            raise MessageError("the instruction names no step ('op')")
         spec = client_spec(context)
         worker = _worker(context)
         if op == "whoami":  # discovery and a health check, without loading anything

@@ -25,11 +25,20 @@ import grpc
 import numpy as np
 
 from fededit_core.client.worker import ClientSpec, EditWorker
+from strategies.settings import MAX_MESSAGE_MB
 
 log = logging.getLogger("fededit.worker")
 
 SERVICE = "fededit.EditWorker"
-OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+HEADROOM_MB = 16  # the worker message's header and the step's reply around the run's largest message
+
+
+def grpc_options(max_message_mb: int = MAX_MESSAGE_MB) -> list[tuple[str, int]]:
+    """gRPC caps of the ClientApp-worker channel: the run's message cap plus headroom (< 2 GiB)."""
+    size = min((max_message_mb + HEADROOM_MB) << 20, 2**31 - 1)
+    return [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
+
+
 HEADER = struct.Struct("<Q")
 ALLOWED_DTYPES = {"float16", "float32", "float64", "int32", "int64", "bool"}
 
@@ -103,7 +112,7 @@ class _Servicer:
             return encode({"ok": False, "kind": type(err).__name__, "error": str(err)}, {})
 
 
-def serve(address: str, worker: EditWorker | None = None) -> grpc.Server:
+def serve(address: str, worker: EditWorker | None = None, max_message_mb: int = MAX_MESSAGE_MB) -> grpc.Server:
     """Start serving on ``address``; returns the running server (``server.stop(None)`` ends it)."""
     if not (address.startswith("unix:") or address.split(":")[0] in ("127.0.0.1", "localhost", "[::1]")):
         raise ValueError(f"worker address {address!r}: use unix:/path or a loopback address (127.0.0.1:PORT)")
@@ -112,7 +121,7 @@ def serve(address: str, worker: EditWorker | None = None) -> grpc.Server:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
     servicer = _Servicer(worker or EditWorker())
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=grpc_options(max_message_mb))
     handlers = {
         "Health": grpc.unary_unary_rpc_method_handler(servicer.health),
         "Handle": grpc.unary_unary_rpc_method_handler(servicer.handle),
@@ -129,12 +138,12 @@ def serve(address: str, worker: EditWorker | None = None) -> grpc.Server:
     return server
 
 
-def run_forever(address: str, preload: ClientSpec | None = None) -> None:
+def run_forever(address: str, preload: ClientSpec | None = None, max_message_mb: int = MAX_MESSAGE_MB) -> None:
     """Serve until SIGTERM / SIGINT; optionally load a model first."""
     worker = EditWorker()
     if preload is not None:
         worker.editor(preload)
-    server = serve(address, worker)
+    server = serve(address, worker, max_message_mb)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -145,9 +154,9 @@ def run_forever(address: str, preload: ClientSpec | None = None) -> None:
 class RemoteWorker:
     """The ClientApp's handle on its worker."""
 
-    def __init__(self, address: str, timeout: float | None = None):
+    def __init__(self, address: str, timeout: float | None = None, max_message_mb: int = MAX_MESSAGE_MB):
         self.address, self.timeout = address, timeout
-        self.channel = grpc.insecure_channel(address, options=OPTIONS)
+        self.channel = grpc.insecure_channel(address, options=grpc_options(max_message_mb))
         self._health = self.channel.unary_unary(f"/{SERVICE}/Health")
         self._handle = self.channel.unary_unary(f"/{SERVICE}/Handle")
 
@@ -187,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preload", help="load this model before serving (e.g. smollm2-135m)")
     parser.add_argument("--device", default="cpu", help="device of the preloaded model (cpu, cuda, cuda:1, auto)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument(
+        "--max-message-mb",
+        type=int,
+        default=MAX_MESSAGE_MB,
+        help="largest step taken from the ClientApp, as the run's max-message-mb (default %(default)s)",
+    )
     return parser
 
 
@@ -208,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             requests="builtin",
             state_dir=".",
         )
-    run_forever(args.address, preload)
+    run_forever(args.address, preload, args.max_message_mb)
     return 0
 
 

@@ -9,7 +9,7 @@ import numpy as np
 from .aggregate import edit_average
 from .base import Strategy
 from .session import Session
-from .validation import UploadError, validate_delta_upload
+from .validation import UploadError, check_count, validate_delta_upload
 
 
 class EditAvg(Strategy):
@@ -23,8 +23,7 @@ class EditAvg(Strategy):
             try:
                 validate_delta_upload(client, str(reply.body.get("fingerprint")), reply.arrays, self.spec)
                 n = reply.body.get("n")
-                if not isinstance(n, int) or n < 0:
-                    raise UploadError(f"client {client}: edit count {n!r} is not a non-negative integer")
+                check_count(client, n, self.spec, slot)
             except UploadError as err:
                 session.reject(client, str(err))
                 continue

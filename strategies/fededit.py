@@ -18,8 +18,8 @@ from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR
 
 from .base import Strategy
 from .session import Instruction, Session
-from .store import MKVStore
-from .validation import TAG, FederationSpec, UploadError, validate_mkv_upload
+from .store import MKVStore, row_digests
+from .validation import FederationSpec, UploadError, validate_mkv_upload
 
 
 class FedEdit(Strategy):
@@ -60,15 +60,31 @@ class FedEdit(Strategy):
             return {}
         plan = {}
         for client, reply in session.broadcast("tags", {"slot": slot}, phase="reuse").items():
-            tags = [t for t in reply.body.get("tags", []) if isinstance(t, str) and TAG.match(t)]
-            plan[client] = self._stored_z(tags)
+            tags = reply.body["tags"]
+            if len(tags) != self.spec.slot_size(client, slot):
+                session.reject(client, f"client {client}: {len(tags)} tags for the requests of slot {slot}")
+                continue
+            plan[client] = self._stored_z([t for t in tags if t])
         return plan
 
     # --- 2. edit and store ------------------------------------------------------------------------
-    def _store_upload(self, slot: int, client: str, body: dict, arrays: dict, session: Session) -> None:
+    def _store_upload(
+        self, slot: int, client: str, body: dict, arrays: dict, session: Session, served: list[str]
+    ) -> None:
+        """Validate and store one upload; ``served`` are the tags whose stored z the client was given."""
         ids, tags = body.get("ids"), body.get("tags")
         try:
-            validate_mkv_upload(client, str(body.get("fingerprint")), ids, arrays, self.spec, tags=tags)
+            validate_mkv_upload(client, str(body.get("fingerprint")), ids, arrays, self.spec, tags=tags, slot=slot)
+            reused = set(served)
+            replayed = [
+                i
+                for i in self.store.replayed(self.run, client, slot, row_digests(arrays["z"]))
+                if not (tags and tags[i] in reused)
+            ]
+            if replayed:
+                raise UploadError(
+                    f"client {client}: {len(replayed)} of its z vectors were already uploaded (a replayed set)"
+                )
         except UploadError as err:
             session.reject(client, str(err))
             return
@@ -108,7 +124,7 @@ class FedEdit(Strategy):
             self.reused += len(tags)
             edits[client] = Instruction("edit", {"slot": slot, "reuse_tags": tags}, {"reuse_z": z})
         for client, reply in session.exchange(edits, phase="edit").items():
-            self._store_upload(slot, client, reply.body, reply.arrays, session)
+            self._store_upload(slot, client, reply.body, reply.arrays, session, plan.get(client, empty)[0])
         session.exchange({c: self._serve(slot, c) for c in session.active}, phase="reedit")
 
     def summary(self) -> dict:

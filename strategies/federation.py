@@ -55,13 +55,16 @@ def run_federation(
     progress: bool = True,
 ) -> dict:
     """Run every time slot and return the report (see ``strategies.report``)."""
-    session = Session(transport, sorted(clients), settings.min_clients)
+    session = Session(transport, sorted(clients), settings.min_clients, settings.max_slot_mb << 20)
     if len(session.active) < settings.min_clients:
         raise FederationError(
             f"{len(clients)} client(s) connected, the run needs at least {settings.min_clients} (min-clients)"
         )
     hellos = {c: r.body for c, r in session.broadcast("hello", phase="handshake").items()}
-    spec = check_agreement(hellos, settings.num_slots)
+    spec, left_out = check_agreement(hellos, settings.num_slots)
+    for client, reason in left_out.items():
+        session.reject(client, f"client {client}: handshake refused: {reason}")
+        del hellos[client]
     kind = next(iter(hellos.values()))["kind"]
     log.info("%d clients agree on model %s, layers %s", len(hellos), spec.fingerprint, list(spec.layers))
 

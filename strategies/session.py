@@ -2,8 +2,9 @@
 
 A strategy sends ``Instruction``s (a step name, JSON arguments, numpy arrays) to clients through
 ``Session.exchange`` and gets ``Reply``s back. The session counts the bytes each way per client and
-slot, drops clients whose step failed (the run goes on while at least ``min_clients`` remain) and
-tells a client when the server rejected its upload.
+slot, checks every reply against its step's schema (``replies``), drops clients whose step failed
+and rejects (tells, then drops) clients whose reply is malformed; the run goes on while at least
+``min_clients`` remain.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+
+from .replies import ReplyError, parse_error, parse_reply
 
 log = logging.getLogger("fededit.server")
 
@@ -37,6 +40,7 @@ class Reply:
     body: dict = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     error: str | None = None
+    malformed: bool = False  # the message itself could not be decoded (the sender's fault)
 
 
 # (instructions by client) -> replies by client; a transport failure is a Reply with ``error``
@@ -79,8 +83,8 @@ class ClientLedger:
 
 
 class Session:
-    def __init__(self, transport: Transport, clients: list[str], min_clients: int = 1):
-        self.transport = transport
+    def __init__(self, transport: Transport, clients: list[str], min_clients: int = 1, max_slot_bytes: int = 1 << 30):
+        self.transport, self.max_slot_bytes = transport, max_slot_bytes
         self.active = list(clients)
         self.min_clients = min_clients
         self.ledgers = {c: ClientLedger() for c in clients}
@@ -100,12 +104,22 @@ class Session:
         replies = self.transport(instructions)
         ok: dict[str, Reply] = {}
         for client in instructions:
+            op = instructions[client].op
             reply = replies.get(client) or Reply(client, error="no reply")
             self.ledgers[client].received[self.slot] += payload_bytes(reply.body, reply.arrays)
-            if reply.error:
-                self.drop(client, f"step {instructions[client].op!r} failed: {reply.error}")
-            else:
-                ok[client] = reply
+            try:
+                if reply.malformed:
+                    raise ReplyError(reply.error)
+                if self.ledgers[client].received[self.slot] > self.max_slot_bytes:
+                    raise ReplyError(f"more than the {self.max_slot_bytes >> 20} MB a client may send in one slot")
+                error = reply.error or parse_error(reply.body)
+                if error is None:
+                    ok[client] = Reply(client, parse_reply(op, reply.body, reply.arrays), reply.arrays)
+            except ReplyError as err:
+                self.reject(client, f"client {client}: malformed reply to {op!r}: {err}")
+                continue
+            if error is not None:
+                self.drop(client, f"step {op!r} failed: {error}")
         self.seconds[phase] += time.perf_counter() - started
         return ok
 
@@ -152,9 +166,10 @@ class Session:
             )
 
     def reject(self, client: str, error: str) -> None:
-        """A bad upload: log it, tell the client, and go on without it."""
-        log.error("rejected upload: %s", error)
+        """A bad upload or reply: log it, tell the client (whatever it answers), go on without it."""
+        log.error("rejected: %s", error)
         try:
-            self.transport({client: Instruction("rejected", {"error": error})})
-        finally:
-            self.drop(client, f"upload rejected: {error}")
+            self.transport({client: Instruction("rejected", {"error": error[:2000]})})
+        except Exception as err:  # the notice is a courtesy: a failing transport must not stop the run
+            log.error("could not tell %s of its rejection: %s", client, type(err).__name__)
+        self.drop(client, f"upload rejected: {error}")

@@ -19,6 +19,7 @@ from fededit_core.model.loading import DEFAULT_MODEL
 from fededit_core.paths import safe_name
 from strategies.session import FederationError
 
+MAX_MESSAGE_MB = 256  # the largest message a party reads (README, "Limits": the formula for other models)
 STRATEGIES = ("fededit", "fededit-noreedit", "editavg", "collabedit", "local")
 
 
@@ -42,7 +43,15 @@ class RunSettings(BaseModel):
     reuse: bool = Field(True, description="reuse stored z for repeated requests (keyed tags)")
     min_clients: int = Field(2, alias="min-clients", ge=1, description="the run stops with fewer")
     wait_clients_s: float = Field(60.0, alias="wait-clients-s", ge=0)
-    step_timeout_s: float = Field(0.0, alias="step-timeout-s", ge=0, description="0: wait as long as a step takes")
+    step_timeout_s: float = Field(
+        3600.0, alias="step-timeout-s", ge=0, description="a client that takes longer for one step leaves; 0: no limit"
+    )
+    max_message_mb: int = Field(
+        MAX_MESSAGE_MB, alias="max-message-mb", ge=1, le=1 << 20, description="largest message read from another party"
+    )
+    max_slot_mb: int = Field(
+        1024, alias="max-slot-mb", ge=1, le=1 << 20, description="most bytes the server takes from one client per slot"
+    )
     centralised: bool = Field(True, description="also run centralised MEMIT on the union (needs the data file)")
     secure_aggregation: bool = Field(False, alias="secure-aggregation", description="collabedit: sums through SecAgg+")
     fluency: bool = False
@@ -116,6 +125,11 @@ class RunSettings(BaseModel):
     @property
     def mkv_store(self) -> Path:
         return self.store_path or self.out_dir / "mkv_store.sqlite"
+
+    @property
+    def limits(self) -> dict:
+        """Keyword arguments of ``wire.messages.Limits`` for this run."""
+        return {"max_message_bytes": self.max_message_mb << 20}
 
     @property
     def timeout(self) -> float | None:

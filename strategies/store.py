@@ -8,6 +8,7 @@ slot replaces its earlier upload for that slot in one transaction.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
@@ -40,10 +41,18 @@ CREATE TABLE IF NOT EXISTS items (
     position INTEGER NOT NULL,
     request_id TEXT NOT NULL,
     tag TEXT,
+    digest TEXT,
     PRIMARY KEY (upload_id, position)
 );
 CREATE INDEX IF NOT EXISTS items_by_tag ON items (tag);
 """
+DIGEST_INDEX = "CREATE INDEX IF NOT EXISTS items_by_digest ON items (digest)"
+
+
+def row_digests(z: np.ndarray) -> list[str]:
+    """SHA-256 of each z row as float32 bytes: what a replayed vector is recognised by."""
+    rows = np.ascontiguousarray(np.asarray(z, dtype=np.float32))
+    return [hashlib.sha256(row.tobytes()).hexdigest() for row in rows]
 
 
 @dataclass
@@ -67,6 +76,9 @@ class MKVStore:
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        if "digest" not in [row[1] for row in self.db.execute("PRAGMA table_info(items)")]:
+            self.db.execute("ALTER TABLE items ADD COLUMN digest TEXT")  # a store from before replay checks
+        self.db.execute(DIGEST_INDEX)
 
     def close(self) -> None:
         self.db.close()
@@ -98,9 +110,10 @@ class MKVStore:
                     "INSERT INTO arrays VALUES (?,?,?,?,?)",
                     (upload_id, name, array.dtype.str, json.dumps(list(array.shape)), array.tobytes()),
                 )
+            digests = row_digests(arrays["z"]) if "z" in arrays else [None] * len(ids)
             self.db.executemany(
-                "INSERT INTO items VALUES (?,?,?,?)",
-                [(upload_id, i, rid, tag) for i, (rid, tag) in enumerate(zip(ids, tags))],
+                "INSERT INTO items (upload_id, position, request_id, tag, digest) VALUES (?,?,?,?,?)",
+                [(upload_id, i, rid, tag, d) for i, (rid, tag, d) in enumerate(zip(ids, tags, digests))],
             )
             self.db.execute("COMMIT")
         except BaseException:
@@ -152,6 +165,20 @@ class MKVStore:
             if row:
                 found[tag] = (row[0], row[1])
         return found
+
+    def replayed(self, run_id: str, client: str, slot: int, digests: list[str]) -> list[int]:
+        """Positions of ``digests`` already stored in the run by another client or another slot."""
+        seen = set()
+        for start in range(0, len(digests), 500):
+            chunk = digests[start : start + 500]
+            rows = self.db.execute(
+                "SELECT items.digest FROM items JOIN uploads ON uploads.id = items.upload_id "
+                f"WHERE uploads.run_id=? AND NOT (uploads.client=? AND uploads.slot=?) "
+                f"AND items.digest IN ({','.join('?' * len(chunk))})",
+                (run_id, client, slot, *chunk),
+            )
+            seen.update(row[0] for row in rows)
+        return [i for i, d in enumerate(digests) if d in seen]
 
     def get(self, upload_id: int) -> Upload:
         row = self.db.execute(

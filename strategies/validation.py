@@ -1,17 +1,22 @@
 """Server-side checks of every upload before it is stored or aggregated.
 
-An upload is a dict of numpy arrays plus metadata. It is accepted only if it has exactly the
-expected array names, shapes that fit the federation's model (d, d_ff, edited layers), a floating
-dtype, finite values, a count within limits and the federation's model fingerprint. Anything else
-raises ``UploadError`` naming the client and the problem; nothing is stored.
+An upload is a dict of numpy arrays plus metadata (its reply already fits the step's schema,
+``replies``). It is accepted only if it has exactly the expected array names, shapes that fit the
+federation's model (d, d_ff, edited layers), a floating dtype, values finite in float32 (what every
+receiver computes in), the sender's own request ids and count for that slot, and the federation's
+model fingerprint; K K^T must also be symmetric positive semi-definite. Anything else raises
+``UploadError`` naming the client and the problem; nothing is stored.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from fededit_core.memit.update import positive_semidefinite
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
@@ -29,6 +34,11 @@ class FederationSpec:
     d_ff: int
     layers: tuple[int, ...]
     max_items: int = 10_000
+    slot_sizes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # requests per client and slot
+
+    def slot_size(self, client: str, slot: int) -> int | None:
+        sizes = self.slot_sizes.get(client)
+        return sizes[slot] if sizes is not None and 0 <= slot < len(sizes) else None
 
 
 def _check_array(client: str, name: str, array, shape: tuple) -> None:
@@ -39,8 +49,10 @@ def _check_array(client: str, name: str, array, shape: tuple) -> None:
     if array.ndim != len(shape) or any(e is not None and e != s for e, s in zip(shape, array.shape)):
         expected = "(" + ", ".join("n" if e is None else str(e) for e in shape) + ")"
         raise UploadError(f"client {client}: array {name!r} has shape {tuple(array.shape)}, expected {expected}")
-    if not np.isfinite(array).all():
-        raise UploadError(f"client {client}: array {name!r} holds NaN or infinite values")
+    with np.errstate(over="ignore"):
+        finite = np.isfinite(array.astype(np.float32, copy=False)).all()
+    if not finite:
+        raise UploadError(f"client {client}: array {name!r} holds NaN or values that are infinite in float32")
 
 
 def _check_names(client: str, arrays: dict, expected: set[str]) -> None:
@@ -63,11 +75,39 @@ def check_fingerprint(client: str, fingerprint: str, spec: FederationSpec) -> No
 TAG = re.compile(r"^[0-9a-f]{64}$")  # an HMAC-SHA256 request tag (fededit_core.tags)
 
 
+def check_layers(client: str, layers, spec: FederationSpec) -> None:
+    """A 1-D integer array equal to the federation's edited layers."""
+    if (
+        not isinstance(layers, np.ndarray)
+        or layers.ndim != 1
+        or layers.dtype.kind not in "iu"
+        or tuple(int(x) for x in layers) != spec.layers
+    ):
+        shown = layers.tolist() if isinstance(layers, np.ndarray) and layers.size <= 64 else "another list"
+        raise UploadError(f"client {client}: MKVs are for layers {shown}, the federation edits {list(spec.layers)}")
+
+
+def check_count(client: str, n: int, spec: FederationSpec, slot: int | None) -> None:
+    """At most the client's declared number of requests in ``slot`` (and the upload limit)."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= spec.max_items:
+        raise UploadError(f"client {client}: count {n!r} is not an integer in [0, {spec.max_items}]")
+    declared = spec.slot_size(client, slot) if slot is not None else None
+    if declared is not None and n > declared:
+        raise UploadError(f"client {client}: {n} edits in slot {slot}, but it declared {declared} requests there")
+
+
 def validate_mkv_upload(
-    client: str, fingerprint: str, ids: list[str], arrays: dict, spec: FederationSpec, tags: list[str] | None = None
+    client: str,
+    fingerprint: str,
+    ids: list[str],
+    arrays: dict,
+    spec: FederationSpec,
+    tags: list[str] | None = None,
+    slot: int | None = None,
 ) -> int:
     """An MKV upload: z and delta (n, d), keys (n, |R|, d_ff), layers (|R|,), and optionally one tag
-    (64 hex digits, or "" for none) per id. Returns n."""
+    (64 hex digits, or "" for none) per id. With ``slot``, the ids must be the sender's own,
+    ``<client>/<slot>/<i>`` for i = 0..n-1, with n its declared slot size. Returns n."""
     check_fingerprint(client, fingerprint, spec)
     _check_names(client, arrays, {"z", "delta", "keys", "layers"})
     if not isinstance(ids, list):
@@ -81,12 +121,11 @@ def validate_mkv_upload(
         raise UploadError(f"client {client}: {n} MKVs exceed the limit of {spec.max_items} per upload")
     if len(set(ids)) != n or not all(isinstance(i, str) and i for i in ids):
         raise UploadError(f"client {client}: request ids must be distinct non-empty strings")
-    layers = arrays["layers"]
-    if not isinstance(layers, np.ndarray) or tuple(int(x) for x in layers.ravel()) != spec.layers:
-        raise UploadError(
-            f"client {client}: MKVs are for layers {np.asarray(layers).ravel().tolist()}, "
-            f"the federation edits {list(spec.layers)}"
-        )
+    if slot is not None:
+        check_count(client, n, spec, slot)
+        if ids != [f"{client}/{slot}/{i}" for i in range(n)]:
+            raise UploadError(f"client {client}: the ids of slot {slot} must be {client}/{slot}/0, /1, ... in order")
+    check_layers(client, arrays["layers"], spec)
     _check_array(client, "z", arrays["z"], (n, spec.d_model))
     _check_array(client, "delta", arrays["delta"], (n, spec.d_model))
     _check_array(client, "keys", arrays["keys"], (n, len(spec.layers), spec.d_ff))
@@ -111,8 +150,11 @@ def validate_stats_upload(client: str, fingerprint: str, arrays: dict, spec: Fed
     _check_array(client, "rk", arrays["rk"], (spec.d_model, spec.d_ff))
     _check_array(client, "kk", arrays["kk"], (spec.d_ff, spec.d_ff))
     kk = arrays["kk"].astype(np.float64)
-    if not np.allclose(kk, kk.T, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(kk).max()))):
+    scale = max(1.0, float(np.abs(kk).max(initial=0.0)))
+    if not np.allclose(kk, kk.T, rtol=1e-4, atol=1e-6 * scale):
         raise UploadError(f"client {client}: K K^T of layer {layer} is not symmetric")
+    if not positive_semidefinite(kk):
+        raise UploadError(f"client {client}: K K^T of layer {layer} is not positive semi-definite")
 
 
 def validate_sealed_stats(client: str, body: dict, spec: FederationSpec) -> float:

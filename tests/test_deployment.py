@@ -198,7 +198,7 @@ def test_clientapp_step_reports_a_down_worker(monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
 
     from client_app.app import _step
-    from wire.messages import pack, unpack
+    from wire.messages import Limits, pack, unpack
 
     for attr in ("_run_id", "_node_id", "_task_id"):  # set by Flower in a ClientApp process; a Message needs them
         monkeypatch.setattr(TaskIdentity, attr, 1)
@@ -209,6 +209,6 @@ def test_clientapp_step_reports_a_down_worker(monkeypatch):
     for op in ("whoami", "hello"):
         started = time.monotonic()
         reply = _step(Message(pack({"op": op}, {}), dst_node_id=7, message_type="query"), context)
-        body, _ = unpack(reply.content)
+        body, _ = unpack(reply.content, Limits(max_message_bytes=1 << 20))
         assert time.monotonic() - started < 10
         assert body["error"].startswith("WorkerUnavailable: edit worker at unix:/nonexistent.sock is not answering")

@@ -238,3 +238,11 @@ def test_a_restarted_server_resumes_the_run(world, tmp_path):
     assert not any(i.args.get("slot") == 0 for _, i, _ in fresh.log)  # slot 0 was not redone
     assert MKVStore(tmp_path / "store.sqlite").count("resume") == 8
     assert [c["n"] for c in report["clients"]] == [4, 4]
+
+
+def test_a_nodes_own_gate_setting_overrides_the_servers(world, tmp_path):
+    """alpha 1 keeps nothing, but nodes configured with reedit-gate 'off' keep every set anyway."""
+    specs = client_specs(world, tmp_path, "own-gate", reedit_gate="off")
+    report, _ = run(world, tmp_path, "fededit", run="own-gate", specs=specs, alpha=1.0)
+    assert [c["kept_sets"] for c in report["clients"]] == [2, 2]
+    assert [c["applied"] for c in report["clients"]] == [4, 4]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fededit_core.client.instructions import StepError
 from fededit_core.client.participant import Participant
 from fededit_core.data.requests import EditRequest
 from fededit_core.data.slots import split_into_slots
@@ -63,7 +64,7 @@ def test_participants_on_one_model_never_see_each_others_edits(shared):
 
 def test_mkvs_carry_no_text_and_slots_go_in_order(shared):
     a = Participant("a", shared, [req("1", "Anna", "Rome"), req("2", "Boris", "Oslo")], n_slots=2)
-    with pytest.raises(ValueError, match="next slot"):
+    with pytest.raises(StepError, match="next slot"):
         a.edit_slot(1)
     mkvs, report = a.edit_slot(0)
     assert mkvs.ids == ["a/0/0"] and report.edited == report.optimised == 1

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from fededit_core.client.instructions import StepError
 from fededit_core.data.requests import EditRequest
 from fededit_core.data.slots import split_into_slots
 from fededit_core.fedleke.mkv import MKVSet, apply_mkvs, compute_mkvs
@@ -94,7 +95,7 @@ class Participant:
     def mkvs_of(self, slot: int) -> MKVSet:
         """The MKVs this participant uploaded for an already edited ``slot`` (for a repeated request)."""
         if slot >= self.next_slot:
-            raise ValueError(f"{self.name}: slot {slot} is not edited yet")
+            raise StepError(f"{self.name}: slot {slot} is not edited yet")
         if self.own is None:
             return self._empty_mkvs()
         prefix = f"{self.name}/{slot}/"
@@ -114,7 +115,7 @@ class Participant:
     def edit_slot(self, slot: int, reused: dict[str, torch.Tensor] | None = None) -> tuple[MKVSet, SlotReport]:
         """Edit this slot's requests; ``reused`` maps a request tag to a stored z (skips its optimisation)."""
         if slot != self.next_slot:
-            raise ValueError(f"{self.name}: slot {slot} asked for, but the next slot to edit is {self.next_slot}")
+            raise StepError(f"{self.name}: slot {slot} asked for, but the next slot to edit is {self.next_slot}")
         requests = self.slots[slot]
         report = SlotReport(slot=slot, edited=len(requests))
         self.activate()
@@ -192,7 +193,7 @@ class Participant:
     def editavg_apply(self, average: dict[int, torch.Tensor]) -> None:
         """W_l = W_l(slot start) + averaged Delta_l: every client ends the slot with the same model."""
         if not self.pending:
-            raise ValueError(f"{self.name}: no EditAvg update is waiting for its average")
+            raise StepError(f"{self.name}: no EditAvg update is waiting for its average")
         self.layers = {
             l: (self.pending[f"start.{l}"].double() + average[l].double()).to(self.layers[l].dtype) for l in self.layers
         }
@@ -205,7 +206,7 @@ class Participant:
         """R K^T (d, d_ff) and K K^T (d_ff, d_ff) of this slot's requests at the ``index``-th edited
         layer, read on the current (shared, partly edited) model; z is optimised at index 0."""
         if slot != self.next_slot:
-            raise ValueError(f"{self.name}: slot {slot} asked for, but the next slot to edit is {self.next_slot}")
+            raise StepError(f"{self.name}: slot {slot} asked for, but the next slot to edit is {self.next_slot}")
         requests = self.slots[slot]
         self.activate()
         if index == 0:
@@ -225,7 +226,7 @@ class Participant:
     def collab_apply(self, slot: int, index: int, rk: torch.Tensor, kk: torch.Tensor) -> None:
         """W += (sum R K^T)(lambda C0 + sum K K^T)^-1 at the ``index``-th layer; the slot ends after the last."""
         if slot != self.next_slot or "z" not in self.pending:
-            raise ValueError(f"{self.name}: no CollabEdit step of slot {slot} is open")
+            raise StepError(f"{self.name}: no CollabEdit step of slot {slot} is open")
         started = time.perf_counter()
         self.activate()
         self.editor.apply_statistics(self.editor.hp.layers[index], rk, kk)

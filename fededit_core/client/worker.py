@@ -20,11 +20,13 @@ import secrets
 import threading
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fededit_core.client.instructions import StepError, check_arrays, check_reedit_ids, parse_instruction
 from fededit_core.client.participant import Participant, checkpoint_version
 from fededit_core.data.builtin import resolve_data
 from fededit_core.data.loaders import dataset_kind, load_requests
@@ -32,15 +34,15 @@ from fededit_core.data.partition import load_partitions
 from fededit_core.data.slots import split_into_slots
 from fededit_core.eval.metrics import evaluate, generate_greedy
 from fededit_core.fedleke.mkv import MKVSet
-from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR
 from fededit_core.memit.editor import MemitEditor, hparams_for, make_editor
+from fededit_core.memit.update import positive_semidefinite
 from fededit_core.model.loading import DEFAULT_MODEL
 from fededit_core.paths import generations_path, safe_name
 
 log = logging.getLogger("fededit.worker")
 
 
-class WorkerError(RuntimeError):
+class WorkerError(StepError):
     """A step the worker cannot do (bad arguments, wrong slot, missing arrays)."""
 
 
@@ -63,6 +65,9 @@ class ClientSpec(BaseModel):
     num_slots: int = 1
     state_dir: str
     secret_file: str | None = None
+    reedit_gate: Literal["server", "on", "off"] = Field(
+        "server", description="FedEdit's Eq. 8 gate: as the server says, or always on / off (node config)"
+    )
     oracle: bool = Field(False, description="simulation only: may read the other clients' partitions to evaluate them")
 
     @field_validator("run", "name")
@@ -103,6 +108,9 @@ def read_secret(path: str | None, create: bool = False) -> bytes | None:
     if len(secret) < 16:
         raise WorkerError(f"federation secret file {file} holds {len(secret)} bytes; at least 16 are needed")
     return secret
+
+
+ARRAY_STEPS = ("edit", "reedit", "editavg_apply", "collab")  # steps whose instruction may carry arrays
 
 
 def _metrics(result: dict | None) -> dict | None:
@@ -163,11 +171,18 @@ class EditWorker:
 
     # --- dispatch -------------------------------------------------------------------------------
     def handle(self, op: str, spec: ClientSpec, args: dict, arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        """One step; the server's ``args`` and ``arrays`` are checked (``instructions``) before use."""
         method = getattr(self, f"op_{op}", None)
         if method is None:
             raise WorkerError(f"unknown step {op!r}")
+        parsed = parse_instruction(op, args)
+        if op == "reedit":
+            check_reedit_ids(parsed, spec.name)
         with self._lock:  # one step at a time: the model is shared
-            return method(spec, args, arrays)
+            if arrays or op in ARRAY_STEPS:
+                editor = self.editor(spec)
+                check_arrays(op, parsed, arrays, editor.d_model, editor.d_ff, tuple(editor.hp.layers))
+            return method(spec, parsed.model_dump(), arrays)
 
     @staticmethod
     def _slot(args: dict, participant: Participant) -> int:
@@ -211,10 +226,8 @@ class EditWorker:
         if slot < participant.next_slot:  # a repeated request (e.g. the server restarted): same answer
             mkvs, report = participant.mkvs_of(slot), participant.reports[slot]
         else:
-            reuse_tags = list(args.get("reuse_tags", []))
+            reuse_tags = args["reuse_tags"]
             reuse_z = arrays.get("reuse_z", np.zeros((0, participant.editor.d_model), np.float32))
-            if len(reuse_tags) != len(reuse_z):
-                raise WorkerError(f"{len(reuse_tags)} reuse tags but {len(reuse_z)} reuse vectors")
             reused = {tag: torch.from_numpy(np.asarray(z, dtype=np.float32)) for tag, z in zip(reuse_tags, reuse_z)}
             mkvs, report = participant.edit_slot(slot, reused)
         if not args.get("upload", True):  # strategy 'local': nothing leaves the client
@@ -233,21 +246,15 @@ class EditWorker:
     def op_reedit(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
         """FedEdit's re-edit of the sets other clients uploaded (grouped by sender, Eq. 8 per set)."""
         participant = self.participant(spec)
-        ids, senders = list(args.get("ids", [])), list(args.get("senders", []))
-        if len(ids) != len(senders):
-            raise WorkerError(f"{len(ids)} ids but {len(senders)} senders")
+        ids, senders = args["ids"], args["senders"]
         received: list[MKVSet] = []
         if ids:
             merged = MKVSet.from_arrays(ids, arrays)
             merged.validate(participant.editor.d_model, participant.editor.d_ff, tuple(participant.editor.hp.layers))
             for sender in dict.fromkeys(senders):
                 received.append(merged.select([i for i, s in enumerate(senders) if s == sender]))
-        report = participant.reedit(
-            received,
-            float(args.get("alpha", DEFAULT_ALPHA)),
-            gate=bool(args.get("gate", True)),
-            vector=str(args.get("vector", DEFAULT_VECTOR)),
-        )
+        gate = args["gate"] if spec.reedit_gate == "server" else spec.reedit_gate == "on"
+        report = participant.reedit(received, args["alpha"], gate=gate, vector=args["vector"])
         return {"report": asdict(report)}, {}
 
     def op_editavg_update(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
@@ -272,9 +279,16 @@ class EditWorker:
         """CollabEdit: apply the summed statistics of layer ``apply`` (if given), then return this
         client's statistics of layer ``stats`` (if given), read on the updated model."""
         participant = self.participant(spec)
-        slot = args.get("slot")
+        slot = self._slot(args, participant)
+        for key in ("apply", "stats"):
+            if args[key] is not None and args[key] >= len(participant.editor.hp.layers):
+                raise WorkerError(
+                    f"{key} names layer index {args[key]}; {len(participant.editor.hp.layers)} are edited"
+                )
         reply: dict = {}
         if args.get("apply") is not None:
+            if not positive_semidefinite(arrays["kk"]):
+                raise WorkerError("the summed K K^T is not positive semi-definite")
             participant.collab_apply(
                 slot,
                 int(args["apply"]),
@@ -307,9 +321,7 @@ class EditWorker:
                 f"{spec.name}: no CollabEdit statistics held for slot {want[0]}, layer index "
                 f"{want[1]} (held: {held}; did the worker restart?)"
             )
-        scale = float(args.get("scale", 0.0))
-        if not np.isfinite(scale) or scale <= 0:
-            raise WorkerError(f"scale must be a positive number, got {args.get('scale')!r}")
+        scale = float(args["scale"])
         _, _, rk, kk = self._sealed.pop((spec.run, spec.name))
         return {}, {"rk": rk / scale, "kk": kk / scale}
 
@@ -341,6 +353,7 @@ class EditWorker:
         }
         shown = own[:1] + others[:1]
         after = generate_greedy(editor.model, editor.tok, [r.text for r in shown], max_new_tokens=10)
+        reply["own_before"] = reply["others_before"] = None  # the unedited model's, when asked for
         with editor.at_base():
             if args.get("baseline", True):
                 reply["own_before"] = _metrics(evaluate(editor.model, editor.tok, own, kind)) if own else None

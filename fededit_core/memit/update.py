@@ -7,6 +7,7 @@ from the sufficient statistics R K^T and K K^T (sums over requests, so over clie
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -27,3 +28,17 @@ def solve_update(rk: torch.Tensor, kk: torch.Tensor, c0: torch.Tensor, mom2_weig
 def memit_delta(keys: torch.Tensor, resid: torch.Tensor, c0: torch.Tensor, mom2_weight: float) -> torch.Tensor:
     """The minimiser of |Delta K - R|^2 + lambda tr(Delta C0 Delta^T) (Eq. 14)."""
     return solve_update(*layer_statistics(keys, resid), c0, mom2_weight)
+
+
+def positive_semidefinite(kk: np.ndarray, tolerance: float = 1e-5) -> bool:
+    """K K^T is symmetric PSD up to float32 rounding: (K K^T + K K^T^T)/2 + tolerance * max|K K^T| * I
+    has a Cholesky factor (float64), as (lambda C0 + K K^T) must be invertible for Delta."""
+    kk = np.asarray(kk, dtype=np.float64)
+    if kk.ndim != 2 or kk.shape[0] != kk.shape[1]:
+        return False
+    scale = max(1.0, float(np.abs(kk).max(initial=0.0)))
+    try:
+        np.linalg.cholesky((kk + kk.T) / 2 + tolerance * scale * np.eye(len(kk)))
+    except np.linalg.LinAlgError:
+        return False
+    return True

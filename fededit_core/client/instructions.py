@@ -1,0 +1,174 @@
+"""The schema of every instruction the server may send a client, one pydantic model per step.
+
+The server is another party: its arguments are checked here for their fields, strict types and
+ranges (alpha a cosine threshold in [0, 1], ids of the form ``<sender>/<slot>/<i>`` and never the
+client's own), and its arrays for their names, dtypes, shapes against this client's own model and
+for values finite in float32, before any step touches the model. Anything else is a
+``StepError`` whose message names the field, never its value.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import numpy as np
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StringConstraints,
+    ValidationError,
+)
+
+from fededit_core.fedleke.reedit import VECTORS
+from fededit_core.paths import SAFE_NAME
+
+
+class StepError(RuntimeError):
+    """A step this client refuses or cannot do (a bad instruction, a step out of order); its message
+    holds no request text, so the server may be told."""
+
+
+MAX_ITEMS = 100_000  # MKVs in one re-edit instruction (every other client's slot)
+
+Slot = Annotated[StrictInt, Field(ge=0, le=1000)]
+LayerIndex = Annotated[StrictInt, Field(ge=0, le=4096)]
+Tag = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Name = Annotated[str, StringConstraints(pattern=f"^{SAFE_NAME.pattern}$")]
+RequestId = Annotated[str, StringConstraints(pattern=f"^{SAFE_NAME.pattern}/[0-9]{{1,4}}/[0-9]{{1,6}}$")]
+Number = Annotated[Union[StrictInt, StrictFloat], Field(allow_inf_nan=False)]
+
+
+class _Instruction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Empty(_Instruction):
+    pass
+
+
+class SlotStep(_Instruction):
+    slot: Slot
+
+
+class Edit(_Instruction):
+    slot: Slot
+    reuse_tags: Annotated[list[Tag], Field(max_length=MAX_ITEMS)] = []
+    upload: StrictBool = True
+
+
+class Reedit(_Instruction):
+    alpha: Annotated[Number, Field(ge=0, le=1)]
+    gate: StrictBool
+    vector: Literal[VECTORS]  # type: ignore[valid-type]
+    ids: Annotated[list[RequestId], Field(max_length=MAX_ITEMS)]
+    senders: Annotated[list[Name], Field(max_length=MAX_ITEMS)]
+
+
+class Collab(_Instruction):
+    slot: Slot
+    apply: LayerIndex | None = None
+    stats: LayerIndex | None = None
+    secure: StrictBool = False
+
+
+class CollabMasked(_Instruction):
+    slot: Slot
+    stats: LayerIndex
+    scale: Annotated[Number, Field(gt=0)]
+
+
+class Rejected(_Instruction):
+    error: Annotated[str, StringConstraints(max_length=2000)]
+
+
+class Evaluate(_Instruction):
+    others: Literal["none", "reedited", "all"] = "none"
+    fluency: StrictBool = False
+    baseline: StrictBool = True
+    others_limit: Annotated[StrictInt, Field(ge=0, le=1_000_000)] = 0
+
+
+INSTRUCTIONS: dict[str, type[_Instruction]] = {
+    "hello": Empty,
+    "tags": SlotStep,
+    "edit": Edit,
+    "reedit": Reedit,
+    "editavg_update": SlotStep,
+    "editavg_apply": SlotStep,
+    "collab": Collab,
+    "collab_masked": CollabMasked,
+    "rejected": Rejected,
+    "evaluate": Evaluate,
+}
+
+
+def _summary(err: ValidationError) -> str:
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}" for e in err.errors()[:3]]
+    return "; ".join(parts) + (f" (+{err.error_count() - 3} more)" if err.error_count() > 3 else "")
+
+
+def parse_instruction(op: str, args: dict) -> _Instruction:
+    schema = INSTRUCTIONS.get(op)
+    if schema is None:
+        raise StepError(f"unknown step {op!r}")
+    try:
+        return schema.model_validate(args)
+    except ValidationError as err:
+        raise StepError(f"the {op!r} instruction does not fit its schema: {_summary(err)}") from None
+
+
+def expected_arrays(op: str, args: _Instruction, d_model: int, d_ff: int, layers: tuple[int, ...]) -> dict:
+    """Array name -> expected shape (None: any length) of what instruction ``op`` must carry."""
+    if op == "edit":
+        return {"reuse_z": (len(args.reuse_tags), d_model)}
+    if op == "reedit":
+        n = len(args.ids)
+        if not n:
+            return {}
+        return {"z": (n, d_model), "delta": (n, d_model), "keys": (n, len(layers), d_ff), "layers": (len(layers),)}
+    if op == "editavg_apply":
+        return {f"delta.{l}": (d_model, d_ff) for l in layers}
+    if op == "collab" and args.apply is not None:
+        return {"rk": (d_model, d_ff), "kk": (d_ff, d_ff)}
+    return {}
+
+
+def check_arrays(op: str, args: _Instruction, arrays: dict, d_model: int, d_ff: int, layers: tuple[int, ...]) -> None:
+    """Exactly the arrays the step needs, with this model's shapes, finite in float32; integer layers
+    equal to this client's edited layers."""
+    expected = expected_arrays(op, args, d_model, d_ff, layers)
+    if op == "edit" and not args.reuse_tags and "reuse_z" not in arrays:
+        expected = {}
+    if set(arrays) != set(expected):
+        raise StepError(f"the {op!r} instruction carries arrays {sorted(arrays)[:6]}, expected {sorted(expected)}")
+    for name, shape in expected.items():
+        array = arrays[name]
+        if not isinstance(array, np.ndarray) or tuple(array.shape) != shape:
+            got = tuple(array.shape) if isinstance(array, np.ndarray) else type(array).__name__
+            raise StepError(f"array {name!r} of the {op!r} instruction has shape {got}, expected {shape}")
+        if name == "layers":
+            if array.dtype.kind not in "iu" or tuple(int(x) for x in array) != tuple(layers):
+                raise StepError(f"the {op!r} instruction is for other layers than this client's {list(layers)}")
+            continue
+        if array.dtype.kind != "f":
+            raise StepError(f"array {name!r} of the {op!r} instruction has dtype {array.dtype}, expected floats")
+        with np.errstate(over="ignore"):
+            if not np.isfinite(array.astype(np.float32, copy=False)).all():
+                raise StepError(f"array {name!r} of the {op!r} instruction holds values not finite in float32")
+
+
+def check_reedit_ids(args: Reedit, own_name: str) -> None:
+    """One sender per id, each id the sender's own (``<sender>/...``), none this client's."""
+    if len(args.ids) != len(args.senders):
+        raise StepError(f"{len(args.ids)} ids but {len(args.senders)} senders")
+    if len(set(args.ids)) != len(args.ids):
+        raise StepError("the re-edit instruction repeats an id")
+    for rid, sender in zip(args.ids, args.senders):
+        if rid.rsplit("/", 2)[0] != sender:
+            raise StepError(f"an id of the re-edit instruction does not belong to its sender {sender!r}")
+        if sender == own_name:
+            raise StepError("the re-edit instruction holds this client's own MKVs")
