@@ -194,6 +194,7 @@ class Runner:
                 state_dir=str(work / "state"),
                 secret_file=str(work / "secret"),
                 oracle=True,
+                rollback_margin=None,  # the reproduction follows the paper: no rollback of re-edits
             )
             for name in sorted(parts)
         }

@@ -26,6 +26,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from client_app.worker_service import RemoteWorker, WorkerStepFailed
 from fededit_core.client.worker import ClientSpec, EditWorker
 from fededit_core.data.clients import client_name
+from fededit_core.fedleke.reedit import DEFAULT_ROLLBACK_MARGIN
 from fededit_core.paths import cache_dir
 from strategies.settings import RunSettings
 from wire.messages import EDIT_ACTION, Limits, MessageError, pack, unpack
@@ -33,6 +34,12 @@ from wire.messages import EDIT_ACTION, Limits, MessageError, pack, unpack
 log = logging.getLogger("fededit.client")
 app = ClientApp()
 _IN_PROCESS: EditWorker | None = None
+
+
+def _margin(value) -> float | None:
+    """The re-edit rollback margin in nats; a negative one turns the check off (the paper's rule)."""
+    value = float(value)
+    return None if value < 0 else value
 
 
 def client_spec(context: Context) -> ClientSpec:
@@ -57,6 +64,7 @@ def client_spec(context: Context) -> ClientSpec:
             state_dir=str(node.get("state-dir", cache_dir("state"))),
             secret_file=str(node["secret-file"]) if node.get("secret-file") else None,
             reedit_gate=str(node.get("reedit-gate", "server")),
+            rollback_margin=_margin(node.get("rollback-margin", DEFAULT_ROLLBACK_MARGIN)),
         )
     index = int(node["partition-id"])
     secret = os.environ.get("FEDEDIT_FEDERATION_SECRET_FILE") or str(cache_dir() / "federation.secret")
@@ -69,6 +77,7 @@ def client_spec(context: Context) -> ClientSpec:
         state_dir=str(run.simulation_state_dir),
         secret_file=secret,
         oracle=True,
+        rollback_margin=_margin(run.rollback_margin),
     )
 
 

@@ -12,6 +12,8 @@ Per time slot:
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR
@@ -20,6 +22,8 @@ from .base import Strategy
 from .session import Instruction, Session
 from .store import MKVStore, row_digests
 from .validation import FederationSpec, UploadError, validate_mkv_upload
+
+log = logging.getLogger("fededit.server")
 
 
 class FedEdit(Strategy):
@@ -41,6 +45,7 @@ class FedEdit(Strategy):
         if not gate:
             self.name = "fededit-noreedit"
         self.reused = 0
+        self.suspects: dict[str, list[str]] = {}  # sender -> the clients that refused its sets
 
     # --- 1. reuse ---------------------------------------------------------------------------------
     def _stored_z(self, tags: list[str]) -> tuple[list[str], np.ndarray]:
@@ -125,12 +130,19 @@ class FedEdit(Strategy):
             edits[client] = Instruction("edit", {"slot": slot, "reuse_tags": tags}, {"reuse_z": z})
         for client, reply in session.exchange(edits, phase="edit").items():
             self._store_upload(slot, client, reply.body, reply.arrays, session, plan.get(client, empty)[0])
-        session.exchange({c: self._serve(slot, c) for c in session.active}, phase="reedit")
+        replies = session.exchange({c: self._serve(slot, c) for c in session.active}, phase="reedit")
+        for client, reply in replies.items():
+            for sender in reply.body.get("suspects", []):
+                log.warning(
+                    "client %s refused the set of %s in slot %d (out of bounds or harmful)", client, sender, slot
+                )
+                self.suspects.setdefault(sender, []).append(client)
 
     def summary(self) -> dict:
         return {
             "stored_mkvs": self.store.count(self.run),
             "z_served_for_reuse": self.reused,
+            "refused_senders": self.suspects,
             "alpha": self.alpha,
             "gate": self.gate,
             "vector": self.vector,

@@ -9,6 +9,11 @@ from .validation import FederationSpec
 MUST_AGREE = ("fingerprint", "templates", "covariance", "hparams", "d_model", "d_ff", "layers", "kind")
 
 
+def _clamp(hparams: dict) -> float | None:
+    value = hparams.get("clamp_norm_factor")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
 def _own_problem(hello: dict, num_slots: int) -> str | None:
     """What is inconsistent in one client's own handshake, or None."""
     sizes = hello.get("slot_sizes", [])
@@ -60,6 +65,7 @@ def check_agreement(hellos: dict[str, dict], num_slots: int) -> tuple[Federation
             d_ff=int(reference["d_ff"]),
             layers=tuple(int(l) for l in reference["layers"]),
             slot_sizes={name: tuple(hellos[name]["slot_sizes"]) for name in majority},
+            clamp_norm_factor=_clamp(reference.get("hparams", {})),
         ),
         left_out,
     )

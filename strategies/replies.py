@@ -95,6 +95,11 @@ class ReportReply(_Reply):
     report: Numbers
 
 
+class ReeditReply(_Reply):
+    report: Numbers
+    suspects: Annotated[list[Name], Field(max_length=1000)] = []  # senders whose sets it refused
+
+
 class EditAvgUpdateReply(_Reply):
     n: Count
     report: Numbers
@@ -145,7 +150,7 @@ REPLIES: dict[str, type[_Reply]] = {
     "hello": HelloReply,
     "tags": TagsReply,
     "edit": EditReply,
-    "reedit": ReportReply,
+    "reedit": ReeditReply,
     "editavg_update": EditAvgUpdateReply,
     "editavg_apply": EmptyReply,
     "collab": CollabReply,

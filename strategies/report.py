@@ -36,7 +36,7 @@ def weighted(rows: list[tuple[int, dict | None]], kind: str) -> dict | None:
 def _sum_reports(reports: list[dict]) -> dict:
     totals = {
         k: sum(r.get(k, 0) for r in reports)
-        for k in ("edited", "optimised", "reused", "received_sets", "kept_sets", "applied")
+        for k in ("edited", "optimised", "reused", "received_sets", "kept_sets", "refused_sets", "applied")
     }
     seconds: dict[str, float] = defaultdict(float)
     for r in reports:

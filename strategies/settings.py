@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fededit_core.data.errors import validation_message
-from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR, VECTORS
+from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_ROLLBACK_MARGIN, DEFAULT_VECTOR, VECTORS
 from fededit_core.memit.overrides import memit_overrides
 from fededit_core.model.loading import DEFAULT_MODEL
 from fededit_core.paths import safe_name
@@ -41,6 +41,12 @@ class RunSettings(BaseModel):
     alpha: float = Field(DEFAULT_ALPHA, description="FedEdit Eq. 8 threshold")
     vector: str = Field(DEFAULT_VECTOR, alias="reedit-vector", description="what Eq. 8 compares: delta or z")
     reuse: bool = Field(True, description="reuse stored z for repeated requests (keyed tags)")
+    rollback_margin: float = Field(
+        DEFAULT_ROLLBACK_MARGIN,
+        alias="rollback-margin",
+        description="simulated clients: roll back re-edits raising own target NLL by more nats; < 0: never "
+        "(deployment: each node's own node config)",
+    )
     min_clients: int = Field(2, alias="min-clients", ge=1, description="the run stops with fewer")
     wait_clients_s: float = Field(60.0, alias="wait-clients-s", ge=0)
     step_timeout_s: float = Field(

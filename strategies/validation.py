@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from fededit_core.fedleke.bounds import shift_bound_violations, shift_limit
 from fededit_core.memit.update import positive_semidefinite
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
@@ -35,6 +37,7 @@ class FederationSpec:
     layers: tuple[int, ...]
     max_items: int = 10_000
     slot_sizes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # requests per client and slot
+    clamp_norm_factor: float | None = None  # MEMIT's clamp of the shared settings: bounds every delta
 
     def slot_size(self, client: str, slot: int) -> int | None:
         sizes = self.slot_sizes.get(client)
@@ -129,6 +132,14 @@ def validate_mkv_upload(
     _check_array(client, "z", arrays["z"], (n, spec.d_model))
     _check_array(client, "delta", arrays["delta"], (n, spec.d_model))
     _check_array(client, "keys", arrays["keys"], (n, len(spec.layers), spec.d_ff))
+    if spec.clamp_norm_factor is not None:
+        z, delta = (torch.from_numpy(arrays[k].astype(np.float64)) for k in ("z", "delta"))
+        bad = shift_bound_violations(z, delta, spec.clamp_norm_factor)
+        if bad:
+            raise UploadError(
+                f"client {client}: {len(bad)} shift(s) delta beyond {shift_limit(spec.clamp_norm_factor):g} "
+                "|z - delta| (fedleke/bounds.py)"
+            )
     return n
 
 

@@ -1,4 +1,4 @@
-"""A member cannot pass itself off as another or replay a set."""
+"""A member cannot pass itself off as another, replay a set, or poison another's model."""
 
 from __future__ import annotations
 
@@ -6,12 +6,19 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from bench import fuzz
+from fededit_core.client.participant import Participant
+from fededit_core.data.loaders import load_requests
+from fededit_core.fedleke.bounds import out_of_bounds
+from fededit_core.fedleke.mkv import MKVSet
+from fededit_core.memit.editor import make_editor
 from server_app.app import FlowerTransport, discover
 from strategies.federation import run_federation
 from strategies.session import FederationError
 from strategies.settings import RunSettings
+from tests.federation_kit import tiny_world
 
 
 class NamedGrid(fuzz.FuzzGrid):
@@ -90,3 +97,68 @@ def test_a_replayed_set_is_rejected(tmp_path):
     failed = {c["client"]: c["failed"] for c in report["clients"]}
     assert "already uploaded (a replayed set)" in failed["c-0"]
     assert [failed[c] for c in ("c-1", "c-2", "c-3")] == [None, None, None]
+
+
+# --- poisoning ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def victim(tmp_path, monkeypatch):
+    """A client of the tiny world (edits that work) that has edited its 4 requests."""
+    monkeypatch.setenv("FEDEDIT_CACHE", str(tmp_path / "cache"))
+    world = tiny_world(tmp_path)
+    editor = make_editor(world["model"], **world["hparams"])
+    requests = [r for r in load_requests(world["data"])][::2]
+    participant = Participant("victim", editor, requests, n_slots=1)
+    participant.edit_slot(0)
+    return participant
+
+
+def _poison(own: MKVSet, scale: float) -> MKVSet:
+    """The victim's own vectors (so Eq. 8 keeps the set) plus one that pushes its first fact back by
+    ``scale`` times its own shift, at its own key: z = h - scale * delta."""
+    h = own.z - own.delta
+    z = torch.cat([own.z, h[:1] - scale * own.delta[:1]])
+    delta = torch.cat([own.delta, -scale * own.delta[:1]])
+    keys = torch.cat([own.keys, own.keys[:1]])
+    return MKVSet([f"evil/0/{i}" for i in range(len(z))], own.layers, z, delta, keys)
+
+
+def _own_nll(p: Participant) -> float:
+    p.activate()
+    return p.own_nll(p.edited_requests())
+
+
+def _weight_shift(p: Participant, start: dict) -> float:
+    return max(float((p.layers[l] - start[l]).norm() / start[l].norm()) for l in start)
+
+
+def test_a_harmful_set_that_keeps_the_bounds_is_rolled_back(victim):
+    """Scale 3: within the bounds, but it undoes the victim's facts; the NLL check rolls it back."""
+    clean, start = _own_nll(victim), {l: w.clone() for l, w in victim.layers.items()}
+    poison = _poison(victim.own, 3.0)
+    assert out_of_bounds(poison, victim.own, victim.editor.hp.clamp_norm_factor) is None
+    victim.reedit([poison], alpha=0.5, margin=None, check_bounds=False)  # defences off: the set is applied
+    assert victim.reports[-1].kept_sets == 1 and _own_nll(victim) - clean > 1.0
+    victim.layers, victim.reedited_ids, victim.reports[-1].kept_sets = start, [], 0
+    victim.reedit([poison], alpha=0.5)
+    assert victim.reports[-1].kept_sets == 0 and victim.reports[-1].refused_sets == 1
+    assert _own_nll(victim) == pytest.approx(clean, abs=1e-5)
+    assert "raises this client's own target NLL" in victim.suspects["evil"]
+
+
+def test_a_scaled_up_set_is_refused_by_the_bounds(victim):
+    """Scale 1e5: the weights would move by thousands of times their norm; the bounds refuse it."""
+    start = {l: w.clone() for l, w in victim.layers.items()}
+    poison = _poison(victim.own, 1e5)
+    assert "shift" in out_of_bounds(poison, victim.own, victim.editor.hp.clamp_norm_factor)
+    victim.reedit([poison], alpha=0.5, margin=None, check_bounds=False)
+    assert _weight_shift(victim, start) > 100
+    victim.layers, victim.reedited_ids, victim.reports[-1].kept_sets = start, [], 0
+    victim.reedit([poison], alpha=0.5)
+    assert _weight_shift(victim, start) == 0.0 and victim.reports[-1].refused_sets == 1
+    assert "shift" in victim.suspects["evil"]
+
+
+def test_honest_mkvs_keep_the_bounds(victim):
+    assert out_of_bounds(victim.own, victim.own, victim.editor.hp.clamp_norm_factor) is None

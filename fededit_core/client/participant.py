@@ -27,8 +27,10 @@ from safetensors.torch import load_file, save_file
 from fededit_core.client.instructions import StepError
 from fededit_core.data.requests import EditRequest
 from fededit_core.data.slots import split_into_slots
+from fededit_core.eval.metrics import target_nll
+from fededit_core.fedleke.bounds import out_of_bounds
 from fededit_core.fedleke.mkv import MKVSet, apply_mkvs, compute_mkvs
-from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR, VECTORS, reedit_decision
+from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_ROLLBACK_MARGIN, DEFAULT_VECTOR, VECTORS, reedit_decision
 from fededit_core.fedleke.tags import request_tag
 from fededit_core.io import atomic_folder, recover_folder
 from fededit_core.memit.editor import MemitEditor
@@ -45,8 +47,14 @@ class SlotReport:
     reused: int = 0
     received_sets: int = 0
     kept_sets: int = 0
+    refused_sets: int = 0  # out of bounds (fedleke/bounds.py) or rolled back
     applied: int = 0
     seconds: dict = field(default_factory=dict)
+
+
+def sender_of(mkvs: MKVSet) -> str:
+    """The client that uploaded a received set (its ids are ``<sender>/<slot>/<i>``)."""
+    return mkvs.ids[0].rsplit("/", 2)[0] if mkvs.ids else ""
 
 
 class Participant:
@@ -68,6 +76,7 @@ class Participant:
         self.next_slot = 0
         self.reports: list[SlotReport] = []
         self.reedited_ids: list[str] = []
+        self.suspects: dict[str, str] = {}  # sender -> why its set was refused (reported to the server)
         self.pending: dict[str, torch.Tensor] = {}  # mid-slot state of EditAvg / CollabEdit
         self.version = 0  # bumped by every checkpoint (a cached copy compares it to the disk's)
         if self.checkpoint_dir:
@@ -155,12 +164,22 @@ class Participant:
         return mkvs, report
 
     def reedit(
-        self, received: list[MKVSet], alpha: float = DEFAULT_ALPHA, gate: bool = True, vector: str = DEFAULT_VECTOR
+        self,
+        received: list[MKVSet],
+        alpha: float = DEFAULT_ALPHA,
+        gate: bool = True,
+        vector: str = DEFAULT_VECTOR,
+        margin: float | None = DEFAULT_ROLLBACK_MARGIN,
+        check_bounds: bool = True,
     ) -> SlotReport:
         """FedEdit's re-edit: apply every received set that passes Eq. 8 (all of them with ``gate=False``).
 
         ``vector``: what Eq. 8 compares, ``"z"`` (the paper) or ``"delta"`` (z - h_L(base), the edit's
-        direction without the subject's own hidden state; see fedleke/reedit.py)."""
+        direction without the subject's own hidden state; see fedleke/reedit.py). Defences: a set out
+        of ``fedleke/bounds.py``'s bounds is refused, and when the kept sets raise the mean target
+        NLL of this client's own edits by more than ``margin`` nats (None: no check), they are
+        rolled back and re-applied without the sets that do so alone (``check_bounds=False`` and
+        ``margin=None``: no defence, for measuring them). Refused senders land in ``self.suspects``."""
         if vector not in VECTORS:
             raise ValueError(f"the re-edit condition compares one of {list(VECTORS)}, got {vector!r}")
         report = self.reports[-1] if self.reports else SlotReport(slot=self.next_slot - 1)
@@ -168,19 +187,55 @@ class Participant:
         own = getattr(self.own, vector) if self.own is not None else torch.zeros(0, self.editor.d_model)
         done = set(self.reedited_ids)  # a repeated message must not apply a set twice
         received = [s for s in received if not set(s.ids) <= done]
-        kept = [s for s in received if len(s) and (not gate or reedit_decision(own, getattr(s, vector), alpha)[0])]
         report.received_sets += len(received)
+        in_bounds = []
+        for s in received:
+            why = out_of_bounds(s, self.own, self.editor.hp.clamp_norm_factor) if check_bounds else None
+            if why:
+                self.suspects[sender_of(s)] = why
+            else:
+                in_bounds.append(s)
+        gated = [s for s in in_bounds if len(s) and (not gate or reedit_decision(own, getattr(s, vector), alpha)[0])]
+        kept = self._apply_guarded(gated, margin) if gated else []
         report.kept_sets += len(kept)
+        report.refused_sets += len(received) - len(in_bounds) + len(gated) - len(kept)
         if kept:
-            self.activate()
-            merged = MKVSet.concat(kept)
-            apply_mkvs(self.editor, merged)
-            self._capture()
-            report.applied += len(merged)
-            self.reedited_ids.extend(merged.ids)
+            report.applied += sum(len(s) for s in kept)
+            self.reedited_ids.extend(i for s in kept for i in s.ids)
         report.seconds["reedit"] = report.seconds.get("reedit", 0.0) + time.perf_counter() - started
         self.checkpoint()
         return report
+
+    def own_nll(self, requests: list[EditRequest]) -> float:
+        """Mean over ``requests`` of the mean per-token NLL of target_new (on the active model)."""
+        prompts, targets = [r.text for r in requests], [r.target_new for r in requests]
+        return float(target_nll(self.editor.model, self.editor.tok, prompts, targets).mean())
+
+    def _apply_guarded(self, kept: list[MKVSet], margin: float | None) -> list[MKVSet]:
+        """Apply ``kept`` together; roll back the sets that alone raise the mean target NLL of this
+        client's own edits by more than ``margin`` nats (its target probability falls by e^margin)."""
+        own_requests = self.edited_requests()
+        start = self.layers
+        self.activate()
+        before = self.own_nll(own_requests) if margin is not None and own_requests else None
+        apply_mkvs(self.editor, MKVSet.concat(kept))
+        if before is None or self.own_nll(own_requests) - before <= margin:
+            self._capture()
+            return kept
+        passing = []
+        for s in kept:  # which sets do it: each alone, from the model before the re-edit
+            self.editor.load_layers(start)
+            apply_mkvs(self.editor, s)
+            rise = self.own_nll(own_requests) - before
+            if rise > margin:
+                self.suspects[sender_of(s)] = f"its set raises this client's own target NLL by {rise:.2f} nats"
+            else:
+                passing.append(s)
+        self.editor.load_layers(start)
+        if passing:
+            apply_mkvs(self.editor, MKVSet.concat(passing))
+        self._capture()
+        return passing
 
     # --- EditAvg: send the slot's update, then take the federation's average ------------------
     def editavg_update(self, slot: int) -> tuple[dict[int, torch.Tensor], SlotReport]:
@@ -260,6 +315,7 @@ class Participant:
             "next_slot": self.next_slot,
             "reports": [asdict(r) for r in self.reports],
             "reedited_ids": self.reedited_ids,
+            "suspects": self.suspects,
             "version": self.version,
         }
         (staging / "state.json").write_text(json.dumps(state))
@@ -282,6 +338,7 @@ class Participant:
         self.version = state.get("version", 0)
         self.reports = [SlotReport(**r) for r in state["reports"]]
         self.reedited_ids = state["reedited_ids"]
+        self.suspects = state.get("suspects", {})
 
 
 def checkpoint_version(folder: str | Path) -> int | None:

@@ -34,6 +34,7 @@ from fededit_core.data.partition import load_partitions
 from fededit_core.data.slots import split_into_slots
 from fededit_core.eval.metrics import evaluate, generate_greedy
 from fededit_core.fedleke.mkv import MKVSet
+from fededit_core.fedleke.reedit import DEFAULT_ROLLBACK_MARGIN
 from fededit_core.memit.editor import MemitEditor, hparams_for, make_editor
 from fededit_core.memit.update import positive_semidefinite
 from fededit_core.model.loading import DEFAULT_MODEL
@@ -65,6 +66,11 @@ class ClientSpec(BaseModel):
     num_slots: int = 1
     state_dir: str
     secret_file: str | None = None
+    rollback_margin: float | None = Field(
+        DEFAULT_ROLLBACK_MARGIN,
+        ge=0,
+        description="roll back a re-edit that raises own target NLL by more nats; None: the paper's rule, no check",
+    )
     reedit_gate: Literal["server", "on", "off"] = Field(
         "server", description="FedEdit's Eq. 8 gate: as the server says, or always on / off (node config)"
     )
@@ -254,8 +260,11 @@ class EditWorker:
             for sender in dict.fromkeys(senders):
                 received.append(merged.select([i for i, s in enumerate(senders) if s == sender]))
         gate = args["gate"] if spec.reedit_gate == "server" else spec.reedit_gate == "on"
-        report = participant.reedit(received, args["alpha"], gate=gate, vector=args["vector"])
-        return {"report": asdict(report)}, {}
+        known = set(participant.suspects)
+        report = participant.reedit(
+            received, args["alpha"], gate=gate, vector=args["vector"], margin=spec.rollback_margin
+        )
+        return {"report": asdict(report), "suspects": sorted(set(participant.suspects) - known)}, {}
 
     def op_editavg_update(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
         participant = self.participant(spec)

@@ -18,6 +18,9 @@ import torch
 VECTORS = ("z", "delta")
 DEFAULT_VECTOR = "delta"
 DEFAULT_ALPHA = 0.22  # README, "What Eq. 8 compares": separates the built-in set's related pairs on delta
+# a receiver rolls back a re-edit that raises its own edits' mean target NLL by more than this many
+# nats (their target probability falls by more than a factor e)
+DEFAULT_ROLLBACK_MARGIN = 1.0
 
 
 def best_match_similarity(own_z: torch.Tensor, sender_z: torch.Tensor) -> torch.Tensor:
