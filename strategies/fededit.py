@@ -19,8 +19,8 @@ import numpy as np
 from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR
 
 from .base import Strategy
-from .session import Instruction, Session
-from .store import MKVStore, row_digests
+from .session import FederationError, Instruction, Session
+from .store import MKVStore, StoreError, row_digests
 from .validation import FederationSpec, UploadError, validate_mkv_upload
 
 log = logging.getLogger("fededit.server")
@@ -49,7 +49,7 @@ class FedEdit(Strategy):
 
     # --- 1. reuse ---------------------------------------------------------------------------------
     def _stored_z(self, tags: list[str]) -> tuple[list[str], np.ndarray]:
-        found = self.store.find_tags(self.run, tags)
+        found = self.store.find_tags(self.run, tags, fingerprint=self.spec.fingerprint)
         uploads: dict[int, np.ndarray] = {}
         keep, vectors = [], []
         for tag, (upload_id, position) in found.items():
@@ -83,7 +83,7 @@ class FedEdit(Strategy):
             reused = set(served)
             replayed = [
                 i
-                for i in self.store.replayed(self.run, client, slot, row_digests(arrays["z"]))
+                for i in self.store.replayed(self.run, client, slot, row_digests(arrays["z"]), self.spec.fingerprint)
                 if not (tags and tags[i] in reused)
             ]
             if replayed:
@@ -93,20 +93,26 @@ class FedEdit(Strategy):
         except UploadError as err:
             session.reject(client, str(err))
             return
-        self.store.put(
-            self.run,
-            client,
-            slot,
-            body["fingerprint"],
-            ids,
-            [t or None for t in tags or [""] * len(ids)],
-            {k: arrays[k] for k in ("z", "delta", "keys", "layers")},
-        )
+        try:
+            self.store.put(
+                self.run,
+                client,
+                slot,
+                body["fingerprint"],
+                ids,
+                [t or None for t in tags or [""] * len(ids)],
+                {k: arrays[k] for k in ("z", "delta", "keys", "layers")},
+            )
+        except StoreError as err:  # the server's own disk: the run cannot go on without losing sets
+            raise FederationError(f"the run stops: {err}") from err
 
     # --- 3. serve ---------------------------------------------------------------------------------
     def _serve(self, slot: int, client: str) -> Instruction:
         """The reedit step for ``client``: the sets the other clients uploaded since the last slot."""
-        uploads = [u for u in self.store.uploads(self.run, exclude_client=client, after_slot=slot - 1) if u.ids]
+        uploads = self.store.uploads(
+            self.run, exclude_client=client, after_slot=slot - 1, fingerprint=self.spec.fingerprint
+        )
+        uploads = [u for u in uploads if u.ids]
         args = {
             "alpha": self.alpha,
             "gate": self.gate,
@@ -140,7 +146,7 @@ class FedEdit(Strategy):
 
     def summary(self) -> dict:
         return {
-            "stored_mkvs": self.store.count(self.run),
+            "stored_mkvs": self.store.count(self.run, self.spec.fingerprint),
             "z_served_for_reuse": self.reused,
             "refused_senders": self.suspects,
             "alpha": self.alpha,

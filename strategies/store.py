@@ -1,9 +1,11 @@
-"""The server's durable MKV store: one SQLite file in WAL mode.
+"""The server's durable MKV store: one SQLite file in WAL mode with ``synchronous=FULL`` (a
+committed upload survives a power cut), checked with ``PRAGMA quick_check`` when it is opened.
 
 Every accepted upload is one row of ``uploads`` (run, client, slot, model fingerprint, count) with
-its arrays as blobs (name, dtype, shape) and its items (opaque request id and tag, by position). A
-restarted server reopens the file and resumes with nothing lost; a client re-uploading the same
-slot replaces its earlier upload for that slot in one transaction.
+its arrays as blobs (name, dtype, shape) and its items (opaque request id, tag and z digest, by
+position). A restarted server reopens the file and resumes with nothing lost; a client re-uploading
+the same slot replaces its earlier upload for that slot in one transaction. Every query is keyed by
+run *and* model fingerprint, so a reused run name never serves another model's MKVs.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ def row_digests(z: np.ndarray) -> list[str]:
     return [hashlib.sha256(row.tobytes()).hexdigest() for row in rows]
 
 
+class StoreError(RuntimeError):
+    """The store cannot be opened or written (damaged file, full disk)."""
+
+
 @dataclass
 class Upload:
     id: int
@@ -72,9 +78,19 @@ class MKVStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            check = self.db.execute("PRAGMA quick_check").fetchone()
+        except sqlite3.DatabaseError as err:
+            check = (str(err),)
+        if check is None or check[0] != "ok":
+            self.db.close()
+            raise StoreError(
+                f"the MKV store {self.path} is damaged ({check[0] if check else 'no answer'}): move it away "
+                "and start the run under a new run-name, or restore it from a backup"
+            )
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
         if "digest" not in [row[1] for row in self.db.execute("PRAGMA table_info(items)")]:
             self.db.execute("ALTER TABLE items ADD COLUMN digest TEXT")  # a store from before replay checks
@@ -116,8 +132,13 @@ class MKVStore:
                 [(upload_id, i, rid, tag, d) for i, (rid, tag, d) in enumerate(zip(ids, tags, digests))],
             )
             self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
+        except BaseException as err:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:  # SQLite may have rolled back already (disk full): the first error counts
+                pass
+            if isinstance(err, sqlite3.Error):
+                raise StoreError(f"the MKV store {self.path} cannot take the upload: {err}") from err
             raise
         return upload_id
 
@@ -137,11 +158,19 @@ class MKVStore:
         )
 
     def uploads(
-        self, run_id: str, slot: int | None = None, exclude_client: str | None = None, after_slot: int | None = None
+        self,
+        run_id: str,
+        slot: int | None = None,
+        exclude_client: str | None = None,
+        after_slot: int | None = None,
+        fingerprint: str | None = None,
     ) -> list[Upload]:
-        """Uploads of a run, optionally of one slot, after a slot, and not from one client."""
+        """Uploads of a run (of one model), optionally of one slot, after a slot, and not from one client."""
         query = "SELECT id, run_id, client, slot, fingerprint FROM uploads WHERE run_id=?"
         params: list = [run_id]
+        if fingerprint is not None:
+            query += " AND fingerprint=?"
+            params.append(fingerprint)
         if slot is not None:
             query += " AND slot=?"
             params.append(slot)
@@ -153,29 +182,33 @@ class MKVStore:
             params.append(exclude_client)
         return [self._load(row) for row in self.db.execute(query + " ORDER BY slot, client, id", params).fetchall()]
 
-    def find_tags(self, run_id: str, tags: list[str]) -> dict[str, tuple[int, int]]:
-        """For each known tag: (upload id, position) of its first stored occurrence in the run."""
+    def find_tags(self, run_id: str, tags: list[str], fingerprint: str | None = None) -> dict[str, tuple[int, int]]:
+        """For each known tag: (upload id, position) of its first stored occurrence in the run (of one model)."""
         found: dict[str, tuple[int, int]] = {}
         for tag in set(tags):
             row = self.db.execute(
                 "SELECT items.upload_id, items.position FROM items JOIN uploads ON uploads.id = items.upload_id "
-                "WHERE uploads.run_id=? AND items.tag=? ORDER BY uploads.slot, items.upload_id LIMIT 1",
-                (run_id, tag),
+                "WHERE uploads.run_id=? AND items.tag=? AND (? IS NULL OR uploads.fingerprint=?) "
+                "ORDER BY uploads.slot, items.upload_id LIMIT 1",
+                (run_id, tag, fingerprint, fingerprint),
             ).fetchone()
             if row:
                 found[tag] = (row[0], row[1])
         return found
 
-    def replayed(self, run_id: str, client: str, slot: int, digests: list[str]) -> list[int]:
-        """Positions of ``digests`` already stored in the run by another client or another slot."""
+    def replayed(
+        self, run_id: str, client: str, slot: int, digests: list[str], fingerprint: str | None = None
+    ) -> list[int]:
+        """Positions of ``digests`` already stored in the run (of one model) by another client or slot."""
         seen = set()
         for start in range(0, len(digests), 500):
             chunk = digests[start : start + 500]
             rows = self.db.execute(
                 "SELECT items.digest FROM items JOIN uploads ON uploads.id = items.upload_id "
-                f"WHERE uploads.run_id=? AND NOT (uploads.client=? AND uploads.slot=?) "
+                "WHERE uploads.run_id=? AND (? IS NULL OR uploads.fingerprint=?) "
+                "AND NOT (uploads.client=? AND uploads.slot=?) "
                 f"AND items.digest IN ({','.join('?' * len(chunk))})",
-                (run_id, client, slot, *chunk),
+                (run_id, fingerprint, fingerprint, client, slot, *chunk),
             )
             seen.update(row[0] for row in rows)
         return [i for i, d in enumerate(digests) if d in seen]
@@ -188,9 +221,13 @@ class MKVStore:
             raise KeyError(f"no upload {upload_id}")
         return self._load(row)
 
-    def count(self, run_id: str) -> int:
-        """Number of stored MKVs (requests) in a run."""
-        return int(self.db.execute("SELECT COALESCE(SUM(n), 0) FROM uploads WHERE run_id=?", (run_id,)).fetchone()[0])
+    def count(self, run_id: str, fingerprint: str | None = None) -> int:
+        """Number of stored MKVs (requests) in a run (of one model)."""
+        row = self.db.execute(
+            "SELECT COALESCE(SUM(n), 0) FROM uploads WHERE run_id=? AND (? IS NULL OR fingerprint=?)",
+            (run_id, fingerprint, fingerprint),
+        ).fetchone()
+        return int(row[0])
 
     def last_slot(self, run_id: str) -> int | None:
         row = self.db.execute("SELECT MAX(slot) FROM uploads WHERE run_id=?", (run_id,)).fetchone()

@@ -15,7 +15,10 @@ worker reads ``slots`` for its own evaluation.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +35,7 @@ from fededit_core.fedleke.bounds import out_of_bounds
 from fededit_core.fedleke.mkv import MKVSet, apply_mkvs, compute_mkvs
 from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_ROLLBACK_MARGIN, DEFAULT_VECTOR, VECTORS, reedit_decision
 from fededit_core.fedleke.tags import request_tag
-from fededit_core.io import atomic_folder, recover_folder
+from fededit_core.io import atomic_folder, last_good, recover_folder
 from fededit_core.memit.editor import MemitEditor
 from fededit_core.memit.keys import hidden_at_subject
 from fededit_core.memit.target import ZResult
@@ -52,9 +55,16 @@ class SlotReport:
     seconds: dict = field(default_factory=dict)
 
 
+log = logging.getLogger("fededit.client")
+
+
 def sender_of(mkvs: MKVSet) -> str:
     """The client that uploaded a received set (its ids are ``<sender>/<slot>/<i>``)."""
     return mkvs.ids[0].rsplit("/", 2)[0] if mkvs.ids else ""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (another client's, truncated, failing its checksums)."""
 
 
 class Participant:
@@ -81,8 +91,7 @@ class Participant:
         self.version = 0  # bumped by every checkpoint (a cached copy compares it to the disk's)
         if self.checkpoint_dir:
             recover_folder(self.checkpoint_dir, "state.json")  # a crash between checkpoint()'s renames
-            if (self.checkpoint_dir / "state.json").is_file():
-                self._restore()
+            self._restore_newest_good()
 
     # --- model state ----------------------------------------------------------------------------
     def activate(self) -> None:
@@ -298,7 +307,7 @@ class Participant:
         """Edited layers, own MKVs and slot position to disk, replacing the previous checkpoint whole."""
         if self.checkpoint_dir is None:
             return
-        with atomic_folder(self.checkpoint_dir) as staging:
+        with atomic_folder(self.checkpoint_dir, keep_previous=True) as staging:
             self._write_checkpoint(staging)
 
     def _write_checkpoint(self, staging: Path) -> None:
@@ -317,22 +326,48 @@ class Participant:
             "reedited_ids": self.reedited_ids,
             "suspects": self.suspects,
             "version": self.version,
+            "files": {f.name: _sha256(f) for f in sorted(staging.iterdir())},
         }
         (staging / "state.json").write_text(json.dumps(state))
 
-    def _restore(self) -> None:
-        state = json.loads((self.checkpoint_dir / "state.json").read_text())
+    def _restore_newest_good(self) -> None:
+        """The checkpoint, or the one before it (``io.last_good``) when it is damaged; a damaged
+        newest one is replaced by the good one, so that the next checkpoint keeps it as last good."""
+        newest, previous = self.checkpoint_dir, last_good(self.checkpoint_dir)
+        problems = []
+        for folder in (newest, previous):
+            if not (folder / "state.json").is_file():
+                continue
+            try:
+                self._restore(folder)
+            except (CheckpointError, ValueError, OSError) as err:
+                problems.append(f"{folder.name}: {err}")
+                log.error("%s: checkpoint %s is unusable (%s)", self.name, folder, err)
+                continue
+            if folder == previous:
+                log.warning("%s: resumed from the last good checkpoint %s", self.name, folder)
+                shutil.rmtree(newest, ignore_errors=True)
+                shutil.copytree(previous, newest)
+            return
+        if problems:
+            raise CheckpointError(f"{self.name}: no usable checkpoint in {newest} ({'; '.join(problems)})")
+
+    def _restore(self, folder: Path) -> None:
+        state = json.loads((folder / "state.json").read_text())
         if state["name"] != self.name:
-            raise ValueError(f"checkpoint in {self.checkpoint_dir} belongs to {state['name']!r}, not {self.name!r}")
-        layers = load_file(str(self.checkpoint_dir / "layers.safetensors"))
+            raise CheckpointError(f"checkpoint in {folder} belongs to {state['name']!r}, not {self.name!r}")
+        for name, digest in state.get("files", {}).items():
+            if not (folder / name).is_file() or _sha256(folder / name) != digest:
+                raise CheckpointError(f"{name} is missing or does not match its checksum (truncated?)")
+        layers = load_file(str(folder / "layers.safetensors"))
         self.layers = {int(k.split(".")[1]): v for k, v in layers.items()}
-        own = self.checkpoint_dir / "own_mkvs.npz"
+        own = folder / "own_mkvs.npz"
         if own.is_file():
             data = np.load(own)
             self.own = MKVSet.from_arrays(
                 [str(i) for i in data["ids"]], {k: data[k] for k in ("z", "delta", "keys", "layers")}
             )
-        pending = self.checkpoint_dir / "pending.safetensors"
+        pending = folder / "pending.safetensors"
         self.pending = load_file(str(pending)) if pending.is_file() else {}
         self.next_slot = state["next_slot"]
         self.version = state.get("version", 0)
@@ -342,8 +377,17 @@ class Participant:
 
 
 def checkpoint_version(folder: str | Path) -> int | None:
-    """The version of the checkpoint in ``folder`` (``None`` when there is none)."""
+    """The version of the checkpoint in ``folder`` (``None`` when there is none or it is unreadable)."""
     state = Path(folder) / "state.json"
-    if not state.is_file():
+    try:
+        return int(json.loads(state.read_text()).get("version", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
-    return json.loads(state.read_text()).get("version", 0)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
