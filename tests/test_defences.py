@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench import fuzz
+from bench.fuzz.harness import LIMITS, flower_identity
+from bench.fuzz.server import FuzzGrid
 from fededit_core.client.participant import Participant
 from fededit_core.data.loaders import load_requests
 from fededit_core.fedleke.bounds import out_of_bounds
@@ -19,9 +20,10 @@ from strategies.federation import run_federation
 from strategies.session import FederationError
 from strategies.settings import RunSettings
 from tests.federation_kit import tiny_world
+from wire.messages import pack, unpack
 
 
-class NamedGrid(fuzz.FuzzGrid):
+class NamedGrid(FuzzGrid):
     """Honest scripted clients whose node registrations carry ``registered`` names."""
 
     def __init__(self, registered: dict[int, str], declared: dict[int, str] | None = None):
@@ -41,12 +43,12 @@ class NamedGrid(fuzz.FuzzGrid):
         for reply in replies:
             node = reply.metadata.src_node_id
             if node in self.declared:
-                reply.content = fuzz.pack({"client": self.declared[node]}, {})
+                reply.content = pack({"client": self.declared[node]}, {})
         return replies
 
 
 def test_a_node_is_named_by_its_registration_not_by_what_it_says():
-    fuzz._identity()
+    flower_identity()
     nodes = {100: "c-0", 101: "c-1", 102: "c-2", 103: "c-3"}
     # node 103 is registered as c-3 but claims to be c-0: it is left out, c-0 keeps its name
     names = discover(NamedGrid(nodes, declared={103: "c-0"}), 2, 0, None)
@@ -57,14 +59,14 @@ def test_a_node_is_named_by_its_registration_not_by_what_it_says():
 
 
 def test_two_nodes_claiming_one_name_are_both_left_out_and_the_run_goes_on():
-    fuzz._identity()
+    flower_identity()
     names = discover(NamedGrid({}, declared={101: "c-0"}), 2, 0, None)
     assert names == {"c-2": 102, "c-3": 103}
     with pytest.raises(FederationError, match="only 0 healthy client"):
         discover(NamedGrid({}, declared={101: "c-0", 102: "c-3"}), 2, 0, None)
 
 
-class ReplayGrid(fuzz.FuzzGrid):
+class ReplayGrid(FuzzGrid):
     """c-0 uploads, under its own ids, the z that c-1 uploaded in slot 0 (which c-0 received)."""
 
     def __init__(self):
@@ -74,25 +76,25 @@ class ReplayGrid(fuzz.FuzzGrid):
     def send_and_receive(self, messages, timeout=None):
         replies = super().send_and_receive(messages, timeout)
         for message, reply in zip(messages, replies):
-            body, arrays = fuzz.unpack(message.content, fuzz.LIMITS)
+            body, arrays = unpack(message.content, LIMITS)
             client = self.nodes[message.metadata.dst_node_id]
             if body["op"] == "reedit" and client == "c-0" and "z" in arrays:
                 senders = body["senders"]
                 self.seen["c-1"] = arrays["z"][[i for i, s in enumerate(senders) if s == "c-1"]]
             if body["op"] == "edit" and client == "c-0" and body["slot"] == 1:
-                reply_body, reply_arrays = fuzz.unpack(reply.content, fuzz.LIMITS)
+                reply_body, reply_arrays = unpack(reply.content, LIMITS)
                 reply_arrays["z"] = self.seen["c-1"]
-                reply.content = fuzz.pack(reply_body, reply_arrays)
+                reply.content = pack(reply_body, reply_arrays)
         return replies
 
 
 def test_a_replayed_set_is_rejected(tmp_path):
-    fuzz._identity()
+    flower_identity()
     grid = ReplayGrid()
     settings = RunSettings(run="replay", num_slots=2, centralised=False, output_dir=str(tmp_path))
     names = discover(grid, 2, 0, None)
     report = run_federation(
-        FlowerTransport(grid, names, None, limits=fuzz.LIMITS), list(names), settings, {}, progress=False
+        FlowerTransport(grid, names, None, limits=LIMITS), list(names), settings, {}, progress=False
     )
     failed = {c["client"]: c["failed"] for c in report["clients"]}
     assert "already uploaded (a replayed set)" in failed["c-0"]

@@ -12,7 +12,11 @@ import random
 import numpy as np
 import pytest
 
-from bench import fuzz
+from bench.fuzz.client import fuzz_client
+from bench.fuzz.harness import CLIENTS, LIMITS, SERVER_STEPS, SLOTS, flower_identity
+from bench.fuzz.loaders import fuzz_loaders
+from bench.fuzz.mutations import npy_with_header
+from bench.fuzz.server import FuzzGrid, fuzz_server
 from tests.federation_kit import tiny_world
 from wire.messages import Limits, MessageError, pack, unpack
 
@@ -35,17 +39,17 @@ def _clean(tally: dict) -> None:
 
 
 def test_the_server_rejects_every_malformed_reply_and_the_run_goes_on():
-    tally = fuzz.fuzz_server(N, seed=0, progress=False)
-    assert tally["cases"] == N * len(fuzz.SERVER_STEPS)
+    tally = fuzz_server(N, seed=0, progress=False)
+    assert tally["cases"] == N * len(SERVER_STEPS)
     assert set(tally["by_step"].values()) == {N}
     _clean(tally)
 
 
 def test_honest_clients_finish_the_fuzz_run_unharmed():
     """The harness itself: without a mutation every client completes (so a rejection is the fuzz's doing)."""
-    fuzz._identity()
+    flower_identity()
 
-    class Honest(fuzz.FuzzGrid):
+    class Honest(FuzzGrid):
         def send_and_receive(self, messages, timeout=None):
             self.op = "none"
             return super().send_and_receive(messages, timeout)
@@ -56,22 +60,22 @@ def test_honest_clients_finish_the_fuzz_run_unharmed():
 
     for strategy in ("fededit", "editavg", "collabedit", "local"):
         grid = Honest("none", random.Random(0))
-        settings = RunSettings(run="honest", strategy=strategy, num_slots=fuzz.SLOTS, centralised=False)
+        settings = RunSettings(run="honest", strategy=strategy, num_slots=SLOTS, centralised=False)
         names = discover(grid, 2, 0, None)
         report = run_federation(
-            FlowerTransport(grid, names, None, limits=fuzz.LIMITS), list(names), settings, {}, progress=False
+            FlowerTransport(grid, names, None, limits=LIMITS), list(names), settings, {}, progress=False
         )
-        assert [c["failed"] for c in report["clients"]] == [None] * len(fuzz.CLIENTS), strategy
+        assert [c["failed"] for c in report["clients"]] == [None] * len(CLIENTS), strategy
 
 
 def test_the_client_rejects_every_malformed_instruction(tiny_federation):
-    tally = fuzz.fuzz_client(N, seed=0, model=tiny_federation["model"], progress=False)
+    tally = fuzz_client(N, seed=0, model=tiny_federation["model"], progress=False)
     assert tally["cases"] >= N
     _clean(tally)
 
 
 def test_the_loaders_reject_every_malformed_file_without_hanging():
-    tally = fuzz.fuzz_loaders(N, seed=0, progress=False)
+    tally = fuzz_loaders(N, seed=0, progress=False)
     assert tally["cases"] == N + 3
     _clean(tally)
 
@@ -80,7 +84,7 @@ def test_an_npy_header_is_checked_before_anything_is_allocated():
     """A 128-byte header declaring 10^15 float32s is refused from its header, at once."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-    data = fuzz._npy_with_header("<f4", (10**15,), b"\0" * 16)
+    data = npy_with_header("<f4", (10**15,), b"\0" * 16)
     content = RecordDict(
         {
             "step": ConfigRecord({"json": "{}"}),
