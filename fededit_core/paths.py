@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import StringConstraints
 
 # a run's or a client's name becomes one folder name: letters, digits, '.', '_', '-', no leading dot
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+SafeName = Annotated[str, StringConstraints(pattern=f"^{SAFE_NAME.pattern}$")]  # the same rule, as a field type
 
 
 def cache_dir(*parts: str) -> Path:

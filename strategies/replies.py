@@ -23,15 +23,16 @@ from pydantic import (
     model_validator,
 )
 
-from fededit_core.paths import SAFE_NAME
+from fededit_core.data.errors import validation_message
+from fededit_core.fedleke.tags import Tag
+from fededit_core.paths import SafeName
 
 MAX_ITEMS = 10_000  # requests (MKVs) in one upload, one slot or one client
 MAX_LAYERS = 256
 
 Key = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Text = Annotated[str, StringConstraints(max_length=256)]
-Name = Annotated[str, StringConstraints(pattern=f"^{SAFE_NAME.pattern}$", max_length=100)]
-Tag = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Name = SafeName
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=160)]
 Count = Annotated[StrictInt, Field(ge=0, le=MAX_ITEMS)]
 Dimension = Annotated[StrictInt, Field(ge=1, le=1 << 20)]
@@ -177,13 +178,6 @@ def parse_error(body: dict) -> str | None:
         raise ReplyError("an error reply that is not one non-empty 'error' string of at most 2000 characters") from None
 
 
-def _summary(err: ValidationError) -> str:
-    """Where and what, never the offending value (it is another party's data)."""
-    parts = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in err.errors()[:3]]
-    more = f" (+{err.error_count() - 3} more)" if err.error_count() > 3 else ""
-    return "; ".join(parts) + more
-
-
 def parse_reply(op: str, body: dict, arrays: dict) -> dict:
     """The reply to step ``op`` as a checked dict (only the fields the client sent)."""
     schema = REPLIES.get(op)
@@ -196,4 +190,4 @@ def parse_reply(op: str, body: dict, arrays: dict) -> dict:
     try:
         return schema.model_validate(body).model_dump(exclude_unset=True)
     except ValidationError as err:
-        raise ReplyError(f"the reply to {op!r} does not fit its schema: {_summary(err)}") from None
+        raise ReplyError(f"the reply to {op!r} does not fit its schema: {validation_message(err, limit=3)}") from None

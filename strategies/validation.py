@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fededit_core.fedleke.bounds import shift_bound_violations, shift_limit
+from fededit_core.fedleke.tags import TAG_PATTERN
 from fededit_core.memit.update import positive_semidefinite
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
@@ -75,7 +76,7 @@ def check_fingerprint(client: str, fingerprint: str, spec: FederationSpec) -> No
         )
 
 
-TAG = re.compile(r"^[0-9a-f]{64}$")  # an HMAC-SHA256 request tag (fededit_core.tags)
+TAG = re.compile(TAG_PATTERN)  # an HMAC-SHA256 request tag (fededit_core.fedleke.tags)
 
 
 def check_layers(client: str, layers, spec: FederationSpec) -> None:

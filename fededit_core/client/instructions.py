@@ -23,8 +23,10 @@ from pydantic import (
     ValidationError,
 )
 
+from fededit_core.data.errors import validation_message
 from fededit_core.fedleke.reedit import VECTORS
-from fededit_core.paths import SAFE_NAME
+from fededit_core.fedleke.tags import Tag
+from fededit_core.paths import SAFE_NAME, SafeName
 
 
 class StepError(RuntimeError):
@@ -36,8 +38,7 @@ MAX_ITEMS = 100_000  # MKVs in one re-edit instruction (every other client's slo
 
 Slot = Annotated[StrictInt, Field(ge=0, le=1000)]
 LayerIndex = Annotated[StrictInt, Field(ge=0, le=4096)]
-Tag = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-Name = Annotated[str, StringConstraints(pattern=f"^{SAFE_NAME.pattern}$")]
+Name = SafeName
 RequestId = Annotated[str, StringConstraints(pattern=f"^{SAFE_NAME.pattern}/[0-9]{{1,4}}/[0-9]{{1,6}}$")]
 Number = Annotated[Union[StrictInt, StrictFloat], Field(allow_inf_nan=False)]
 
@@ -106,11 +107,6 @@ INSTRUCTIONS: dict[str, type[_Instruction]] = {
 }
 
 
-def _summary(err: ValidationError) -> str:
-    parts = [f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}" for e in err.errors()[:3]]
-    return "; ".join(parts) + (f" (+{err.error_count() - 3} more)" if err.error_count() > 3 else "")
-
-
 def parse_instruction(op: str, args: dict) -> _Instruction:
     schema = INSTRUCTIONS.get(op)
     if schema is None:
@@ -118,7 +114,7 @@ def parse_instruction(op: str, args: dict) -> _Instruction:
     try:
         return schema.model_validate(args)
     except ValidationError as err:
-        raise StepError(f"the {op!r} instruction does not fit its schema: {_summary(err)}") from None
+        raise StepError(f"the {op!r} instruction does not fit its schema: {validation_message(err, limit=3)}") from None
 
 
 def expected_arrays(op: str, args: _Instruction, d_model: int, d_ff: int, layers: tuple[int, ...]) -> dict:

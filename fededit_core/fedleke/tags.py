@@ -12,8 +12,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import unicodedata
+from typing import Annotated
+
+from pydantic import StringConstraints
 
 from fededit_core.data.requests import EditRequest
+
+TAG_PATTERN = r"^[0-9a-f]{64}$"  # a tag as it travels: 64 lower-case hex digits
+Tag = Annotated[str, StringConstraints(pattern=TAG_PATTERN)]
 
 
 def normalise(text: str) -> str:
