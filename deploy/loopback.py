@@ -63,11 +63,13 @@ class Loopback:
         device: str = "cpu",
         dtype: str = "fp32",
         cache: Path | str | None = None,
+        app_hashes: dict[str, str] | None = None,
     ):
         self.root = Path(root).resolve()
         self.cache = Path(cache).resolve() if cache else self.root / "cache"
         self.model, self.device, self.dtype = model, device, dtype
         self.requests = {name: Path(path).resolve() for name, path in requests.items()}
+        self.app_hashes = dict(app_hashes or {})  # organisation -> the bundle sha256 its node pins (--app-hash)
         self.certs, self.keys, self.run_dir = self.root / "certs", self.root / "keys", self.root / "run"
         self.flwr_home, self.state = self.root / "flwr", self.root / "state"
         self.secret = self.root / "federation.secret"
@@ -167,6 +169,7 @@ class Loopback:
                     str(self.run_dir),
                     "--port",
                     str(self.node_ports[name]),
+                    *(["--app-hash", self.app_hashes[name]] if name in self.app_hashes else []),
                 ],
                 cwd=PROJECT,
                 env=self.env(WORKER_START_TIMEOUT=str(worker_timeout)),

@@ -2,7 +2,7 @@
 # Usage: deploy/start_node.sh --name NAME --requests FILE --superlink HOST:PORT --key PRIVATE_KEY
 #                             [--model MODEL] [--device DEVICE] [--dtype DTYPE] [--ca CA_CERT]
 #                             [--secret-file FILE] [--state-dir DIR] [--dir RUN_DIR]
-#                             [--worker ADDRESS] [--port PORT] [--insecure]
+#                             [--worker ADDRESS] [--port PORT] [--app-hash SHA256] [--insecure]
 #
 # Starts one organisation's side of the federation, on its own (GPU) machine:
 #  1. its edit worker (`fededit-worker`), a long-lived process that loads MODEL on DEVICE once
@@ -26,6 +26,10 @@
 #   --worker ADDRESS    the worker's address (default unix:RUN_DIR/worker-NAME.sock)
 #   --port PORT         the SuperNode's local ClientAppIo/Runtime API port (default 9094; give each
 #                       SuperNode on one machine its own)
+#   --app-hash SHA256   run only the app bundle with this sha256 (deploy/app_hash.sh prints it; repeat
+#                       to accept several): the SuperNode starts with --isolation process and its
+#                       tasks run through fededit-superexec / fededit-clientapp, which refuse any other
+#                       bundle before unpacking it (client_app/pinned.py)
 #   --insecure          no TLS and no node key (loopback tests only; also FEDEDIT_INSECURE=1)
 # Env: WORKER_START_TIMEOUT (seconds to wait for the model to load, default 900), SERVICE_FLWR_HOME
 # (the SuperNode's FLWR_HOME, where it installs the apps it runs; default RUN_DIR/flwr-NAME).
@@ -42,6 +46,7 @@ SECRET_FILE="${FEDEDIT_SECRET_FILE:-$LOCAL_DIR/federation.secret}"
 RUN_DIR="${RUN_DIR:-$LOCAL_DIR/run}"
 PORT="${SUPERNODE_PORT:-9094}"
 INSECURE="${FEDEDIT_INSECURE:-0}"
+APP_HASHES=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --name) NAME="$2"; shift 2 ;;
@@ -57,6 +62,7 @@ while [ $# -gt 0 ]; do
         --dir) RUN_DIR="$2"; shift 2 ;;
         --worker) WORKER="$2"; shift 2 ;;
         --port) PORT="$2"; shift 2 ;;
+        --app-hash) APP_HASHES+=("$2"); shift 2 ;;
         --insecure) INSECURE=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
@@ -69,6 +75,9 @@ done
 [ -f "$REQUESTS" ] || die "$REQUESTS: no such request file"
 [ -f "$SECRET_FILE" ] \
     || die "$SECRET_FILE: no federation secret (deploy/README.md: one organisation makes it, all share it)"
+for hash in ${APP_HASHES[@]+"${APP_HASHES[@]}"}; do
+    [[ "$hash" =~ ^[0-9a-f]{64}$ ]] || die "--app-hash $hash: not a sha256 (64 lowercase hex digits)"
+done
 if [ "$INSECURE" != 1 ]; then
     [ -n "$KEY" ] || die "--key is required (the SuperNode's private key)"
     [ -f "$KEY" ] || die "$KEY: no such private key"
@@ -144,17 +153,34 @@ if [ "$INSECURE" = 1 ]; then
 else
     args+=(--root-certificates "$CA" --auth-supernode-private-key "$KEY")
 fi
+[ ${#APP_HASHES[@]} -eq 0 ] || args+=(--isolation process)  # its tasks run through fededit-superexec
 export FLWR_HOME="$NODE_FLWR_HOME"  # where it installs the apps it runs
 node_pid="$RUN_DIR/supernode-$NAME.pid"
 node_log="$RUN_DIR/supernode-$NAME.log"
 offset=$(stat -c %s "$node_log" 2>/dev/null || echo 0)  # the log is appended to: read this start's part
 start_bg "$node_pid" "$node_log" "$(find_bin flower-supernode)" "${args[@]}"
+exec_pid="$RUN_DIR/superexec-$NAME.pid"
+if [ ${#APP_HASHES[@]} -gt 0 ]; then
+    # the pinned node's SuperExec: it starts fededit-clientapp for every task, once the SuperNode's
+    # Runtime API (loopback, --port) listens; it exits with the SuperNode (--parent-pid)
+    (wait_for "flower-supernode $NAME" "$node_pid" "$node_log" 60 port_open 127.0.0.1 "$PORT") \
+        || { stop_group "$worker_pid" "$node_pid"; exit 1; }
+    exec_args=(--runtime-api-address "127.0.0.1:$PORT" --insecure --parent-pid "$(cat "$node_pid")")
+    for hash in "${APP_HASHES[@]}"; do exec_args+=(--app-hash "$hash"); done
+    start_bg "$exec_pid" "$RUN_DIR/superexec-$NAME.log" "$(find_bin fededit-superexec)" "${exec_args[@]}"
+    info "SuperNode $NAME runs only app bundles ${APP_HASHES[*]} (fededit-superexec pid $(cat "$exec_pid"))"
+fi
 node_connected() { tail -c "+$((offset + 1))" "$node_log" | grep -q "SuperNode ID:"; }
 deadline=$((SECONDS + ${SUPERNODE_CONNECT_TIMEOUT:-120}))
 until node_connected; do
+    if [ ${#APP_HASHES[@]} -gt 0 ] && ! pid_alive "$exec_pid"; then
+        tail -n 20 "$RUN_DIR/superexec-$NAME.log" >&2 || true
+        stop_group "$worker_pid" "$node_pid"
+        die "fededit-superexec $NAME exited (log $RUN_DIR/superexec-$NAME.log)"
+    fi
     if ! pid_alive "$node_pid"; then
         tail -c "+$((offset + 1))" "$node_log" | tail -n 20 >&2 || true
-        stop_group "$worker_pid" "$node_pid"
+        stop_group "$worker_pid" "$node_pid" "$exec_pid"
         die "flower-supernode $NAME exited (log $node_log): is its key registered (register_node.sh)," \
             "and does the SuperLink's certificate name $SUPERLINK and come from $CA?"
     fi
@@ -165,4 +191,9 @@ until node_connected; do
     fi
     sleep 0.5
 done
+if [ ${#APP_HASHES[@]} -gt 0 ] && ! pid_alive "$exec_pid"; then
+    tail -n 20 "$RUN_DIR/superexec-$NAME.log" >&2 || true
+    stop_group "$worker_pid" "$node_pid"
+    die "fededit-superexec $NAME exited (log $RUN_DIR/superexec-$NAME.log)"
+fi
 info "SuperNode $NAME (pid $(cat "$node_pid")) joined the SuperLink at $SUPERLINK; log $node_log"
