@@ -195,6 +195,7 @@ class Runner:
                 secret_file=str(work / "secret"),
                 oracle=True,
                 rollback_margin=None,  # the reproduction follows the paper: no rollback of re-edits
+                reuse_min_prob=0.0,  # and reuses a stored z unchecked
             )
             for name in sorted(parts)
         }

@@ -26,7 +26,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from client_app.worker_service import RemoteWorker, WorkerStepFailed
 from fededit_core.client.worker import ClientSpec, EditWorker
 from fededit_core.data.clients import client_name
-from fededit_core.fedleke.reedit import DEFAULT_ROLLBACK_MARGIN
+from fededit_core.fedleke.reedit import DEFAULT_REUSE_MIN_PROB, DEFAULT_ROLLBACK_MARGIN
 from fededit_core.paths import cache_dir
 from strategies.settings import RunSettings
 from wire.messages import EDIT_ACTION, Limits, MessageError, pack, unpack
@@ -65,6 +65,7 @@ def client_spec(context: Context) -> ClientSpec:
             secret_file=str(node["secret-file"]) if node.get("secret-file") else None,
             reedit_gate=str(node.get("reedit-gate", "server")),
             rollback_margin=_margin(node.get("rollback-margin", DEFAULT_ROLLBACK_MARGIN)),
+            reuse_min_prob=float(node.get("reuse-min-prob", DEFAULT_REUSE_MIN_PROB)),
         )
     index = int(node["partition-id"])
     secret = os.environ.get("FEDEDIT_FEDERATION_SECRET_FILE") or str(cache_dir() / "federation.secret")

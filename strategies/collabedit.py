@@ -20,6 +20,7 @@ import numpy as np
 from .aggregate import sum_statistics
 from .base import Strategy
 from .session import SECURE_SUM_RANGE, FederationError, Instruction, Session
+from .store import SlotProgress
 from .validation import FederationSpec, UploadError, validate_sealed_stats, validate_stats_upload
 
 
@@ -27,20 +28,36 @@ class CollabEdit(Strategy):
     name = "collabedit"
     absorbed = "all"
 
-    def __init__(self, spec: FederationSpec, run: str, secure: bool = False):
-        super().__init__(spec, run)
+    def __init__(self, spec: FederationSpec, run: str, secure: bool = False, store=None):
+        super().__init__(spec, run, store)
         self.secure = secure
 
-    def run_slot(self, slot: int, session: Session) -> None:
+    def run_slot(self, slot: int, session: Session, resume: SlotProgress | None = None) -> None:
+        """Phases: ``start``, then ``apply`` with ``index`` i: the sums of layer i are recorded and
+        go out with the request for layer i + 1's statistics."""
         layers = self.spec.layers
         gather = self._secure_sum if self.secure else self._plain_sum
-        replies = session.broadcast("collab", {"slot": slot, "stats": 0, "secure": self.secure}, phase="edit")
-        for i, layer in enumerate(layers):
-            sums = {k: v.astype(np.float32) for k, v in gather(slot, i, layer, replies, session).items()}
+        if resume is not None and resume.phase == "apply":
+            first, sums = int(resume.state["index"]), resume.arrays
+        else:
+            replies = session.broadcast("collab", {"slot": slot, "stats": 0, "secure": self.secure}, phase="edit")
+            first, sums = 0, self._gathered(gather, slot, 0, replies, session)
+        for i in range(first, len(layers)):
             follow = i + 1 if i + 1 < len(layers) else None
             replies = session.broadcast(
                 "collab", {"slot": slot, "apply": i, "stats": follow, "secure": self.secure}, sums, phase="merge"
             )
+            if follow is not None:
+                sums = self._gathered(gather, slot, follow, replies, session)
+        self.record(session, slot + 1)
+
+    def _gathered(self, gather, slot: int, index: int, replies: dict, session: Session) -> dict:
+        """The sums of layer ``index``, recorded before they go out."""
+        sums = {
+            k: v.astype(np.float32) for k, v in gather(slot, index, self.spec.layers[index], replies, session).items()
+        }
+        self.record(session, slot, "apply", arrays=sums, index=index)
+        return sums
 
     def _plain_sum(self, slot: int, index: int, layer: int, replies: dict, session: Session) -> dict:
         parts = []

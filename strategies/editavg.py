@@ -1,6 +1,8 @@
 """``editavg``: the FedAvg-style baseline. Each client edits its slot on the global model and sends
 Delta_l per edited layer; the server averages them weighted by edit counts,
-Delta_l = sum_c n_c Delta_l^c / sum_c n_c, and every client applies the average."""
+Delta_l = sum_c n_c Delta_l^c / sum_c n_c, and every client applies the average.
+
+Phases: ``start`` (updates in), ``apply`` (the average, recorded before it is sent, goes out)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import numpy as np
 from .aggregate import edit_average
 from .base import Strategy
 from .session import Session
+from .store import SlotProgress
 from .validation import UploadError, check_count, validate_delta_upload
 
 
@@ -16,7 +19,7 @@ class EditAvg(Strategy):
     name = "editavg"
     absorbed = "all"
 
-    def run_slot(self, slot: int, session: Session) -> None:
+    def _average(self, slot: int, session: Session) -> dict[str, np.ndarray]:
         replies = session.broadcast("editavg_update", {"slot": slot}, phase="edit")
         updates = []
         for client, reply in replies.items():
@@ -29,9 +32,14 @@ class EditAvg(Strategy):
                 continue
             updates.append((n, reply.arrays))
         if any(n > 0 for n, _ in updates):
-            average = {k: v.astype(np.float32) for k, v in edit_average(updates).items()}
+            return {k: v.astype(np.float32) for k, v in edit_average(updates).items()}
+        return {f"delta.{l}": np.zeros((self.spec.d_model, self.spec.d_ff), np.float32) for l in self.spec.layers}
+
+    def run_slot(self, slot: int, session: Session, resume: SlotProgress | None = None) -> None:
+        if resume is not None and resume.phase == "apply":
+            average = resume.arrays
         else:
-            average = {
-                f"delta.{l}": np.zeros((self.spec.d_model, self.spec.d_ff), np.float32) for l in self.spec.layers
-            }
+            average = self._average(slot, session)
+            self.record(session, slot, "apply", arrays=average)
         session.broadcast("editavg_apply", {"slot": slot}, average, phase="merge")
+        self.record(session, slot + 1)

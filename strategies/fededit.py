@@ -8,6 +8,10 @@ Per time slot:
 3. serve and re-edit: each client receives the sets the other clients uploaded in this slot and keeps
    a sender's set when at least half of its own z have best-match cosine > alpha with it (Eq. 8; every
    set with ``gate=False``), then applies the kept ones without text.
+
+Progress: phase ``edit`` records the clients whose upload is stored, in the upload's own
+transaction (a restarted server asks only the others), phase ``serve`` that every upload is in.
+The reuse lookup reads slots before the current one only, so a restart repeats it exactly.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR
 
 from .base import Strategy
 from .session import FederationError, Instruction, Session
-from .store import MKVStore, StoreError, row_digests
+from .store import MKVStore, SlotProgress, StoreError, row_digests
 from .validation import FederationSpec, UploadError, validate_mkv_upload
 
 log = logging.getLogger("fededit.server")
@@ -40,16 +44,22 @@ class FedEdit(Strategy):
         reuse: bool = True,
         vector: str = DEFAULT_VECTOR,
     ):
-        super().__init__(spec, run)
-        self.store, self.alpha, self.gate, self.reuse, self.vector = store, alpha, gate, reuse, vector
+        super().__init__(spec, run, store)
+        self.alpha, self.gate, self.reuse, self.vector = alpha, gate, reuse, vector
         if not gate:
             self.name = "fededit-noreedit"
         self.reused = 0
         self.suspects: dict[str, list[str]] = {}  # sender -> the clients that refused its sets
 
+    def saved_state(self) -> dict:
+        return {"reused": self.reused, "suspects": self.suspects}
+
+    def restore(self, state: dict) -> None:
+        self.reused, self.suspects = int(state.get("reused", 0)), dict(state.get("suspects", {}))
+
     # --- 1. reuse ---------------------------------------------------------------------------------
-    def _stored_z(self, tags: list[str]) -> tuple[list[str], np.ndarray]:
-        found = self.store.find_tags(self.run, tags, fingerprint=self.spec.fingerprint)
+    def _stored_z(self, slot: int, tags: list[str]) -> tuple[list[str], np.ndarray]:
+        found = self.store.find_tags(self.run, tags, fingerprint=self.spec.fingerprint, before_slot=slot)
         uploads: dict[int, np.ndarray] = {}
         keep, vectors = [], []
         for tag, (upload_id, position) in found.items():
@@ -60,23 +70,25 @@ class FedEdit(Strategy):
         z = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, self.spec.d_model), np.float32)
         return keep, z
 
-    def _reuse_plan(self, slot: int, session: Session) -> dict[str, tuple[list[str], np.ndarray]]:
+    def _reuse_plan(self, slot: int, session: Session, clients: list[str]) -> dict[str, tuple[list[str], np.ndarray]]:
         if not self.reuse:
             return {}
         plan = {}
-        for client, reply in session.broadcast("tags", {"slot": slot}, phase="reuse").items():
+        asked = {c: Instruction("tags", {"slot": slot}) for c in clients}
+        for client, reply in session.exchange(asked, phase="reuse").items():
             tags = reply.body["tags"]
             if len(tags) != self.spec.slot_size(client, slot):
                 session.reject(client, f"client {client}: {len(tags)} tags for the requests of slot {slot}")
                 continue
-            plan[client] = self._stored_z([t for t in tags if t])
+            plan[client] = self._stored_z(slot, [t for t in tags if t])
         return plan
 
     # --- 2. edit and store ------------------------------------------------------------------------
     def _store_upload(
-        self, slot: int, client: str, body: dict, arrays: dict, session: Session, served: list[str]
+        self, slot: int, client: str, body: dict, arrays: dict, session: Session, served: list[str], stored: list[str]
     ) -> None:
-        """Validate and store one upload; ``served`` are the tags whose stored z the client was given."""
+        """Validate and store one upload; ``served`` are the tags whose stored z the client was given,
+        ``stored`` the clients whose upload of this slot is in (recorded with this one)."""
         ids, tags = body.get("ids"), body.get("tags")
         try:
             validate_mkv_upload(client, str(body.get("fingerprint")), ids, arrays, self.spec, tags=tags, slot=slot)
@@ -93,6 +105,7 @@ class FedEdit(Strategy):
         except UploadError as err:
             session.reject(client, str(err))
             return
+        self.reused += len(served)  # counted with the upload that used them (saved in its transaction)
         try:
             self.store.put(
                 self.run,
@@ -102,9 +115,21 @@ class FedEdit(Strategy):
                 ids,
                 [t or None for t in tags or [""] * len(ids)],
                 {k: arrays[k] for k in ("z", "delta", "keys", "layers")},
+                progress=self.progress(session, slot, "edit", served=[*stored, client]),
             )
+            stored.append(client)
         except StoreError as err:  # the server's own disk: the run cannot go on without losing sets
             raise FederationError(f"the run stops: {err}") from err
+
+    def _note_refused_reuse(self, slot: int, client: str, refused: list[str], served: list[str]) -> None:
+        """A served z that gave the target too low a probability on the receiver's model: its
+        uploader becomes a suspect (the receiver optimised its own z instead)."""
+        refused = [t for t in refused if t in set(served)]  # only tags this client was served
+        found = self.store.find_tags(self.run, refused, fingerprint=self.spec.fingerprint, before_slot=slot)
+        for upload_id, _ in found.values():
+            sender = self.store.get(upload_id).client
+            log.warning("client %s refused a z of %s served for reuse in slot %d", client, sender, slot)
+            self.suspects.setdefault(sender, []).append(client)
 
     # --- 3. serve ---------------------------------------------------------------------------------
     def _serve(self, slot: int, client: str) -> Instruction:
@@ -126,16 +151,21 @@ class FedEdit(Strategy):
             arrays["layers"] = np.asarray(self.spec.layers, dtype=np.int64)
         return Instruction("reedit", args, arrays)
 
-    def run_slot(self, slot: int, session: Session) -> None:
-        plan = self._reuse_plan(slot, session)
-        empty = ([], np.zeros((0, self.spec.d_model), np.float32))
-        edits = {}
-        for client in session.active:
-            tags, z = plan.get(client, empty)
-            self.reused += len(tags)
-            edits[client] = Instruction("edit", {"slot": slot, "reuse_tags": tags}, {"reuse_z": z})
-        for client, reply in session.exchange(edits, phase="edit").items():
-            self._store_upload(slot, client, reply.body, reply.arrays, session, plan.get(client, empty)[0])
+    def run_slot(self, slot: int, session: Session, resume: SlotProgress | None = None) -> None:
+        phase = resume.phase if resume is not None else "start"
+        if phase in ("start", "edit"):
+            stored = list(resume.served) if phase == "edit" else []
+            todo = [c for c in session.active if c not in stored]
+            plan = self._reuse_plan(slot, session, todo)
+            empty = ([], np.zeros((0, self.spec.d_model), np.float32))
+            edits = {}
+            for client in todo:
+                tags, z = plan.get(client, empty)
+                edits[client] = Instruction("edit", {"slot": slot, "reuse_tags": tags}, {"reuse_z": z})
+            for client, reply in session.exchange(edits, phase="edit").items():
+                self._note_refused_reuse(slot, client, reply.body.get("refused_reuse", []), plan.get(client, empty)[0])
+                self._store_upload(slot, client, reply.body, reply.arrays, session, plan.get(client, empty)[0], stored)
+            self.record(session, slot, "serve")
         replies = session.exchange({c: self._serve(slot, c) for c in session.active}, phase="reedit")
         for client, reply in replies.items():
             for sender in reply.body.get("suspects", []):
@@ -143,6 +173,7 @@ class FedEdit(Strategy):
                     "client %s refused the set of %s in slot %d (out of bounds or harmful)", client, sender, slot
                 )
                 self.suspects.setdefault(sender, []).append(client)
+        self.record(session, slot + 1)
 
     def summary(self) -> dict:
         return {

@@ -20,13 +20,13 @@ from .local import Local
 from .report import build_report
 from .session import FederationError, Session, Transport
 from .settings import RunSettings
-from .store import MKVStore
+from .store import MKVStore, SlotProgress
 from .validation import FederationSpec
 
 log = logging.getLogger("fededit.server")
 
 
-def make_strategy(settings: RunSettings, spec: FederationSpec, store: MKVStore | None) -> Strategy:
+def make_strategy(settings: RunSettings, spec: FederationSpec, store: MKVStore | None = None) -> Strategy:
     if settings.strategy in ("fededit", "fededit-noreedit"):
         return FedEdit(
             spec,
@@ -38,8 +38,32 @@ def make_strategy(settings: RunSettings, spec: FederationSpec, store: MKVStore |
             vector=settings.vector,
         )
     if settings.strategy == "collabedit":
-        return CollabEdit(spec, settings.run, secure=settings.secure_aggregation)
-    return {"editavg": EditAvg, "local": Local}[settings.strategy](spec, settings.run)
+        return CollabEdit(spec, settings.run, secure=settings.secure_aggregation, store=store)
+    return {"editavg": EditAvg, "local": Local}[settings.strategy](spec, settings.run, store)
+
+
+def resume_point(strategy: Strategy, progress: SlotProgress | None, starts: dict[str, int]) -> int:
+    """The slot to run first: where the server's recorded progress stopped, checked against the slot
+    each client will edit next (``starts``); FedEdit may go back to a client that is behind."""
+    fededit = strategy.name.startswith("fededit")
+    if progress is None:  # a new run, or a store from before progress was recorded
+        if len(set(starts.values())) > 1 and not fededit:
+            raise FederationError(
+                f"cannot resume {strategy.name}: clients stopped at different slots {sorted(set(starts.values()))}"
+            )
+        return min(starts.values())
+    if progress.strategy != strategy.name:
+        raise FederationError(
+            f"run {strategy.run!r} was started with strategy {progress.strategy!r}, not {strategy.name!r}: "
+            "give this run another run-name"
+        )
+    for client, start in sorted(starts.items()):  # within a slot a client may be one step ahead
+        if start > progress.slot + 1 or (start < progress.slot and not fededit):
+            raise FederationError(
+                f"client {client} will edit slot {start} next but the server's run stopped in slot "
+                f"{progress.slot}: its checkpoint is not from this run (another state-dir or run-name?)"
+            )
+    return min(progress.slot, *starts.values())
 
 
 # (hellos by client) -> {client: metrics of the centralised edit on that client's requests}
@@ -68,17 +92,19 @@ def run_federation(
     kind = next(iter(hellos.values()))["kind"]
     log.info("%d clients agree on model %s, layers %s", len(hellos), spec.fingerprint, list(spec.layers))
 
-    store = None
-    if settings.strategy.startswith("fededit"):
-        store = MKVStore(settings.mkv_store)
-    strategy = make_strategy(settings, spec, store)
-    starts = {h["next_slot"] for h in hellos.values()}
-    if len(starts) > 1 and not settings.strategy.startswith("fededit"):
-        raise FederationError(f"cannot resume {settings.strategy}: clients stopped at different slots {sorted(starts)}")
-    first = min(starts)
-    if first:
-        log.info("resuming run %s at slot %d", settings.run, first)
+    store = MKVStore(settings.mkv_store)
     try:
+        strategy = make_strategy(settings, spec, store)
+        recorded = store.progress(settings.run, spec.fingerprint)
+        first = resume_point(strategy, recorded, {c: h["next_slot"] for c, h in hellos.items()})
+        if recorded is not None:
+            strategy.restore(recorded.state)
+            for client, reason in recorded.state.get("left", {}).items():
+                if client in session.active:  # it left before the restart: it stays out
+                    session.drop(client, f"left the run before the server restarted: {reason}")
+        if first or (recorded is not None and recorded.phase != "start"):
+            phase = recorded.phase if recorded is not None else "start"
+            log.info("resuming run %s at slot %d (phase %s)", settings.run, first, phase)
         for slot in tqdm(
             range(first, settings.num_slots),
             desc=f"{strategy.name} time slots",
@@ -87,7 +113,8 @@ def run_federation(
             total=settings.num_slots,
         ):
             session.slot = slot
-            strategy.run_slot(slot, session)
+            inside = recorded if recorded is not None and recorded.slot == slot else None
+            strategy.run_slot(slot, session, inside)
         session.slot = -1
         evaluations = {
             c: r.body
@@ -105,8 +132,7 @@ def run_federation(
         central = centralised(hellos) if centralised else None
         summary = strategy.summary()
     finally:
-        if store is not None:
-            store.close()
+        store.close()
     return build_report(
         settings.run, strategy.name, config, kind, evaluations, session.ledgers, session.seconds, central, summary
     )

@@ -84,6 +84,7 @@ class EditReply(_Reply):
     ids: Annotated[list[RequestId], Field(max_length=MAX_ITEMS)] | None = None
     tags: Annotated[list[Tag | Literal[""]], Field(max_length=MAX_ITEMS)] | None = None
     fingerprint: Text | None = None
+    refused_reuse: Annotated[list[Tag], Field(max_length=MAX_ITEMS)] = []  # served z that failed verification
 
     @model_validator(mode="after")
     def _upload_whole(self):

@@ -6,6 +6,11 @@ its arrays as blobs (name, dtype, shape) and its items (opaque request id, tag a
 position). A restarted server reopens the file and resumes with nothing lost; a client re-uploading
 the same slot replaces its earlier upload for that slot in one transaction. Every query is keyed by
 run *and* model fingerprint, so a reused run name never serves another model's MKVs.
+
+The same file keeps the server's own position in the run (``SlotProgress``: the slot and phase
+reached, the clients already served, the strategy's intermediate arrays such as EditAvg's average
+or CollabEdit's summed statistics), replaced whole in one transaction each time it moves, so a
+server killed at any point resumes inside the slot where it stopped.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import hashlib
 import json
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -47,6 +53,24 @@ CREATE TABLE IF NOT EXISTS items (
     PRIMARY KEY (upload_id, position)
 );
 CREATE INDEX IF NOT EXISTS items_by_tag ON items (tag);
+CREATE TABLE IF NOT EXISTS progress (
+    run_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    strategy TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (run_id, fingerprint)
+);
+CREATE TABLE IF NOT EXISTS progress_arrays (
+    run_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    name TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (run_id, fingerprint, name)
+);
 """
 DIGEST_INDEX = "CREATE INDEX IF NOT EXISTS items_by_digest ON items (digest)"
 
@@ -59,6 +83,29 @@ def row_digests(z: np.ndarray) -> list[str]:
 
 class StoreError(RuntimeError):
     """The store cannot be opened or written (damaged file, full disk)."""
+
+
+@dataclass
+class SlotProgress:
+    """Where the server is in a run: ``phase`` of ``slot`` reached (``"start"`` of slot s = slots
+    before s are done), the clients that finished that phase (``served``), small JSON ``state``
+    (e.g. the clients that left the run) and the phase's arrays."""
+
+    strategy: str
+    slot: int
+    phase: str = "start"
+    served: list[str] = field(default_factory=list)
+    state: dict = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _blob(array: np.ndarray) -> tuple[str, str, bytes]:
+    array = np.ascontiguousarray(array)
+    return array.dtype.str, json.dumps(list(array.shape)), array.tobytes()
+
+
+def _array(dtype: str, shape: str, data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(json.loads(shape)).copy()
 
 
 @dataclass
@@ -108,8 +155,10 @@ class MKVStore:
         ids: list[str],
         tags: list[str | None],
         arrays: dict[str, np.ndarray],
+        progress: SlotProgress | None = None,
     ) -> int:
-        """Store one upload (replacing the same client's upload for that slot); returns its id."""
+        """Store one upload (replacing the same client's upload for that slot); returns its id.
+        ``progress``: the run's new progress, recorded in the same transaction."""
         if len(tags) != len(ids):
             raise ValueError(f"{len(ids)} ids but {len(tags)} tags")
         self.db.execute("BEGIN IMMEDIATE")
@@ -121,31 +170,71 @@ class MKVStore:
             )
             upload_id = cur.lastrowid
             for name, array in arrays.items():
-                array = np.ascontiguousarray(array)
-                self.db.execute(
-                    "INSERT INTO arrays VALUES (?,?,?,?,?)",
-                    (upload_id, name, array.dtype.str, json.dumps(list(array.shape)), array.tobytes()),
-                )
+                self.db.execute("INSERT INTO arrays VALUES (?,?,?,?,?)", (upload_id, name, *_blob(array)))
             digests = row_digests(arrays["z"]) if "z" in arrays else [None] * len(ids)
             self.db.executemany(
                 "INSERT INTO items (upload_id, position, request_id, tag, digest) VALUES (?,?,?,?,?)",
                 [(upload_id, i, rid, tag, d) for i, (rid, tag, d) in enumerate(zip(ids, tags, digests))],
             )
+            if progress is not None:
+                self._write_progress(run_id, fingerprint, progress)
             self.db.execute("COMMIT")
         except BaseException as err:
-            try:
-                self.db.execute("ROLLBACK")
-            except sqlite3.Error:  # SQLite may have rolled back already (disk full): the first error counts
-                pass
-            if isinstance(err, sqlite3.Error):
-                raise StoreError(f"the MKV store {self.path} cannot take the upload: {err}") from err
-            raise
+            self._abort(err, "take the upload")
         return upload_id
+
+    def _abort(self, err: BaseException, what: str) -> NoReturn:
+        """Roll back the open transaction and re-raise (a SQLite error as ``StoreError``)."""
+        try:
+            self.db.execute("ROLLBACK")
+        except sqlite3.Error:  # SQLite may have rolled back already (disk full): the first error counts
+            pass
+        if isinstance(err, sqlite3.Error):
+            raise StoreError(f"the MKV store {self.path} cannot {what}: {err}") from err
+        raise err
+
+    # --- the server's own position in a run -----------------------------------------------------
+    def save_progress(self, run_id: str, fingerprint: str, progress: SlotProgress) -> None:
+        """Replace the run's progress (one transaction: a crash leaves the old one or the new one)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self._write_progress(run_id, fingerprint, progress)
+            self.db.execute("COMMIT")
+        except BaseException as err:
+            self._abort(err, "record the run's progress")
+
+    def _write_progress(self, run_id: str, fingerprint: str, progress: SlotProgress) -> None:
+        key = (run_id, fingerprint)
+        self.db.execute("DELETE FROM progress WHERE run_id=? AND fingerprint=?", key)
+        self.db.execute("DELETE FROM progress_arrays WHERE run_id=? AND fingerprint=?", key)
+        state = json.dumps({"served": progress.served, **progress.state})
+        self.db.execute(
+            "INSERT INTO progress VALUES (?,?,?,?,?,?)", (*key, progress.strategy, progress.slot, progress.phase, state)
+        )
+        for name, array in progress.arrays.items():
+            self.db.execute("INSERT INTO progress_arrays VALUES (?,?,?,?,?,?)", (*key, name, *_blob(array)))
+
+    def progress(self, run_id: str, fingerprint: str) -> SlotProgress | None:
+        """The run's last recorded progress, or None for a run this store has not seen."""
+        key = (run_id, fingerprint)
+        row = self.db.execute(
+            "SELECT strategy, slot, phase, state FROM progress WHERE run_id=? AND fingerprint=?", key
+        ).fetchone()
+        if row is None:
+            return None
+        state = json.loads(row[3])
+        arrays = {
+            name: _array(dtype, shape, data)
+            for name, dtype, shape, data in self.db.execute(
+                "SELECT name, dtype, shape, data FROM progress_arrays WHERE run_id=? AND fingerprint=?", key
+            )
+        }
+        return SlotProgress(row[0], row[1], row[2], state.pop("served"), state, arrays)
 
     def _load(self, row) -> Upload:
         upload_id, run_id, client, slot, fingerprint = row
         arrays = {
-            name: np.frombuffer(data, dtype=np.dtype(dtype)).reshape(json.loads(shape)).copy()
+            name: _array(dtype, shape, data)
             for name, dtype, shape, data in self.db.execute(
                 "SELECT name, dtype, shape, data FROM arrays WHERE upload_id=?", (upload_id,)
             )
@@ -182,15 +271,18 @@ class MKVStore:
             params.append(exclude_client)
         return [self._load(row) for row in self.db.execute(query + " ORDER BY slot, client, id", params).fetchall()]
 
-    def find_tags(self, run_id: str, tags: list[str], fingerprint: str | None = None) -> dict[str, tuple[int, int]]:
-        """For each known tag: (upload id, position) of its first stored occurrence in the run (of one model)."""
+    def find_tags(
+        self, run_id: str, tags: list[str], fingerprint: str | None = None, before_slot: int | None = None
+    ) -> dict[str, tuple[int, int]]:
+        """For each known tag: (upload id, position) of its first stored occurrence in the run (of one
+        model), in a slot before ``before_slot`` when given."""
         found: dict[str, tuple[int, int]] = {}
         for tag in set(tags):
             row = self.db.execute(
                 "SELECT items.upload_id, items.position FROM items JOIN uploads ON uploads.id = items.upload_id "
                 "WHERE uploads.run_id=? AND items.tag=? AND (? IS NULL OR uploads.fingerprint=?) "
-                "ORDER BY uploads.slot, items.upload_id LIMIT 1",
-                (run_id, tag, fingerprint, fingerprint),
+                "AND (? IS NULL OR uploads.slot<?) ORDER BY uploads.slot, items.upload_id LIMIT 1",
+                (run_id, tag, fingerprint, fingerprint, before_slot, before_slot),
             ).fetchone()
             if row:
                 found[tag] = (row[0], row[1])

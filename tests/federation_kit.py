@@ -63,8 +63,9 @@ def tiny_world(root: Path) -> dict:
 
 
 # The tiny model's target NLLs (~36 nats) move by several nats under any update, so the rollback
-# check (a SmolLM2-scale margin) is off here: these tests check the protocol, tests/test_defences.py
-# the defences.
+# check (a SmolLM2-scale margin) is off here, and so is the check of reused z (its optimisation
+# stops far below SmolLM2's probabilities): these tests check the protocol, tests/test_defences.py
+# and tests/test_participant.py the defences.
 def client_specs(
     world: dict, root: Path, run: str, n_clients: int = 2, num_slots: int = 2, data: str | None = None, **overrides
 ) -> dict[str, ClientSpec]:
@@ -81,7 +82,7 @@ def client_specs(
             state_dir=str(root / "state"),
             secret_file=str(root / "secret"),
             oracle=True,
-            **{"rollback_margin": None, **overrides},
+            **{"rollback_margin": None, "reuse_min_prob": 0.0, **overrides},
         )
         for i in range(n_clients)
     }

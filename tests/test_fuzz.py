@@ -45,7 +45,7 @@ def test_the_server_rejects_every_malformed_reply_and_the_run_goes_on():
     _clean(tally)
 
 
-def test_honest_clients_finish_the_fuzz_run_unharmed():
+def test_honest_clients_finish_the_fuzz_run_unharmed(tmp_path):
     """The harness itself: without a mutation every client completes (so a rejection is the fuzz's doing)."""
     flower_identity()
 
@@ -60,7 +60,9 @@ def test_honest_clients_finish_the_fuzz_run_unharmed():
 
     for strategy in ("fededit", "editavg", "collabedit", "local"):
         grid = Honest("none", random.Random(0))
-        settings = RunSettings(run="honest", strategy=strategy, num_slots=SLOTS, centralised=False)
+        settings = RunSettings(
+            run=f"honest-{strategy}", strategy=strategy, num_slots=SLOTS, centralised=False, output_dir=str(tmp_path)
+        )
         names = discover(grid, 2, 0, None)
         report = run_federation(
             FlowerTransport(grid, names, None, limits=LIMITS), list(names), settings, {}, progress=False

@@ -73,13 +73,33 @@ def test_mkvs_carry_no_text_and_slots_go_in_order(shared):
 
 def test_a_stored_z_is_reused_instead_of_optimised(shared):
     a = Participant("a", shared, [req("1", "Anna", "Rome")], n_slots=1, secret=SECRET)
-    b = Participant("b", shared, [req("9", "anna", "ROME"), req("2", "Boris", "Oslo")], n_slots=1, secret=SECRET)
+    # reuse_min_prob 0: the tiny model's few optimisation steps end far below SmolLM2's probabilities
+    b = Participant(
+        "b", shared, [req("9", "anna", "ROME"), req("2", "Boris", "Oslo")], n_slots=1, secret=SECRET, reuse_min_prob=0.0
+    )
     mkvs, _ = a.edit_slot(0)
     tag = a.tags_of(0)[0]
     assert b.tags_of(0)[0] == tag  # same fact after normalisation
     b_mkvs, report = b.edit_slot(0, reused={tag: mkvs.z[0]})
     assert report.reused == 1 and report.optimised == 1
     torch.testing.assert_close(b_mkvs.z[0], mkvs.z[0])
+    assert b.refused_reuse == []
+
+
+def test_a_served_z_that_does_not_give_the_target_is_refused_and_optimised_again(shared):
+    a = Participant("a", shared, [req("1", "Anna", "Rome")], n_slots=1, secret=SECRET)
+    mkvs, _ = a.edit_slot(0)
+    tag = a.tags_of(0)[0]
+    planted = mkvs.z[0] - 3 * mkvs.delta[0]  # pushes the fact away from its new object
+    shared.load_layers(shared.base_weights)
+    honest, bad = shared.target_prob([req("9", "anna", "ROME")] * 2, torch.stack([mkvs.z[0], planted])).tolist()
+    assert bad < honest  # the tiny model's scale: a threshold between the two
+    b = Participant(
+        "b", shared, [req("9", "anna", "ROME")], n_slots=1, secret=SECRET, reuse_min_prob=(honest + bad) / 2
+    )
+    b_mkvs, report = b.edit_slot(0, reused={tag: planted})
+    assert (report.reused, report.optimised) == (0, 1) and b.refused_reuse == [tag]
+    assert not torch.allclose(b_mkvs.z[0], planted)
 
 
 def test_reedit_applies_only_what_passes_the_gate(shared):
@@ -91,9 +111,15 @@ def test_reedit_applies_only_what_passes_the_gate(shared):
     report = a.reedit([b_mkvs], alpha=1.0)  # cos > 1 never holds: nothing kept
     assert (report.received_sets, report.kept_sets, report.applied) == (1, 0, 0)
     assert all(torch.equal(before[l], a.layers[l]) for l in before)
-    report = a.reedit([b_mkvs], alpha=-1.0)  # everything is similar enough
-    assert (report.kept_sets, report.applied) == (1, 1) and a.reedited_ids == ["b/0/0"]
-    assert any(not torch.equal(before[l], a.layers[l]) for l in before)
+    assert a.refused_ids == ["b/0/0"]
+    report = a.reedit([b_mkvs], alpha=-1.0)  # sent again: a set decided on is not reconsidered
+    assert (report.received_sets, report.kept_sets) == (1, 0) and a.reedited_ids == []
+    d = Participant("d", shared, [req("4", "Dora", "Kyiv")], n_slots=1)
+    d.edit_slot(0)
+    before = {l: w.clone() for l, w in d.layers.items()}
+    report = d.reedit([b_mkvs], alpha=-1.0)  # everything is similar enough
+    assert (report.kept_sets, report.applied) == (1, 1) and d.reedited_ids == ["b/0/0"]
+    assert any(not torch.equal(before[l], d.layers[l]) for l in before)
     c = Participant("c", shared, [req("3", "Cleo", "Lima")], n_slots=1)
     c.edit_slot(0)
     assert c.reedit([b_mkvs], alpha=1.0, gate=False).applied == 1  # "w/o Z": keeps every set

@@ -3,13 +3,16 @@
 The federation's client (an edit worker) drives a ``Participant`` slot by slot:
 
 1. ``edit_slot(slot, reused)``: MEMIT of this slot's requests on the participant's current model
-   (z taken from ``reused`` where another client already computed it), then the slot's MKVs.
+   (z taken from ``reused`` where another client already computed it and it passes
+   ``target_prob >= reuse_min_prob`` on this model), then the slot's MKVs.
 2. ``reedit(received, alpha)``: FedEdit's re-edit: keep each sender's MKV set that passes Eq. 8
    against the participant's own z so far, and apply the kept ones without text.
 
 Several participants may share one model object (simulation): each keeps its own edited layers and
 ``activate()`` swaps them in. After every step the state can be checkpointed to a folder, so a
-restarted client resumes where it stopped. Request text never leaves the organisation: the owner's
+restarted client resumes where it stopped, and every step is idempotent: asked again (a server
+that restarted inside a slot), a step already done returns its earlier result and applies nothing
+twice (the checkpoint records the sets decided on and the merges applied). Request text never leaves the organisation: the owner's
 worker reads ``slots`` for its own evaluation.
 """
 
@@ -33,7 +36,14 @@ from fededit_core.data.slots import split_into_slots
 from fededit_core.eval.metrics import target_nll
 from fededit_core.fedleke.bounds import out_of_bounds
 from fededit_core.fedleke.mkv import MKVSet, apply_mkvs, compute_mkvs
-from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_ROLLBACK_MARGIN, DEFAULT_VECTOR, VECTORS, reedit_decision
+from fededit_core.fedleke.reedit import (
+    DEFAULT_ALPHA,
+    DEFAULT_REUSE_MIN_PROB,
+    DEFAULT_ROLLBACK_MARGIN,
+    DEFAULT_VECTOR,
+    VECTORS,
+    reedit_decision,
+)
 from fededit_core.fedleke.tags import request_tag
 from fededit_core.io import atomic_folder, last_good, recover_folder
 from fededit_core.memit.editor import MemitEditor
@@ -76,6 +86,7 @@ class Participant:
         n_slots: int,
         secret: bytes | None = None,
         checkpoint_dir: str | Path | None = None,
+        reuse_min_prob: float = DEFAULT_REUSE_MIN_PROB,
     ):
         self.name, self.editor = name, editor
         self.slots = split_into_slots(requests, n_slots)
@@ -85,7 +96,11 @@ class Participant:
         self.own: MKVSet | None = None
         self.next_slot = 0
         self.reports: list[SlotReport] = []
-        self.reedited_ids: list[str] = []
+        self.reedited_ids: list[str] = []  # ids of the received MKVs applied
+        self.refused_ids: list[str] = []  # ids of the received MKVs decided against
+        self.merged_slots: list[int] = []  # slots whose EditAvg / CollabEdit merge is applied
+        self.reuse_min_prob = reuse_min_prob
+        self.refused_reuse: list[str] = []  # tags whose served z failed verification (reported)
         self.suspects: dict[str, str] = {}  # sender -> why its set was refused (reported to the server)
         self.pending: dict[str, torch.Tensor] = {}  # mid-slot state of EditAvg / CollabEdit
         self.version = 0  # bumped by every checkpoint (a cached copy compares it to the disk's)
@@ -141,15 +156,19 @@ class Participant:
             started = time.perf_counter()
             tags = self.tags_of(slot)
             reused = reused or {}
-            todo = [i for i, tag in enumerate(tags) if tag is None or tag not in reused]
             z = torch.zeros(len(requests), self.editor.d_model)
             h = torch.zeros_like(z)
+            taken = [i for i, tag in enumerate(tags) if tag is not None and tag in reused]
+            if taken:  # verified on this client's own model before use (a z may be poisoned)
+                z[taken] = torch.stack([torch.as_tensor(reused[tags[i]], dtype=torch.float32) for i in taken])
+                probs = self.editor.target_prob([requests[i] for i in taken], z[taken])
+                refused = [i for i, p in zip(taken, probs.tolist()) if not p >= self.reuse_min_prob]
+                self.refused_reuse.extend(tags[i] for i in refused)
+                taken = [i for i in taken if i not in refused]
+            todo = sorted(set(range(len(requests))) - set(taken))
             if todo:
                 fresh = self.editor.compute_z([requests[i] for i in todo], progress=False)
                 z[todo], h[todo] = fresh.z, fresh.h
-            taken = sorted(set(range(len(requests))) - set(todo))
-            for i in taken:
-                z[i] = torch.as_tensor(reused[tags[i]], dtype=torch.float32)
             if taken:  # h_L of a reused request, read here since no optimisation measured it
                 h[taken] = hidden_at_subject(
                     self.editor.model, self.editor.tok, [requests[i] for i in taken], self.editor.hp.z_layer
@@ -194,8 +213,8 @@ class Participant:
         report = self.reports[-1] if self.reports else SlotReport(slot=self.next_slot - 1)
         started = time.perf_counter()
         own = getattr(self.own, vector) if self.own is not None else torch.zeros(0, self.editor.d_model)
-        done = set(self.reedited_ids)  # a repeated message must not apply a set twice
-        received = [s for s in received if not set(s.ids) <= done]
+        done = set(self.reedited_ids) | set(self.refused_ids)  # a repeated message decides nothing twice
+        received = [s for s in received if len(s) and not set(s.ids) <= done]
         report.received_sets += len(received)
         in_bounds = []
         for s in received:
@@ -204,13 +223,14 @@ class Participant:
                 self.suspects[sender_of(s)] = why
             else:
                 in_bounds.append(s)
-        gated = [s for s in in_bounds if len(s) and (not gate or reedit_decision(own, getattr(s, vector), alpha)[0])]
+        gated = [s for s in in_bounds if not gate or reedit_decision(own, getattr(s, vector), alpha)[0]]
         kept = self._apply_guarded(gated, margin) if gated else []
         report.kept_sets += len(kept)
         report.refused_sets += len(received) - len(in_bounds) + len(gated) - len(kept)
-        if kept:
-            report.applied += sum(len(s) for s in kept)
-            self.reedited_ids.extend(i for s in kept for i in s.ids)
+        kept_ids = {i for s in kept for i in s.ids}
+        report.applied += len(kept_ids)
+        self.reedited_ids.extend(i for s in kept for i in s.ids)
+        self.refused_ids.extend(i for s in received for i in s.ids if i not in kept_ids)
         report.seconds["reedit"] = report.seconds.get("reedit", 0.0) + time.perf_counter() - started
         self.checkpoint()
         return report
@@ -247,21 +267,31 @@ class Participant:
         return passing
 
     # --- EditAvg: send the slot's update, then take the federation's average ------------------
+    def _pending_slot(self) -> int | None:
+        return int(self.pending["slot"]) if "slot" in self.pending else None
+
     def editavg_update(self, slot: int) -> tuple[dict[int, torch.Tensor], SlotReport]:
         """Edit this slot on the current (global) model; returns Delta_l = W_l(after) - W_l(before)."""
-        start = {l: w.clone() for l, w in self.layers.items()}
-        self.pending = {f"start.{l}": w for l, w in start.items()}
-        _, report = self.edit_slot(slot)  # checkpoints, with the slot's start kept in ``pending``
+        if slot == self.next_slot - 1 and self._pending_slot() == slot:  # asked again: the same update
+            start = {l: self.pending[f"start.{l}"] for l in self.layers}
+            report = self.reports[-1]
+        else:
+            start = {l: w.clone() for l, w in self.layers.items()}
+            self.pending = {"slot": torch.tensor(slot), **{f"start.{l}": w for l, w in start.items()}}
+            _, report = self.edit_slot(slot)  # checkpoints, with the slot's start kept in ``pending``
         return {l: (self.layers[l].double() - start[l].double()).float() for l in start}, report
 
-    def editavg_apply(self, average: dict[int, torch.Tensor]) -> None:
+    def editavg_apply(self, average: dict[int, torch.Tensor], slot: int) -> None:
         """W_l = W_l(slot start) + averaged Delta_l: every client ends the slot with the same model."""
-        if not self.pending:
-            raise StepError(f"{self.name}: no EditAvg update is waiting for its average")
+        if slot in self.merged_slots and not self.pending:
+            return  # asked again: applied already
+        if self._pending_slot() != slot:
+            raise StepError(f"{self.name}: no EditAvg update of slot {slot} is waiting for its average")
         self.layers = {
             l: (self.pending[f"start.{l}"].double() + average[l].double()).to(self.layers[l].dtype) for l in self.layers
         }
         self.pending = {}
+        self.merged_slots.append(slot)
         self.activate()
         self.checkpoint()
 
@@ -273,12 +303,12 @@ class Participant:
             raise StepError(f"{self.name}: slot {slot} asked for, but the next slot to edit is {self.next_slot}")
         requests = self.slots[slot]
         self.activate()
-        if index == 0:
+        if index == 0 and self._pending_slot() != slot:  # (asked again, the slot's z is kept)
             report = SlotReport(slot=slot, edited=len(requests), optimised=len(requests))
             started = time.perf_counter()
             z = self.editor.compute_z(requests, progress=False).z if requests else torch.zeros(0, self.editor.d_model)
             report.seconds["z"] = time.perf_counter() - started
-            self.pending = {"z": z.float()}
+            self.pending = {"z": z.float(), "slot": torch.tensor(slot), "applied": torch.tensor(0)}
             self.reports.append(report)
             self.checkpoint()
         if not requests:
@@ -288,18 +318,24 @@ class Participant:
         return layer_statistics(keys.to(self.editor.device), resid.to(self.editor.device))
 
     def collab_apply(self, slot: int, index: int, rk: torch.Tensor, kk: torch.Tensor) -> None:
-        """W += (sum R K^T)(lambda C0 + sum K K^T)^-1 at the ``index``-th layer; the slot ends after the last."""
-        if slot != self.next_slot or "z" not in self.pending:
-            raise StepError(f"{self.name}: no CollabEdit step of slot {slot} is open")
+        """W += (sum R K^T)(lambda C0 + sum K K^T)^-1 at the ``index``-th layer; the slot ends after the
+        last. Layers are applied in order; one already applied (asked again) is not applied twice."""
+        last = len(self.editor.hp.layers) - 1
+        if slot in self.merged_slots or (self._pending_slot() == slot and index < int(self.pending["applied"])):
+            return
+        if self._pending_slot() != slot or index != int(self.pending["applied"]):
+            raise StepError(f"{self.name}: no CollabEdit step of slot {slot} at layer index {index} is open")
         started = time.perf_counter()
         self.activate()
         self.editor.apply_statistics(self.editor.hp.layers[index], rk, kk)
         self._capture()
         report = self.reports[-1]
         report.seconds["edit"] = report.seconds.get("edit", 0.0) + time.perf_counter() - started
-        if index == len(self.editor.hp.layers) - 1:
+        self.pending["applied"] = torch.tensor(index + 1)
+        if index == last:
             self.pending = {}
             self.next_slot = slot + 1
+            self.merged_slots.append(slot)
         self.checkpoint()
 
     # --- checkpoints ----------------------------------------------------------------------------
@@ -324,6 +360,9 @@ class Participant:
             "next_slot": self.next_slot,
             "reports": [asdict(r) for r in self.reports],
             "reedited_ids": self.reedited_ids,
+            "refused_ids": self.refused_ids,
+            "merged_slots": self.merged_slots,
+            "refused_reuse": self.refused_reuse,
             "suspects": self.suspects,
             "version": self.version,
             "files": {f.name: _sha256(f) for f in sorted(staging.iterdir())},
@@ -373,6 +412,9 @@ class Participant:
         self.version = state.get("version", 0)
         self.reports = [SlotReport(**r) for r in state["reports"]]
         self.reedited_ids = state["reedited_ids"]
+        self.refused_ids = state.get("refused_ids", [])
+        self.merged_slots = state.get("merged_slots", [])
+        self.refused_reuse = state.get("refused_reuse", [])
         self.suspects = state.get("suspects", {})
 
 

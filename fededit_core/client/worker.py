@@ -34,7 +34,7 @@ from fededit_core.data.partition import load_partitions
 from fededit_core.data.slots import split_into_slots
 from fededit_core.eval.metrics import evaluate, generate_greedy
 from fededit_core.fedleke.mkv import MKVSet
-from fededit_core.fedleke.reedit import DEFAULT_ROLLBACK_MARGIN
+from fededit_core.fedleke.reedit import DEFAULT_REUSE_MIN_PROB, DEFAULT_ROLLBACK_MARGIN
 from fededit_core.memit.editor import MemitEditor, hparams_for, make_editor
 from fededit_core.memit.update import positive_semidefinite
 from fededit_core.model.loading import DEFAULT_MODEL
@@ -70,6 +70,12 @@ class ClientSpec(BaseModel):
         DEFAULT_ROLLBACK_MARGIN,
         ge=0,
         description="roll back a re-edit that raises own target NLL by more nats; None: the paper's rule, no check",
+    )
+    reuse_min_prob: float = Field(
+        DEFAULT_REUSE_MIN_PROB,
+        ge=0,
+        le=1,
+        description="a served z is used only if it gives the target this probability",
     )
     reedit_gate: Literal["server", "on", "off"] = Field(
         "server", description="FedEdit's Eq. 8 gate: as the server says, or always on / off (node config)"
@@ -165,7 +171,13 @@ class EditWorker:
         if cached is None or cached.editor is not editor or cached.version != (checkpoint_version(folder) or 0):
             secret = read_secret(spec.secret_file, create=spec.oracle)
             cached = Participant(
-                spec.name, editor, spec.own_requests(), spec.num_slots, secret=secret, checkpoint_dir=folder
+                spec.name,
+                editor,
+                spec.own_requests(),
+                spec.num_slots,
+                secret=secret,
+                checkpoint_dir=folder,
+                reuse_min_prob=spec.reuse_min_prob,
             )
             self._participants[key] = cached
         return cached
@@ -239,10 +251,12 @@ class EditWorker:
         if not args.get("upload", True):  # strategy 'local': nothing leaves the client
             return {"report": asdict(report)}, {}
         tags = participant.tags_of(slot)
+        refused = sorted(set(participant.refused_reuse) & {t for t in tags if t})
         return (
             {
                 "ids": mkvs.ids,
                 "tags": [t or "" for t in tags],
+                "refused_reuse": refused,
                 "report": asdict(report),
                 "fingerprint": participant.editor.covariance.fingerprint,
             },
@@ -281,7 +295,8 @@ class EditWorker:
         missing = [l for l in layers if f"delta.{l}" not in arrays]
         if missing:
             raise WorkerError(f"the averaged update lacks layers {missing}")
-        participant.editavg_apply({l: torch.from_numpy(np.asarray(arrays[f"delta.{l}"])) for l in layers})
+        average = {l: torch.from_numpy(np.asarray(arrays[f"delta.{l}"])) for l in layers}
+        participant.editavg_apply(average, self._slot(args, participant))
         return {}, {}
 
     def op_collab(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:

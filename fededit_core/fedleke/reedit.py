@@ -21,6 +21,11 @@ DEFAULT_ALPHA = 0.22  # README, "What Eq. 8 compares": separates the built-in se
 # a receiver rolls back a re-edit that raises its own edits' mean target NLL by more than this many
 # nats (their target probability falls by more than a factor e)
 DEFAULT_ROLLBACK_MARGIN = 1.0
+# a reused z (another client's, served for a matching tag) is taken only when, written into the
+# receiver's own model, it gives the target at least this probability; otherwise the receiver
+# optimises its own z and reports the tag. Honest reused z give ~0.95 (the optimisation's stop
+# probability) and unrelated or poisoned ones below 0.1 on SmolLM2 (README, "Poisoning bounded").
+DEFAULT_REUSE_MIN_PROB = 0.5
 
 
 def best_match_similarity(own_z: torch.Tensor, sender_z: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from fededit_core.data.requests import EditRequest
 from fededit_core.memit.covariance import CovarianceStore
 from fededit_core.memit.hparams import MEMITHyperParams, default_hparams
 from fededit_core.memit.keys import compute_keys, hidden_at_subject
-from fededit_core.memit.target import ZResult, optimise_z, optimise_z_reference
+from fededit_core.memit.target import ZResult, optimise_z, optimise_z_reference, target_prob_with_z
 from fededit_core.memit.templates import ContextTemplates, sample_context_templates
 from fededit_core.memit.update import layer_statistics, solve_update
 from fededit_core.model.families import family_for, model_dims
@@ -109,6 +109,10 @@ class MemitEditor:
             return self.z_cache.z_for(self, requests, progress=progress)
         fn = optimise_z_reference if reference else optimise_z
         return fn(self.model, self.tok, requests, self.hp, self.templates, progress=progress)
+
+    def target_prob(self, requests: list[EditRequest], z: torch.Tensor) -> torch.Tensor:
+        """Each request's target probability with its z written in (``target.target_prob_with_z``)."""
+        return target_prob_with_z(self.model, self.tok, requests, z, self.hp, self.templates)
 
     def layer_inputs(self, requests: list[EditRequest], z: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (n, d_ff) at the i-th edited layer and residuals (z - h_L) / (layers left), (n, d),

@@ -183,6 +183,24 @@ def _chunk_terms(
     return nll_sum, n_rows, row_req[kl_rows], kl_logp
 
 
+def target_prob_with_z(
+    model: nn.Module,
+    tok,
+    requests: list[EditRequest],
+    z: torch.Tensor,
+    hp: MEMITHyperParams,
+    templates: ContextTemplates,
+) -> torch.Tensor:
+    """exp(-mean NLL of the target) over the same prompts as the optimisation, with the given z
+    written at layer L's last subject token and no optimisation: what ``optimise_z`` compares
+    with ``stop_prob`` (a receiver checks a z it did not compute with it)."""
+    probs = []
+    for first in range(0, len(requests), hp.batch_size):
+        group = _GroupOptimiser(model, tok, requests[first : first + hp.batch_size], hp, templates)
+        probs.append(group.prob_of(z[first : first + hp.batch_size]))
+    return torch.cat(probs) if probs else torch.zeros(0)
+
+
 def optimise_z(
     model: nn.Module,
     tok,
@@ -349,6 +367,14 @@ class _GroupOptimiser:
                 active = active[~done]
         z = (self.h_init + self.final_delta).cpu()
         return z, self.h_init.cpu(), self.steps, self.final_prob
+
+    def prob_of(self, z: torch.Tensor) -> torch.Tensor:
+        """Target probability per request with delta = z - h_L (one forward pass, no gradient)."""
+        self.delta = z.to(self.h_init) - self.h_init
+        self.precision = contextlib.nullcontext()
+        with torch.no_grad(), _replay_from(self.model, self.family, self.hp.z_layer, self.as_tuple) as replay:
+            nll, _ = self._forward(replay, torch.arange(self.n))
+        return torch.exp(-nll).cpu()
 
     def _forward(self, replay: _Replay, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean target NLL and KL-prompt next-token log-probs of the active requests under the current delta."""
