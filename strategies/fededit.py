@@ -124,7 +124,8 @@ class FedEdit(Strategy):
     def _note_refused_reuse(self, slot: int, client: str, refused: list[str], served: list[str]) -> None:
         """A served z that gave the target too low a probability on the receiver's model: its
         uploader becomes a suspect (the receiver optimised its own z instead)."""
-        refused = [t for t in refused if t in set(served)]  # only tags this client was served
+        given = set(served)
+        refused = [t for t in refused if t in given]  # only tags this client was served
         found = self.store.find_tags(self.run, refused, fingerprint=self.spec.fingerprint, before_slot=slot)
         for upload_id, _ in found.values():
             sender = self.store.get(upload_id).client

@@ -2,6 +2,7 @@
 
 - ``kills``: the server (and its in-process clients) SIGKILLed at every phase of a time slot and
   a client killed inside its re-edit, then restarted; the final models against an uninterrupted run.
-- ``poisoning``: a member that uploads crafted MKV sets against the default job; the victims'
-  own Score with and without the defences.
+- ``reuse``: what a receiver's check of a reused z sees on SmolLM2 (``python -m bench.faults.reuse``).
+
+The poisoning measurement against the default job is not built yet (``__main__`` says so).
 """

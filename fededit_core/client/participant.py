@@ -12,8 +12,8 @@ Several participants may share one model object (simulation): each keeps its own
 ``activate()`` swaps them in. After every step the state can be checkpointed to a folder, so a
 restarted client resumes where it stopped, and every step is idempotent: asked again (a server
 that restarted inside a slot), a step already done returns its earlier result and applies nothing
-twice (the checkpoint records the sets decided on and the merges applied). Request text never leaves the organisation: the owner's
-worker reads ``slots`` for its own evaluation.
+twice (the checkpoint records the sets decided on and the merges applied). Request text never
+leaves the organisation: the owner's worker reads ``slots`` for its own evaluation.
 """
 
 from __future__ import annotations
