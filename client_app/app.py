@@ -42,22 +42,27 @@ def _margin(value) -> float | None:
     return None if value < 0 else value
 
 
-def client_spec(context: Context) -> ClientSpec:
-    """This client's local settings from the node config (deployment) or partition id (simulation)."""
-    node, run = context.node_config, RunSettings.from_run_config(context.run_config, context.run_id)
-    common = dict(
+def _run_fields(run: RunSettings) -> dict:
+    """The ClientSpec fields that come from the run config."""
+    return dict(
         run=run.run,
         model=run.model,
-        dtype=str(node.get("dtype", run.dtype)),
-        device=str(node.get("device", run.device)),
+        dtype=run.dtype,
+        device=run.device,
         hparams=run.memit_overrides(),
         num_slots=run.num_slots,
         seed=run.seed,
         max_requests=run.max_requests,
     )
+
+
+def client_spec(context: Context) -> ClientSpec:
+    """This client's local settings from the node config (deployment) or partition id (simulation)."""
+    node, run = context.node_config, RunSettings.from_run_config(context.run_config, context.run_id)
+    local = {key: str(node[key]) for key in ("dtype", "device") if key in node}
     if "requests" in node:  # deployment: this organisation's own file
         return ClientSpec(
-            **common,
+            **{**_run_fields(run), **local},
             name=str(node.get("name", f"node-{context.node_id}")),
             requests=str(node["requests"]),
             partition="all",
@@ -67,19 +72,25 @@ def client_spec(context: Context) -> ClientSpec:
             rollback_margin=_margin(node.get("rollback-margin", DEFAULT_ROLLBACK_MARGIN)),
             reuse_min_prob=float(node.get("reuse-min-prob", DEFAULT_REUSE_MIN_PROB)),
         )
-    index = int(node["partition-id"])
     secret = os.environ.get("FEDEDIT_FEDERATION_SECRET_FILE") or str(cache_dir() / "federation.secret")
-    return ClientSpec(
-        **common,
+    return simulation_spec(run, int(node["partition-id"]), int(node["num-partitions"]), secret, **local)
+
+
+def simulation_spec(run: RunSettings, index: int, count: int, secret_file: str, **overrides) -> ClientSpec:
+    """Simulated client ``index`` of ``count`` (partition ``index`` of the run config's ``data``);
+    ``overrides``: ClientSpec fields set otherwise (the node's device, a benchmark's defences)."""
+    fields = dict(
+        _run_fields(run),
         name=client_name(index),
         requests=run.data,
         partition=run.partition,
-        count=int(node["num-partitions"]),
+        count=count,
         state_dir=str(run.simulation_state_dir),
-        secret_file=secret,
+        secret_file=secret_file,
         oracle=True,
         rollback_margin=_margin(run.rollback_margin),
     )
+    return ClientSpec(**{**fields, **overrides})
 
 
 # errors whose messages this project writes without request text: they may reach the server

@@ -44,7 +44,7 @@ class RunSettings(BaseModel):
     rollback_margin: float = Field(
         DEFAULT_ROLLBACK_MARGIN,
         alias="rollback-margin",
-        description="simulated clients: roll back re-edits raising own target NLL by more nats; < 0: never "
+        description="simulated clients: roll back re-edits raising any own edit's target NLL by more nats; < 0: never "
         "(deployment: each node's own node config)",
     )
     min_clients: int = Field(2, alias="min-clients", ge=1, description="the run stops with fewer")

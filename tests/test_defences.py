@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from server_app.app import FlowerTransport, discover
 from strategies.federation import run_federation
 from strategies.session import FederationError
 from strategies.settings import RunSettings
-from tests.federation_kit import tiny_world
+from tests.federation_kit import DirectTransport, client_specs, tiny_world, write_jsonl
 from wire.messages import pack, unpack
 
 
@@ -126,7 +128,7 @@ def _poison(own: MKVSet, scale: float) -> MKVSet:
     return MKVSet([f"evil/0/{i}" for i in range(len(z))], own.layers, z, delta, keys)
 
 
-def _own_nll(p: Participant) -> float:
+def _own_nll(p: Participant) -> torch.Tensor:
     p.activate()
     return p.own_nll(p.edited_requests())
 
@@ -141,12 +143,26 @@ def test_a_harmful_set_that_keeps_the_bounds_is_rolled_back(victim):
     poison = _poison(victim.own, 3.0)
     assert out_of_bounds(poison, victim.own, victim.editor.hp.clamp_norm_factor) is None
     victim.reedit([poison], alpha=0.5, margin=None, check_bounds=False)  # defences off: the set is applied
-    assert victim.reports[-1].kept_sets == 1 and _own_nll(victim) - clean > 1.0
+    assert victim.reports[-1].kept_sets == 1 and float((_own_nll(victim) - clean).max()) > 1.0
     victim.layers, victim.reedited_ids, victim.reports[-1].kept_sets = start, [], 0
     victim.reedit([poison], alpha=0.5)
     assert victim.reports[-1].kept_sets == 0 and victim.reports[-1].refused_sets == 1
-    assert _own_nll(victim) == pytest.approx(clean, abs=1e-5)
-    assert "raises this client's own target NLL" in victim.suspects["evil"]
+    assert torch.allclose(_own_nll(victim), clean, atol=1e-5)
+    assert "raises the target NLL of an own edit" in victim.suspects["evil"]
+
+
+def test_one_fact_pushed_back_is_rolled_back_even_when_the_mean_moves_less_than_the_margin(victim):
+    """The check is per own edit: a margin above the mean rise but below the pushed-back fact's rise
+    still rolls the set back."""
+    clean, start = _own_nll(victim), {l: w.clone() for l, w in victim.layers.items()}
+    poison = _poison(victim.own, 3.0)
+    victim.reedit([poison], alpha=0.5, margin=None, check_bounds=False)
+    rise = _own_nll(victim) - clean
+    assert float(rise.max()) > 2 * float(rise.mean()) > 0  # one fact moves, the others much less
+    victim.layers, victim.reedited_ids, victim.reports[-1].kept_sets = start, [], 0
+    victim.reedit([poison], alpha=0.5, margin=float(rise.mean() + rise.max()) / 2)
+    assert victim.reports[-1].kept_sets == 0 and "evil" in victim.suspects
+    assert torch.allclose(_own_nll(victim), clean, atol=1e-5)
 
 
 def test_a_scaled_up_set_is_refused_by_the_bounds(victim):
@@ -164,3 +180,24 @@ def test_a_scaled_up_set_is_refused_by_the_bounds(victim):
 
 def test_honest_mkvs_keep_the_bounds(victim):
     assert out_of_bounds(victim.own, victim.own, victim.editor.hp.clamp_norm_factor) is None
+
+
+def test_the_poisoning_benchmarks_attacker_gets_its_crafted_set_stored_and_kept(tmp_path, monkeypatch):
+    """bench/faults/poisoning.py's attacker, on the tiny world with 4 clients and no defences: its
+    crafted uploads pass the server's checks, and every victim's Eq. 8 keeps them."""
+    from bench.faults.poisoning import ATTACKER, REPEAT, Attacker
+
+    monkeypatch.setenv("FEDEDIT_CACHE", str(tmp_path / "cache"))
+    world = tiny_world(tmp_path)
+    records = [json.loads(line) for line in Path(world["data"]).read_text().splitlines()]
+    data = write_jsonl(tmp_path / "four.jsonl", [{**r, "client": f"client-{i % 4}"} for i, r in enumerate(records)])
+    specs = client_specs(world, tmp_path, "poison", n_clients=4, data=str(data))
+    transport = Attacker(DirectTransport(specs))
+    settings = RunSettings(run="poison", num_slots=2, centralised=False, output_dir=str(tmp_path / "runs"))
+    report = run_federation(transport, list(specs), settings, {}, progress=False)
+    assert [c["failed"] for c in report["clients"]] == [None] * 4
+    served = {sender: len(rows) for sender, rows in transport.served.items()}
+    assert served == {"client-0": 2, "client-1": 2, "client-2": 2}  # one request per slot each
+    for victim in ("client-0", "client-1", "client-2"):
+        kept = transport.inner.worker.participant(specs[victim]).reedited_ids
+        assert sum(i.startswith(f"{ATTACKER}/1/") for i in kept) == 3 + 3 * REPEAT  # copies and pushed back

@@ -204,8 +204,8 @@ class Participant:
 
         ``vector``: what Eq. 8 compares, ``"z"`` (the paper) or ``"delta"`` (z - h_L(base), the edit's
         direction without the subject's own hidden state; see fedleke/reedit.py). Defences: a set out
-        of ``fedleke/bounds.py``'s bounds is refused, and when the kept sets raise the mean target
-        NLL of this client's own edits by more than ``margin`` nats (None: no check), they are
+        of ``fedleke/bounds.py``'s bounds is refused, and when the kept sets raise the target NLL of
+        any of this client's own edits by more than ``margin`` nats (None: no check), they are
         rolled back and re-applied without the sets that do so alone (``check_bounds=False`` and
         ``margin=None``: no defence, for measuring them). Refused senders land in ``self.suspects``."""
         if vector not in VECTORS:
@@ -235,29 +235,34 @@ class Participant:
         self.checkpoint()
         return report
 
-    def own_nll(self, requests: list[EditRequest]) -> float:
-        """Mean over ``requests`` of the mean per-token NLL of target_new (on the active model)."""
+    def own_nll(self, requests: list[EditRequest]) -> torch.Tensor:
+        """Per request of ``requests``: the mean per-token NLL of target_new (on the active model)."""
         prompts, targets = [r.text for r in requests], [r.target_new for r in requests]
-        return float(target_nll(self.editor.model, self.editor.tok, prompts, targets).mean())
+        return target_nll(self.editor.model, self.editor.tok, prompts, targets).double()
 
     def _apply_guarded(self, kept: list[MKVSet], margin: float | None) -> list[MKVSet]:
-        """Apply ``kept`` together; roll back the sets that alone raise the mean target NLL of this
-        client's own edits by more than ``margin`` nats (its target probability falls by e^margin)."""
+        """Apply ``kept`` together; when that raises the target NLL of any of this client's own edits
+        by more than ``margin`` nats (its target probability falls by more than e^margin), roll back
+        and re-apply without the sets that do so alone:  max_i NLL_i(after) - NLL_i(before) > margin."""
         own_requests = self.edited_requests()
         start = self.layers
         self.activate()
         before = self.own_nll(own_requests) if margin is not None and own_requests else None
+
+        def rise() -> float:
+            return float((self.own_nll(own_requests) - before).max())
+
         apply_mkvs(self.editor, MKVSet.concat(kept))
-        if before is None or self.own_nll(own_requests) - before <= margin:
+        if before is None or rise() <= margin:
             self._capture()
             return kept
         passing = []
         for s in kept:  # which sets do it: each alone, from the model before the re-edit
             self.editor.load_layers(start)
             apply_mkvs(self.editor, s)
-            rise = self.own_nll(own_requests) - before
-            if rise > margin:
-                self.suspects[sender_of(s)] = f"its set raises this client's own target NLL by {rise:.2f} nats"
+            alone = rise()
+            if alone > margin:
+                self.suspects[sender_of(s)] = f"its set raises the target NLL of an own edit by {alone:.2f} nats"
             else:
                 passing.append(s)
         self.editor.load_layers(start)

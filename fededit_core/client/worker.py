@@ -410,8 +410,10 @@ class EditWorker:
             ]
         if which == "reedited":
             out = []
-            for rid in participant.reedited_ids:
+            for rid in participant.reedited_ids:  # ids with no request behind them (a crafted set) are skipped
                 name, slot, index = rid.rsplit("/", 2)
-                out.append(slots[name][int(slot)][int(index)])
+                sender_slots, slot, index = slots.get(name, []), int(slot), int(index)
+                if slot < len(sender_slots) and index < len(sender_slots[slot]):
+                    out.append(sender_slots[slot][index])
             return out
         raise WorkerError(f"others must be 'none', 'reedited' or 'all', got {which!r}")

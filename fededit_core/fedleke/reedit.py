@@ -18,8 +18,8 @@ import torch
 VECTORS = ("z", "delta")
 DEFAULT_VECTOR = "delta"
 DEFAULT_ALPHA = 0.22  # README, "What Eq. 8 compares": separates the built-in set's related pairs on delta
-# a receiver rolls back a re-edit that raises its own edits' mean target NLL by more than this many
-# nats (their target probability falls by more than a factor e)
+# a receiver rolls back a re-edit that raises the target NLL of any of its own edits by more than
+# this many nats (that target's probability falls by more than a factor e)
 DEFAULT_ROLLBACK_MARGIN = 1.0
 # a reused z (another client's, served for a matching tag) is taken only when, written into the
 # receiver's own model, it gives the target at least this probability; otherwise the receiver
