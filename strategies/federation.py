@@ -7,6 +7,7 @@ fast tests run (with in-process workers); nothing here imports Flower.
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Callable
 
 from tqdm import tqdm
@@ -84,7 +85,8 @@ def run_federation(
         raise FederationError(
             f"{len(clients)} client(s) connected, the run needs at least {settings.min_clients} (min-clients)"
         )
-    hellos = {c: r.body for c, r in session.broadcast("hello", phase="handshake").items()}
+    nonce = secrets.token_hex(16)  # the clients prove they hold one federation secret (handshake.py)
+    hellos = {c: r.body for c, r in session.broadcast("hello", {"nonce": nonce}, phase="handshake").items()}
     spec, left_out = check_agreement(hellos, settings.num_slots)
     for client, reason in left_out.items():
         session.reject(client, f"client {client}: handshake refused: {reason}")

@@ -6,7 +6,10 @@ from .session import FederationError
 from .validation import FederationSpec
 
 # what must be equal across clients (from each client's ``hello`` reply)
-MUST_AGREE = ("fingerprint", "templates", "covariance", "hparams", "d_model", "d_ff", "layers", "kind")
+# key_proof: HMAC of the federation secret over the server's nonce (fededit_core/fedleke/sealing.py),
+# so equal proofs mean one secret; a client with another secret, or none, differs in it
+MUST_AGREE = ("fingerprint", "templates", "covariance", "hparams", "d_model", "d_ff", "layers", "kind", "key_proof")
+WHY = {"key_proof": "the federation secret (another one, or none)"}
 
 
 def _clamp(hparams: dict) -> float | None:
@@ -51,12 +54,12 @@ def check_agreement(hellos: dict[str, dict], num_slots: int) -> tuple[Federation
                 values.setdefault(repr(hellos[name].get(key)), []).append(name)
             if len(values) > 1:
                 detail = "; ".join(f"{clients}: {value[:120]}" for value, clients in values.items())
-                problems.append(f"{key} differs ({detail})")
+                problems.append(f"{WHY.get(key, key)} differs ({detail})")
         raise FederationError("clients disagree, the run stops: " + " | ".join(problems))
     reference = hellos[majority[0]]
     for name in names:
         if name not in majority:
-            keys = [key for key in MUST_AGREE if hellos[name].get(key) != reference.get(key)]
+            keys = [WHY.get(key, key) for key in MUST_AGREE if hellos[name].get(key) != reference.get(key)]
             left_out[name] = f"it differs from the majority {majority} in {keys}"
     return (
         FederationSpec(

@@ -71,6 +71,8 @@ class HelloReply(_Reply):
     next_slot: Annotated[StrictInt, Field(ge=0, le=1000)]
     kind: Literal["counterfact", "zsre", "requests"]
     reuse: StrictBool
+    key_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")] | None = None
+    key_proof: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
 
 
 class TagsReply(_Reply):

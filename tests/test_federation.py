@@ -246,3 +246,17 @@ def test_a_nodes_own_gate_setting_overrides_the_servers(world, tmp_path):
     report, _ = run(world, tmp_path, "fededit", run="own-gate", specs=specs, alpha=1.0)
     assert [c["kept_sets"] for c in report["clients"]] == [2, 2]
     assert [c["applied"] for c in report["clients"]] == [4, 4]
+
+
+def test_a_client_with_another_federation_secret_is_left_out_at_the_handshake(world, tmp_path):
+    records = [request_record(i, f"Place {i}", f"client-{i % 3}") for i in range(6)]
+    data = write_jsonl(tmp_path / "three.jsonl", records)
+    specs = client_specs(world, tmp_path, "secret", n_clients=3, data=str(data))
+    (tmp_path / "other-secret").write_bytes(b"x" * 32)
+    specs["client-2"] = specs["client-2"].model_copy(update={"secret_file": str(tmp_path / "other-secret")})
+    report, _ = run(world, tmp_path, "fededit", run="secret", specs=specs)
+    failed = {c["client"]: c["failed"] for c in report["clients"]}
+    assert "federation secret" in failed["client-2"] and failed["client-0"] is None and failed["client-1"] is None
+    two = {k: specs[k] for k in ("client-0", "client-2")}
+    with pytest.raises(FederationError, match="federation secret .* differs"):
+        run(world, tmp_path, "fededit", run="secret2", specs=two)

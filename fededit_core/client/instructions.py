@@ -51,6 +51,10 @@ class Empty(_Instruction):
     pass
 
 
+class Hello(_Instruction):
+    nonce: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")] | None = None  # for the key proof
+
+
 class SlotStep(_Instruction):
     slot: Slot
 
@@ -94,7 +98,7 @@ class Evaluate(_Instruction):
 
 
 INSTRUCTIONS: dict[str, type[_Instruction]] = {
-    "hello": Empty,
+    "hello": Hello,
     "tags": SlotStep,
     "edit": Edit,
     "reedit": Reedit,

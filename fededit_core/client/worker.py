@@ -35,6 +35,7 @@ from fededit_core.data.slots import split_into_slots
 from fededit_core.eval.metrics import evaluate, generate_greedy
 from fededit_core.fedleke.mkv import MKVSet
 from fededit_core.fedleke.reedit import DEFAULT_REUSE_MIN_PROB, DEFAULT_ROLLBACK_MARGIN
+from fededit_core.fedleke.sealing import key_id, key_proof
 from fededit_core.memit.editor import MemitEditor, hparams_for, make_editor
 from fededit_core.memit.update import positive_semidefinite
 from fededit_core.model.loading import DEFAULT_MODEL
@@ -231,7 +232,17 @@ class EditWorker:
             "next_slot": participant.next_slot,
             "kind": dataset_kind(resolve_data(spec.requests)),
             "reuse": participant.secret is not None,
+            **self._key_proof(spec, participant, args),
         }, {}
+
+    @staticmethod
+    def _key_proof(spec: ClientSpec, participant: Participant, args: dict) -> dict:
+        """Proof of the federation secret for the server's nonce (``sealing.key_proof``): the server
+        compares the clients' proofs and leaves out those whose secret differs, or who hold none."""
+        secret, nonce = participant.secret, args.get("nonce")
+        if secret is None or nonce is None:
+            return {"key_id": None, "key_proof": None}
+        return {"key_id": key_id(secret), "key_proof": key_proof(secret, spec.run, nonce)}
 
     def op_tags(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
         participant = self.participant(spec)
