@@ -59,9 +59,8 @@ def main() -> None:
     for part in args.parts:
         started = time.perf_counter()
         block = kills(args.strategies) if part == "kills" else poisoning()
-        key = next(iter(block))
-        result[key] = block[key]
-        result.setdefault("measured_by", {})[key] = {
+        result.update(block)
+        result.setdefault("measured_by", {})[part] = {
             "commit": commit(),
             "seconds": round(time.perf_counter() - started),
         }
