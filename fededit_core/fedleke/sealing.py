@@ -12,8 +12,8 @@ request tags with it). From it:
 so ``len(blob) = HEADER + 4 n (2 d + |R| d_ff) + TAG`` and the server can check a blob's length
 against the declared count and the federation's shapes, and nothing else. The associated data binds
 the blob to its run, sender, slot and ids: a blob the server swaps, replays under other ids or
-re-labels does not open. Nonces are 96 random bits per blob (``os.urandom``): a repeat needs about
-2^48 blobs under one key, far beyond any federation. Rotation: a ``KeyRing`` seals with its newest
+re-labels does not open. Nonces are 96 random bits per blob (``os.urandom``), within NIST SP
+800-38D's limit of 2^32 blobs per key for random nonces, far beyond any federation. Rotation: a ``KeyRing`` seals with its newest
 secret and opens with any of its secrets, found by the key id in the blob.
 """
 
