@@ -42,6 +42,17 @@ def _margin(value) -> float | None:
     return None if value < 0 else value
 
 
+def _flag(value) -> bool:
+    """A node-config switch: true / false (a bool, or its TOML-ish spelling)."""
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in ("true", "1", "yes"):
+        return True
+    if str(value).strip().lower() in ("false", "0", "no", ""):
+        return False
+    raise ValueError(f"a node-config switch is true or false, got {value!r}")
+
+
 def _run_fields(run: RunSettings) -> dict:
     """The ClientSpec fields that come from the run config."""
     return dict(
@@ -68,6 +79,8 @@ def client_spec(context: Context) -> ClientSpec:
             partition="all",
             state_dir=str(node.get("state-dir", cache_dir("state"))),
             secret_file=str(node["secret-file"]) if node.get("secret-file") else None,
+            retired_secret_files=[f for f in str(node.get("retired-secret-files", "")).split(",") if f.strip()],
+            allow_plaintext_mkvs=_flag(node.get("allow-plaintext-mkvs", False)),
             reedit_gate=str(node.get("reedit-gate", "server")),
             rollback_margin=_margin(node.get("rollback-margin", DEFAULT_ROLLBACK_MARGIN)),
             reuse_min_prob=float(node.get("reuse-min-prob", DEFAULT_REUSE_MIN_PROB)),
@@ -89,6 +102,7 @@ def simulation_spec(run: RunSettings, index: int, count: int, secret_file: str, 
         secret_file=secret_file,
         oracle=True,
         rollback_margin=_margin(run.rollback_margin),
+        allow_plaintext_mkvs=not run.seal_mkvs,  # simulation: the run config is the organisation's own
     )
     return ClientSpec(**{**fields, **overrides})
 

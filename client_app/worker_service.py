@@ -40,7 +40,7 @@ def grpc_options(max_message_mb: int = MAX_MESSAGE_MB) -> list[tuple[str, int]]:
 
 
 HEADER = struct.Struct("<Q")
-ALLOWED_DTYPES = {"float16", "float32", "float64", "int32", "int64", "bool"}
+ALLOWED_DTYPES = {"float16", "float32", "float64", "int32", "int64", "bool", "uint8"}  # uint8: sealed MKV sets
 
 
 class WorkerStepFailed(RuntimeError):

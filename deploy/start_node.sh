@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Usage: deploy/start_node.sh --name NAME --requests FILE --superlink HOST:PORT --key PRIVATE_KEY
 #                             [--model MODEL] [--device DEVICE] [--dtype DTYPE] [--ca CA_CERT]
-#                             [--secret-file FILE] [--state-dir DIR] [--dir RUN_DIR]
+#                             [--secret-file FILE] [--retired-secret-file FILE]... [--allow-plaintext-mkvs]
+#                             [--state-dir DIR] [--dir RUN_DIR]
 #                             [--worker ADDRESS] [--port PORT] [--app-hash SHA256] [--insecure]
 #
 # Starts one organisation's side of the federation, on its own (GPU) machine:
@@ -21,6 +22,10 @@
 #   --ca FILE           the federation CA certificate (default deploy/local/certs/ca.crt)
 #   --secret-file FILE  the federation secret shared by the organisations, never by the server
 #                       (default deploy/local/federation.secret; see README)
+#   --retired-secret-file FILE  an earlier federation secret (repeat for several): it still opens
+#                       MKV sets sealed under it, nothing new is sealed with it (README, rotation)
+#   --allow-plaintext-mkvs  upload MKVs unsealed when a run asks for it (seal-mkvs = false);
+#                       without it this client refuses such runs
 #   --state-dir DIR     this client's checkpoints (default deploy/local/state/NAME)
 #   --dir RUN_DIR       PID files and logs (default deploy/local/run)
 #   --worker ADDRESS    the worker's address (default unix:RUN_DIR/worker-NAME.sock)
@@ -46,7 +51,7 @@ SECRET_FILE="${FEDEDIT_SECRET_FILE:-$LOCAL_DIR/federation.secret}"
 RUN_DIR="${RUN_DIR:-$LOCAL_DIR/run}"
 PORT="${SUPERNODE_PORT:-9094}"
 INSECURE="${FEDEDIT_INSECURE:-0}"
-APP_HASHES=()
+APP_HASHES=() RETIRED=() ALLOW_PLAINTEXT=false
 while [ $# -gt 0 ]; do
     case "$1" in
         --name) NAME="$2"; shift 2 ;;
@@ -58,6 +63,8 @@ while [ $# -gt 0 ]; do
         --dtype) DTYPE="$2"; shift 2 ;;
         --ca) CA="$2"; shift 2 ;;
         --secret-file) SECRET_FILE="$2"; shift 2 ;;
+        --retired-secret-file) RETIRED+=("$2"); shift 2 ;;
+        --allow-plaintext-mkvs) ALLOW_PLAINTEXT=true; shift ;;
         --state-dir) STATE_DIR="$2"; shift 2 ;;
         --dir) RUN_DIR="$2"; shift 2 ;;
         --worker) WORKER="$2"; shift 2 ;;
@@ -75,6 +82,10 @@ done
 [ -f "$REQUESTS" ] || die "$REQUESTS: no such request file"
 [ -f "$SECRET_FILE" ] \
     || die "$SECRET_FILE: no federation secret (deploy/README.md: one organisation makes it, all share it)"
+for file in ${RETIRED[@]+"${RETIRED[@]}"}; do
+    [ -f "$file" ] || die "--retired-secret-file $file: no such file"
+    [[ "$file" != *,* ]] || die "--retired-secret-file $file: a path without commas, please"
+done
 for hash in ${APP_HASHES[@]+"${APP_HASHES[@]}"}; do
     [[ "$hash" =~ ^[0-9a-f]{64}$ ]] || die "--app-hash $hash: not a sha256 (64 lowercase hex digits)"
 done
@@ -145,7 +156,10 @@ info "edit worker $NAME answers on $WORKER"
 
 # 2. the SuperNode
 node_config="name=\"$NAME\" worker=\"$WORKER\" requests=\"$REQUESTS\" device=\"$DEVICE\" dtype=\"$DTYPE\""
-node_config+=" state-dir=\"$STATE_DIR\" secret-file=\"$SECRET_FILE\""
+node_config+=" state-dir=\"$STATE_DIR\" secret-file=\"$SECRET_FILE\" allow-plaintext-mkvs=$ALLOW_PLAINTEXT"
+if [ ${#RETIRED[@]} -gt 0 ]; then
+    node_config+=" retired-secret-files=\"$(IFS=,; echo "${RETIRED[*]}")\""
+fi
 args=(--superlink "$SUPERLINK" --port "$PORT" --node-config "$node_config")
 if [ "$INSECURE" = 1 ]; then
     info "WARNING: --insecure: no TLS and no node key, for loopback tests only"

@@ -1,4 +1,4 @@
-"""The ``fededit`` command: edit, eval, demo.
+"""The ``fededit`` command: edit, eval, demo, secret, bench.
 
 The edit worker of a deployment is ``fededit-worker`` (``client_app.worker_service``) and the speed
 benchmark ``python -m bench.memit_speed``; both take the model and MEMIT options defined here.
@@ -178,6 +178,37 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_secret(args) -> int:
+    """The federation secret (deploy/README.md, section 5): ``new`` refuses to overwrite a file."""
+    import os
+    import secrets
+
+    from fededit_core.fedleke.sealing import key_id
+
+    path = Path(args.file).expanduser()
+    if args.action == "new":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # FileExistsError: an OSError
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+    secret = path.read_bytes()
+    if len(secret) < 16:
+        raise ValueError(f"{path} holds {len(secret)} bytes; a federation secret has at least 16")
+    print(key_id(secret))
+    return 0
+
+
+BENCHMARKS = ("privacy", "faults", "fuzz", "reproduce", "memit_speed", "mkv_fidelity", "gate_analysis")
+
+
+def cmd_bench(args) -> int:
+    """A benchmark is a runnable recipe beside the library, started as its own process: the
+    engine never imports ``bench``."""
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", f"bench.{args.name}", *args.rest])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fededit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -206,6 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the metrics here")
     p.add_argument("--fluency", action="store_true", help="also generate text and measure n-gram entropy")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("secret", help="make a federation secret, or print a secret file's public key id")
+    p.add_argument("action", choices=["new", "id"], help="new: write 32 random bytes (mode 600); id: print the key id")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_secret)
+
+    p = sub.add_parser("bench", help="run one of the project's benchmarks (python -m bench.NAME)")
+    p.add_argument("name", choices=BENCHMARKS, help=" | ".join(BENCHMARKS))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments (NAME --help)")
+    p.set_defaults(func=cmd_bench)
 
     return parser
 

@@ -4,7 +4,11 @@ Per time slot:
 1. reuse: clients send the keyed tags of the slot's requests; for every tag already in the store the
    server returns the stored z, and the client skips that optimisation;
 2. edit: clients run MEMIT on the slot and upload MKVs (z, delta, keys per layer; opaque ids, tags),
-   which are validated and stored durably;
+   which are validated and stored durably. With ``seal`` (run config ``seal-mkvs``, the default)
+   each upload is one blob sealed for the members (``fedleke/sealing.py``): the server checks its
+   length against the declared count and its magic, stores it with the blob's digest (a replayed
+   ciphertext is refused) and serves it as it came, with its sender, slot and count; reuse serves
+   the blob and the row of the tag;
 3. serve and re-edit: each client receives the sets the other clients uploaded in this slot and keeps
    a sender's set when at least half of its own z have best-match cosine > alpha with it (Eq. 8; every
    set with ``gate=False``), then applies the kept ones without text.
@@ -24,8 +28,8 @@ from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR
 
 from .base import Strategy
 from .session import FederationError, Instruction, Session
-from .store import MKVStore, SlotProgress, StoreError, row_digests
-from .validation import FederationSpec, UploadError, validate_mkv_upload
+from .store import MKVStore, SlotProgress, StoreError, Upload, blob_digest, row_digests
+from .validation import FederationSpec, UploadError, validate_mkv_upload, validate_sealed_upload
 
 log = logging.getLogger("fededit.server")
 
@@ -43,9 +47,10 @@ class FedEdit(Strategy):
         gate: bool = True,
         reuse: bool = True,
         vector: str = DEFAULT_VECTOR,
+        seal: bool = True,
     ):
         super().__init__(spec, run, store)
-        self.alpha, self.gate, self.reuse, self.vector = alpha, gate, reuse, vector
+        self.alpha, self.gate, self.reuse, self.vector, self.seal = alpha, gate, reuse, vector, seal
         if not gate:
             self.name = "fededit-noreedit"
         self.reused = 0
@@ -58,19 +63,32 @@ class FedEdit(Strategy):
         self.reused, self.suspects = int(state.get("reused", 0)), dict(state.get("suspects", {}))
 
     # --- 1. reuse ---------------------------------------------------------------------------------
-    def _stored_z(self, slot: int, tags: list[str]) -> tuple[list[str], np.ndarray]:
+    def _stored_z(self, slot: int, tags: list[str]) -> tuple[list[str], dict, dict]:
+        """The tags found in earlier slots and what the edit instruction carries for them: plaintext,
+        their z rows (``reuse_z``); sealed, the blobs that hold them (``sources``, ``sealed.<j>``) and
+        each tag's blob and row (``reuse_source``, ``reuse_row``)."""
         found = self.store.find_tags(self.run, tags, fingerprint=self.spec.fingerprint, before_slot=slot)
-        uploads: dict[int, np.ndarray] = {}
-        keep, vectors = [], []
+        uploads: dict[int, Upload] = {}
+        keep, positions = [], []
         for tag, (upload_id, position) in found.items():
             if upload_id not in uploads:
-                uploads[upload_id] = self.store.get(upload_id).arrays["z"]
+                uploads[upload_id] = self.store.get(upload_id)
             keep.append(tag)
-            vectors.append(uploads[upload_id][position])
-        z = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, self.spec.d_model), np.float32)
-        return keep, z
+            positions.append((upload_id, position))
+        self._same_format(list(uploads.values()))
+        if self.seal:
+            order = {upload_id: j for j, upload_id in enumerate(uploads)}
+            args = {
+                "sources": [_source(u) for u in uploads.values()],
+                "reuse_source": [order[u] for u, _ in positions],
+                "reuse_row": [p for _, p in positions],
+            }
+            return keep, args, {f"sealed.{j}": uploads[u].arrays["sealed"] for u, j in order.items()}
+        rows = [uploads[u].arrays["z"][p] for u, p in positions]
+        z = np.stack(rows).astype(np.float32) if rows else np.zeros((0, self.spec.d_model), np.float32)
+        return keep, {}, {"reuse_z": z}
 
-    def _reuse_plan(self, slot: int, session: Session, clients: list[str]) -> dict[str, tuple[list[str], np.ndarray]]:
+    def _reuse_plan(self, slot: int, session: Session, clients: list[str]) -> dict[str, tuple[list[str], dict, dict]]:
         if not self.reuse:
             return {}
         plan = {}
@@ -91,17 +109,23 @@ class FedEdit(Strategy):
         ``stored`` the clients whose upload of this slot is in (recorded with this one)."""
         ids, tags = body.get("ids"), body.get("tags")
         try:
-            validate_mkv_upload(client, str(body.get("fingerprint")), ids, arrays, self.spec, tags=tags, slot=slot)
+            if self.seal:
+                blob = validate_sealed_upload(client, str(body.get("fingerprint")), ids, arrays, self.spec, tags, slot)
+                digests = [blob_digest(blob)] * len(ids)
+            else:
+                if "sealed" in arrays:
+                    raise UploadError(f"client {client}: a sealed set, but this run does not seal (seal-mkvs)")
+                validate_mkv_upload(client, str(body.get("fingerprint")), ids, arrays, self.spec, tags=tags, slot=slot)
+                digests = row_digests(arrays["z"])
             reused = set(served)
             replayed = [
                 i
-                for i in self.store.replayed(self.run, client, slot, row_digests(arrays["z"]), self.spec.fingerprint)
-                if not (tags and tags[i] in reused)
+                for i in self.store.replayed(self.run, client, slot, digests, self.spec.fingerprint)
+                if self.seal or not (tags and tags[i] in reused)
             ]
             if replayed:
-                raise UploadError(
-                    f"client {client}: {len(replayed)} of its z vectors were already uploaded (a replayed set)"
-                )
+                what = "its sealed set was" if self.seal else f"{len(replayed)} of its z vectors were"
+                raise UploadError(f"client {client}: {what} already uploaded (a replayed set)")
         except UploadError as err:
             session.reject(client, str(err))
             return
@@ -114,8 +138,9 @@ class FedEdit(Strategy):
                 body["fingerprint"],
                 ids,
                 [t or None for t in tags or [""] * len(ids)],
-                {k: arrays[k] for k in ("z", "delta", "keys", "layers")},
+                {k: arrays[k] for k in (("sealed",) if self.seal else ("z", "delta", "keys", "layers"))},
                 progress=self.progress(session, slot, "edit", served=[*stored, client]),
+                digests=digests,
             )
             stored.append(client)
         except StoreError as err:  # the server's own disk: the run cannot go on without losing sets
@@ -139,18 +164,25 @@ class FedEdit(Strategy):
             self.run, exclude_client=client, after_slot=slot - 1, fingerprint=self.spec.fingerprint
         )
         uploads = [u for u in uploads if u.ids]
-        args = {
-            "alpha": self.alpha,
-            "gate": self.gate,
-            "vector": self.vector,
-            "ids": [i for u in uploads for i in u.ids],
-            "senders": [u.client for u in uploads for _ in u.ids],
-        }
+        self._same_format(uploads)
+        args = {"alpha": self.alpha, "gate": self.gate, "vector": self.vector}
+        if self.seal:
+            args.update(ids=[], senders=[], sources=[_source(u) for u in uploads])
+            return Instruction("reedit", args, {f"sealed.{j}": u.arrays["sealed"] for j, u in enumerate(uploads)})
+        args.update(ids=[i for u in uploads for i in u.ids], senders=[u.client for u in uploads for _ in u.ids])
         arrays = {}
         if uploads:
             arrays = {k: np.concatenate([u.arrays[k] for u in uploads]) for k in ("z", "delta", "keys")}
             arrays["layers"] = np.asarray(self.spec.layers, dtype=np.int64)
         return Instruction("reedit", args, arrays)
+
+    def _same_format(self, uploads: list[Upload]) -> None:
+        """Stored sets sealed when this run seals, plaintext when it does not."""
+        if any(("sealed" in u.arrays) != self.seal for u in uploads):
+            raise FederationError(
+                f"run {self.run!r} holds {'plaintext' if self.seal else 'sealed'} MKVs: it was started with "
+                f"seal-mkvs = {str(not self.seal).lower()}; resume it so, or give this run another run-name"
+            )
 
     def run_slot(self, slot: int, session: Session, resume: SlotProgress | None = None) -> None:
         phase = resume.phase if resume is not None else "start"
@@ -158,14 +190,16 @@ class FedEdit(Strategy):
             stored = list(resume.served) if phase == "edit" else []
             todo = [c for c in session.active if c not in stored]
             plan = self._reuse_plan(slot, session, todo)
-            empty = ([], np.zeros((0, self.spec.d_model), np.float32))
             edits = {}
             for client in todo:
-                tags, z = plan.get(client, empty)
-                edits[client] = Instruction("edit", {"slot": slot, "reuse_tags": tags}, {"reuse_z": z})
+                tags, args, arrays = plan.get(client, ([], {}, {}))
+                edits[client] = Instruction(
+                    "edit", {"slot": slot, "reuse_tags": tags, "seal": self.seal, **args}, arrays
+                )
             for client, reply in session.exchange(edits, phase="edit").items():
-                self._note_refused_reuse(slot, client, reply.body.get("refused_reuse", []), plan.get(client, empty)[0])
-                self._store_upload(slot, client, reply.body, reply.arrays, session, plan.get(client, empty)[0], stored)
+                served = plan.get(client, ([],))[0]
+                self._note_refused_reuse(slot, client, reply.body.get("refused_reuse", []), served)
+                self._store_upload(slot, client, reply.body, reply.arrays, session, served, stored)
             self.record(session, slot, "serve")
         replies = session.exchange({c: self._serve(slot, c) for c in session.active}, phase="reedit")
         for client, reply in replies.items():
@@ -184,4 +218,10 @@ class FedEdit(Strategy):
             "alpha": self.alpha,
             "gate": self.gate,
             "vector": self.vector,
+            "sealed": self.seal,
         }
+
+
+def _source(upload: Upload) -> dict:
+    """What a receiver needs, besides the blob, to open a sealed set: its sender, slot and count."""
+    return {"sender": upload.client, "slot": upload.slot, "n": len(upload.ids)}

@@ -37,6 +37,7 @@ def make_strategy(settings: RunSettings, spec: FederationSpec, store: MKVStore |
             gate=settings.strategy == "fededit",
             reuse=settings.reuse,
             vector=settings.vector,
+            seal=settings.seal_mkvs,
         )
     if settings.strategy == "collabedit":
         return CollabEdit(spec, settings.run, secure=settings.secure_aggregation, store=store)
@@ -91,6 +92,15 @@ def run_federation(
     for client, reason in left_out.items():
         session.reject(client, f"client {client}: handshake refused: {reason}")
         del hellos[client]
+    if (
+        settings.strategy.startswith("fededit")
+        and settings.seal_mkvs
+        and next(iter(hellos.values())).get("key_proof") is None
+    ):
+        raise FederationError(
+            "the run seals MKVs (seal-mkvs = true) but no client holds a federation secret (secret-file in "
+            "each node config; deploy/README.md, 'One secret')"
+        )
     kind = next(iter(hellos.values()))["kind"]
     log.info("%d clients agree on model %s, layers %s", len(hellos), spec.fingerprint, list(spec.layers))
 

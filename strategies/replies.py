@@ -74,13 +74,20 @@ class HelloReply(_Reply):
     key_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")] | None = None
     key_proof: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
 
+    @model_validator(mode="after")
+    def _proof_whole(self):
+        if (self.key_id is None) != (self.key_proof is None):
+            raise ValueError("a key proof comes with the key's id, or neither is sent")
+        return self
+
 
 class TagsReply(_Reply):
     tags: Annotated[list[Tag | None], Field(max_length=MAX_ITEMS)]
 
 
 class EditReply(_Reply):
-    """FedEdit's upload (ids, tags, fingerprint and the MKV arrays); ``local`` sends only the report."""
+    """FedEdit's upload (ids, tags, fingerprint and the MKV arrays, or one sealed blob); ``local``
+    sends only the report."""
 
     report: Numbers
     ids: Annotated[list[RequestId], Field(max_length=MAX_ITEMS)] | None = None
@@ -165,7 +172,7 @@ REPLIES: dict[str, type[_Reply]] = {
 # the names of the arrays each reply may carry (no entry: the reply carries no arrays); which of
 # them must be present is checked in ``validation``
 REPLY_ARRAYS: dict[str, re.Pattern] = {
-    "edit": re.compile(r"(z|delta|keys|layers)"),
+    "edit": re.compile(r"(z|delta|keys|layers|sealed)"),
     "editavg_update": re.compile(r"delta\.[0-9]{1,4}"),
     "collab": re.compile(r"(rk|kk)"),
 }

@@ -41,6 +41,9 @@ class RunSettings(BaseModel):
     alpha: float = Field(DEFAULT_ALPHA, description="FedEdit Eq. 8 threshold")
     vector: str = Field(DEFAULT_VECTOR, alias="reedit-vector", description="what Eq. 8 compares: delta or z")
     reuse: bool = Field(True, description="reuse stored z for repeated requests (keyed tags)")
+    seal_mkvs: bool = Field(
+        True, alias="seal-mkvs", description="fededit: MKVs sealed for the members (the server sees ciphertext)"
+    )
     rollback_margin: float = Field(
         DEFAULT_ROLLBACK_MARGIN,
         alias="rollback-margin",

@@ -2,8 +2,8 @@
 committed upload survives a power cut), checked with ``PRAGMA quick_check`` when it is opened.
 
 Every accepted upload is one row of ``uploads`` (run, client, slot, model fingerprint, count) with
-its arrays as blobs (name, dtype, shape) and its items (opaque request id, tag and z digest, by
-position). A restarted server reopens the file and resumes with nothing lost; a client re-uploading
+its arrays as blobs (name, dtype, shape) and its items (opaque request id, tag and the digest a
+replay is recognised by: of the z row, or of the whole sealed set, by position). A restarted server reopens the file and resumes with nothing lost; a client re-uploading
 the same slot replaces its earlier upload for that slot in one transaction. Every query is keyed by
 run *and* model fingerprint, so a reused run name never serves another model's MKVs.
 
@@ -73,6 +73,11 @@ CREATE TABLE IF NOT EXISTS progress_arrays (
 );
 """
 DIGEST_INDEX = "CREATE INDEX IF NOT EXISTS items_by_digest ON items (digest)"
+
+
+def blob_digest(blob: bytes) -> str:
+    """SHA-256 of a sealed set: a replayed ciphertext is recognised by it."""
+    return hashlib.sha256(blob).hexdigest()
 
 
 def row_digests(z: np.ndarray) -> list[str]:
@@ -156,9 +161,11 @@ class MKVStore:
         tags: list[str | None],
         arrays: dict[str, np.ndarray],
         progress: SlotProgress | None = None,
+        digests: list[str] | None = None,
     ) -> int:
         """Store one upload (replacing the same client's upload for that slot); returns its id.
-        ``progress``: the run's new progress, recorded in the same transaction."""
+        ``progress``: the run's new progress, recorded in the same transaction; ``digests``: what a
+        replay of each item is recognised by (default: ``row_digests`` of z, when there is one)."""
         if len(tags) != len(ids):
             raise ValueError(f"{len(ids)} ids but {len(tags)} tags")
         self.db.execute("BEGIN IMMEDIATE")
@@ -171,7 +178,8 @@ class MKVStore:
             upload_id = cur.lastrowid
             for name, array in arrays.items():
                 self.db.execute("INSERT INTO arrays VALUES (?,?,?,?,?)", (upload_id, name, *_blob(array)))
-            digests = row_digests(arrays["z"]) if "z" in arrays else [None] * len(ids)
+            if digests is None:
+                digests = row_digests(arrays["z"]) if "z" in arrays else [None] * len(ids)
             self.db.executemany(
                 "INSERT INTO items (upload_id, position, request_id, tag, digest) VALUES (?,?,?,?,?)",
                 [(upload_id, i, rid, tag, d) for i, (rid, tag, d) in enumerate(zip(ids, tags, digests))],

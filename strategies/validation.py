@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fededit_core.fedleke.bounds import shift_bound_violations, shift_limit
+from fededit_core.fedleke.sealing import blob_problem
 from fededit_core.fedleke.tags import TAG_PATTERN
 from fededit_core.memit.update import positive_semidefinite
 
@@ -100,20 +101,9 @@ def check_count(client: str, n: int, spec: FederationSpec, slot: int | None) -> 
         raise UploadError(f"client {client}: {n} edits in slot {slot}, but it declared {declared} requests there")
 
 
-def validate_mkv_upload(
-    client: str,
-    fingerprint: str,
-    ids: list[str],
-    arrays: dict,
-    spec: FederationSpec,
-    tags: list[str] | None = None,
-    slot: int | None = None,
-) -> int:
-    """An MKV upload: z and delta (n, d), keys (n, |R|, d_ff), layers (|R|,), and optionally one tag
-    (64 hex digits, or "" for none) per id. With ``slot``, the ids must be the sender's own,
-    ``<client>/<slot>/<i>`` for i = 0..n-1, with n its declared slot size. Returns n."""
-    check_fingerprint(client, fingerprint, spec)
-    _check_names(client, arrays, {"z", "delta", "keys", "layers"})
+def _check_ids(client: str, ids, tags, spec: FederationSpec, slot: int | None) -> int:
+    """Distinct non-empty ids (with ``slot``: ``<client>/<slot>/<i>`` for i = 0..n-1, n at most its
+    declared slot size) and one tag (64 hex digits, or "") per id. Returns n."""
     if not isinstance(ids, list):
         raise UploadError(f"client {client}: the upload has no list of ids")
     if tags is not None and (
@@ -129,6 +119,23 @@ def validate_mkv_upload(
         check_count(client, n, spec, slot)
         if ids != [f"{client}/{slot}/{i}" for i in range(n)]:
             raise UploadError(f"client {client}: the ids of slot {slot} must be {client}/{slot}/0, /1, ... in order")
+    return n
+
+
+def validate_mkv_upload(
+    client: str,
+    fingerprint: str,
+    ids: list[str],
+    arrays: dict,
+    spec: FederationSpec,
+    tags: list[str] | None = None,
+    slot: int | None = None,
+) -> int:
+    """An MKV upload: z and delta (n, d), keys (n, |R|, d_ff), layers (|R|,), and optionally one tag
+    per id (``_check_ids``); delta within the federation's shift bound. Returns n."""
+    check_fingerprint(client, fingerprint, spec)
+    _check_names(client, arrays, {"z", "delta", "keys", "layers"})
+    n = _check_ids(client, ids, tags, spec, slot)
     check_layers(client, arrays["layers"], spec)
     _check_array(client, "z", arrays["z"], (n, spec.d_model))
     _check_array(client, "delta", arrays["delta"], (n, spec.d_model))
@@ -142,6 +149,24 @@ def validate_mkv_upload(
                 "|z - delta| (fedleke/bounds.py)"
             )
     return n
+
+
+def validate_sealed_upload(
+    client: str, fingerprint: str, ids: list[str], arrays: dict, spec: FederationSpec, tags=None, slot: int = 0
+) -> bytes:
+    """A sealed MKV upload (``fedleke/sealing.py``): one byte array ``sealed`` whose length is that of
+    n sealed MKVs of the federation's shapes and that starts with the format's magic, plus the ids
+    and tags of ``_check_ids``. What the blob holds only the members can check. Returns the blob."""
+    check_fingerprint(client, fingerprint, spec)
+    _check_names(client, arrays, {"sealed"})
+    n = _check_ids(client, ids, tags, spec, slot)
+    blob = arrays["sealed"]
+    if not isinstance(blob, np.ndarray) or blob.dtype != np.uint8 or blob.ndim != 1:
+        raise UploadError(f"client {client}: a sealed set is one 1-D array of bytes")
+    problem = blob_problem(blob.tobytes(), n, spec.d_model, spec.d_ff, len(spec.layers))
+    if problem:
+        raise UploadError(f"client {client}: {problem}")
+    return blob.tobytes()
 
 
 def validate_delta_upload(client: str, fingerprint: str, arrays: dict, spec: FederationSpec, layers=None) -> None:

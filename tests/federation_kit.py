@@ -65,7 +65,8 @@ def tiny_world(root: Path) -> dict:
 # The tiny model's target NLLs (~36 nats) move by several nats under any update, so the rollback
 # check (a SmolLM2-scale margin) is off here, and so is the check of reused z (its optimisation
 # stops far below SmolLM2's probabilities): these tests check the protocol, tests/test_defences.py
-# and tests/test_participant.py the defences.
+# and tests/test_participant.py the defences. The clients may upload plaintext MKVs (the runs of
+# ``seal_mkvs=False``); tests/test_sealed_federation.py checks that a client refuses to by default.
 def client_specs(
     world: dict, root: Path, run: str, n_clients: int = 2, num_slots: int = 2, data: str | None = None, **overrides
 ) -> dict[str, ClientSpec]:
@@ -80,9 +81,14 @@ def client_specs(
             count=n_clients,
             num_slots=num_slots,
             state_dir=str(root / "state"),
-            secret_file=str(root / "secret"),
             oracle=True,
-            **{"rollback_margin": None, "reuse_min_prob": 0.0, **overrides},
+            **{
+                "secret_file": str(root / "secret"),
+                "rollback_margin": None,
+                "reuse_min_prob": 0.0,
+                "allow_plaintext_mkvs": True,
+                **overrides,
+            },
         )
         for i in range(n_clients)
     }

@@ -93,7 +93,7 @@ class ReplayGrid(FuzzGrid):
 def test_a_replayed_set_is_rejected(tmp_path):
     flower_identity()
     grid = ReplayGrid()
-    settings = RunSettings(run="replay", num_slots=2, centralised=False, output_dir=str(tmp_path))
+    settings = RunSettings(run="replay", num_slots=2, centralised=False, output_dir=str(tmp_path), seal_mkvs=False)
     names = discover(grid, 2, 0, None)
     report = run_federation(
         FlowerTransport(grid, names, None, limits=LIMITS), list(names), settings, {}, progress=False
@@ -193,7 +193,9 @@ def test_the_poisoning_benchmarks_attacker_gets_its_crafted_set_stored_and_kept(
     data = write_jsonl(tmp_path / "four.jsonl", [{**r, "client": f"client-{i % 4}"} for i, r in enumerate(records)])
     specs = client_specs(world, tmp_path, "poison", n_clients=4, data=str(data))
     transport = Attacker(DirectTransport(specs))
-    settings = RunSettings(run="poison", num_slots=2, centralised=False, output_dir=str(tmp_path / "runs"))
+    settings = RunSettings(
+        run="poison", num_slots=2, centralised=False, output_dir=str(tmp_path / "runs"), seal_mkvs=False
+    )
     report = run_federation(transport, list(specs), settings, {}, progress=False)
     assert [c["failed"] for c in report["clients"]] == [None] * 4
     served = {sender: len(rows) for sender, rows in transport.served.items()}

@@ -10,7 +10,7 @@ import torch
 from fededit_core.data.partition import load_partitions
 from fededit_core.memit.target import ZResult
 from strategies.federation import run_federation
-from strategies.session import FederationError, Reply, SecureSum
+from strategies.session import FederationError, Reply
 from strategies.settings import RunSettings
 from strategies.store import MKVStore
 from tests.federation_kit import DirectTransport, client_specs, request_record, tiny_world, write_jsonl
@@ -40,22 +40,31 @@ def run(world, tmp_path, strategy, run="r", transport=None, specs=None, **settin
     return report, transport
 
 
-def test_fededit_stores_exactly_the_uploads_and_serves_only_the_others(world, tmp_path):
-    report, transport = run(world, tmp_path, "fededit")
+@pytest.mark.parametrize("seal", [True, False], ids=["sealed", "plaintext"])
+def test_fededit_stores_exactly_the_uploads_and_serves_only_the_others(world, tmp_path, seal):
+    report, transport = run(world, tmp_path, "fededit", seal_mkvs=seal)
     store = MKVStore(tmp_path / "store.sqlite")
     uploads = store.uploads("r")
     assert store.count("r") == 8 and len(uploads) == 4  # 2 clients x 2 slots, 2 requests each
     edits = {(c, ins.args["slot"]): reply for c, ins, reply in transport.log if ins.op == "edit"}
+    names = ("sealed",) if seal else ("z", "delta", "keys")
     for upload in uploads:  # byte for byte what the client sent, under its name and slot
         sent = edits[(upload.client, upload.slot)]
         assert upload.ids == sent.body["ids"] and all(
             i.startswith(f"{upload.client}/{upload.slot}/") for i in upload.ids
         )
-        for name in ("z", "delta", "keys"):
+        assert set(upload.arrays) == set(sent.arrays) - {"layers"} | ({"layers"} if not seal else set())
+        for name in names:
             np.testing.assert_array_equal(upload.arrays[name], sent.arrays[name])
     served = [(c, ins) for c, ins, _ in transport.log if ins.op == "reedit"]
     assert len(served) == 4
     for client, ins in served:
+        if seal:  # the other client's blob of this slot, as it was uploaded
+            (source,) = ins.args["sources"]
+            assert source["sender"] != client and not ins.args["ids"]
+            blob = edits[(source["sender"], source["slot"])].arrays["sealed"]
+            np.testing.assert_array_equal(ins.arrays["sealed.0"], blob)
+            continue
         assert ins.args["ids"] and client not in ins.args["senders"]
         assert not any(i.startswith(client + "/") for i in ins.args["ids"])
         assert len(ins.arrays["z"]) == len(ins.args["ids"])
@@ -75,7 +84,8 @@ def test_the_reedit_gate_keeps_nothing_at_alpha_one_and_everything_without_gate(
     assert ungated["strategy"] == "fededit-noreedit"
 
 
-def test_a_request_computed_before_is_reused_not_optimised(world, tmp_path):
+@pytest.mark.parametrize("seal", [True, False], ids=["sealed", "plaintext"])
+def test_a_request_computed_before_is_reused_not_optimised(world, tmp_path, seal):
     records = [
         request_record(i, s, f"client-{i % 2}")
         for i, s in enumerate(["Eiffel Tower", "Colosseum", "Big Ben", "Louvre"])
@@ -83,13 +93,22 @@ def test_a_request_computed_before_is_reused_not_optimised(world, tmp_path):
     records[3] = {**records[0], "case_id": "again", "client": "client-1"}  # client-1, slot 1 = client-0, slot 0
     data = write_jsonl(tmp_path / "repeat.jsonl", records)
     specs = client_specs(world, tmp_path, "reuse", data=str(data))
-    report, transport = run(world, tmp_path, "fededit", run="reuse", specs=specs)
+    report, transport = run(world, tmp_path, "fededit", run="reuse", specs=specs, seal_mkvs=seal)
     c1 = next(c for c in report["clients"] if c["client"] == "client-1")
     assert c1["reused"] == 1 and c1["optimised"] == 1
     assert report["server"]["z_served_for_reuse"] == 1
     first = next(r for c, i, r in transport.log if i.op == "edit" and c == "client-0" and i.args["slot"] == 0)
     again = next(r for c, i, r in transport.log if i.op == "edit" and c == "client-1" and i.args["slot"] == 1)
-    np.testing.assert_array_equal(again.arrays["z"][0], first.arrays["z"][0])
+    own = transport.worker.participant(specs["client-1"]).own
+    np.testing.assert_array_equal(
+        own.z[own.ids.index("client-1/1/0")], transport.worker.participant(specs["client-0"]).own.z[0]
+    )
+    if seal:  # served as client-0's blob of slot 0 and its row 0
+        asked = next(i for c, i, _ in transport.log if i.op == "edit" and c == "client-1" and i.args["slot"] == 1)
+        assert asked.args["sources"] == [{"sender": "client-0", "slot": 0, "n": 1}] and asked.args["reuse_row"] == [0]
+        np.testing.assert_array_equal(asked.arrays["sealed.0"], first.arrays["sealed"])
+    else:
+        np.testing.assert_array_equal(again.arrays["z"][0], first.arrays["z"][0])
     assert again.body["tags"][0] == first.body["tags"][0]
 
 
@@ -116,20 +135,11 @@ def test_collabedit_equals_one_global_memit_edit(world, tmp_path):
             assert (layers[layer] - weight).norm() <= 1e-3 * shift
 
 
-class SummingTransport(DirectTransport):
-    """``secure_sum`` by plain addition of what the clients return: the strategy's secure path
-    (sealed statistics, one scale, the sum rescaled) without Flower's SecAgg+."""
-
-    def secure_sum(self, instructions, names):
-        replies = self(instructions)
-        return SecureSum({n: sum(r.arrays[n] for r in replies.values()) for n in names}, list(replies))
-
-
 def test_collabedit_secure_path_sends_no_statistics_and_edits_as_the_plain_one(world, tmp_path):
     layers = {}
-    for secure, transport_type in ((False, DirectTransport), (True, SummingTransport)):
+    for secure in (False, True):  # DirectTransport's secure_sum adds the clients' arrays (bench/inprocess.py)
         specs = client_specs(world, tmp_path, f"collab-{secure}", num_slots=1)
-        transport = transport_type(specs)
+        transport = DirectTransport(specs)
         settings = RunSettings(
             run=f"collab-{secure}",
             strategy="collabedit",
@@ -141,8 +151,8 @@ def test_collabedit_secure_path_sends_no_statistics_and_edits_as_the_plain_one(w
         layers[secure] = {name: transport.worker.participant(spec).layers for name, spec in specs.items()}
     stats_replies = [r for _, i, r in transport.log if i.op == "collab" and i.args.get("stats") is not None]
     assert stats_replies and all(not r.arrays and r.body["max_abs"] > 0 for r in stats_replies)
-    masked = [r for _, i, r in transport.log if i.op == "collab_masked"]
-    assert masked and all(np.abs(r.arrays["kk"]).max() <= 8.0 for r in masked)  # within SecAgg+'s clip
+    assert not [i for _, i, _ in transport.log if i.op == "collab_masked"]  # the server sees no client's
+    assert transport.sums and all(np.abs(s["kk"]).max() <= 2 * 8.0 for _, s in transport.sums)  # each in the clip
     base = transport.worker.editor(specs["client-0"]).base_weights
     for name in layers[True]:
         for layer, weight in layers[False][name].items():
@@ -155,7 +165,17 @@ def test_secure_aggregation_needs_collabedit_and_a_transport_that_offers_it(worl
     with pytest.raises(FederationError, match="offered for collabedit only"):
         RunSettings(run="x", strategy="fededit", secure_aggregation=True)
     with pytest.raises(FederationError, match="secure aggregation needs a transport"):
-        run(world, tmp_path, "collabedit", run="nosecagg", secure_aggregation=True)
+        specs = client_specs(world, tmp_path, "nosecagg")
+        inner = DirectTransport(specs)
+        run(
+            world,
+            tmp_path,
+            "collabedit",
+            run="nosecagg",
+            specs=specs,
+            transport=inner.__call__,
+            secure_aggregation=True,
+        )
 
 
 def test_editavg_leaves_every_client_with_the_same_averaged_model(world, tmp_path):
@@ -193,7 +213,9 @@ def test_a_bad_upload_is_rejected_and_the_run_goes_on(world, tmp_path):
             replies["client-1"] = Reply("client-1", reply.body, {**reply.arrays, "z": z})
         return replies
 
-    report, _ = run(world, tmp_path, "fededit", run="bad", specs=specs, transport=corrupting, min_clients=1)
+    report, _ = run(
+        world, tmp_path, "fededit", run="bad", specs=specs, transport=corrupting, min_clients=1, seal_mkvs=False
+    )
     store = MKVStore(tmp_path / "store.sqlite")
     assert {u.client for u in store.uploads("bad")} == {"client-0"}
     failed = {c["client"]: c["failed"] for c in report["clients"]}
@@ -210,6 +232,7 @@ def test_a_bad_upload_is_rejected_and_the_run_goes_on(world, tmp_path):
             specs=client_specs(world, tmp_path / "min", "bad2"),
             transport=lambda ins: corrupting(ins),
             min_clients=2,
+            seal_mkvs=False,
         )
 
 

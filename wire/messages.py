@@ -25,8 +25,9 @@ QUERY_STEPS = ("whoami", "hello", "tags", "rejected")
 EDIT_ACTION = "steps"
 
 ARRAY_NAME = re.compile(r"^[A-Za-z0-9_.]{1,64}$")
-# dtypes a fededit array may have: floats for vectors and statistics, int64 for layer lists
-ARRAY_DTYPES = ("<f2", "<f4", "<f8", "<i8")
+# dtypes a fededit array may have: floats for vectors and statistics, int64 for layer lists, bytes
+# for sealed MKV sets
+ARRAY_DTYPES = ("<f2", "<f4", "<f8", "<i8", "|u1")
 NPY_MAGIC = b"\x93NUMPY"
 
 
@@ -138,7 +139,7 @@ def _npy_header(data: bytes) -> tuple[str, bool, tuple, int]:
 
 
 def decode_array(name: str, array, limits: Limits) -> np.ndarray:
-    """One array: a little-endian float or int64 ``.npy`` whose declared size matches its bytes."""
+    """One array: a little-endian float, int64 or byte ``.npy`` whose declared size matches its bytes."""
     if not isinstance(array, Array) or not isinstance(array.data, bytes):
         raise MessageError(f"array {name!r} is not a Flower Array of bytes")
     if array.stype != "numpy.ndarray":

@@ -119,6 +119,7 @@ def run_once(root: Path, name: str, attack: str | None, defended: bool, worker: 
         centralised=False,
         output_dir=str(root / "runs"),
         rollback_margin=RunSettings().rollback_margin if defended else -1.0,
+        seal_mkvs=False,  # the attacker is a member: it could open sealed sets too; plaintext is simpler to craft
     )
     off = {} if defended else {"reuse_min_prob": 0.0}
     specs = {

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from bench.fuzz.harness import LIMITS, flower_identity, tally
 from bench.fuzz.mutations import bad_array, replace_in, wire_mutation
+from fededit_core.fedleke.sealing import sealed_length
 from wire.messages import pack, unpack
 
 # --------------------------------------------------------------------------- the client's door
@@ -25,7 +26,7 @@ def _instruction(op: str) -> tuple[dict, dict]:
     return {
         "hello": ({}, {}),
         "tags": ({"slot": 0}, {}),
-        "edit": ({"slot": 0, "reuse_tags": []}, {}),
+        "edit": ({"slot": 0, "reuse_tags": [], "seal": True}, {}),
         "reedit": ({"alpha": 0.5, "gate": True, "vector": "delta", "ids": [], "senders": []}, {}),
         "editavg_update": ({"slot": 0}, {}),
         "editavg_apply": ({"slot": 0}, {}),
@@ -38,6 +39,16 @@ def _instruction(op: str) -> tuple[dict, dict]:
 def _client_field_mutation(op: str, args: dict, d_model: int, d_ff: int, layers: tuple, rng: random.Random):
     """(kind, args, arrays): invalid arguments or arrays for ``op``."""
     n = len(layers)
+
+    def source(sender: str = "c-1", count: int = 2) -> dict:
+        return {"sender": sender, "slot": 0, "n": count}
+
+    def blob(count: int) -> np.ndarray:  # the length of a sealed set of ``count`` MKVs
+        return np.zeros(sealed_length(count, d_model, d_ff, n), np.uint8)
+
+    def reuse(j: int = 0, row: int = 0) -> dict:
+        return {**args, "reuse_tags": ["a" * 64], "sources": [source()], "reuse_source": [j], "reuse_row": [row]}
+
     choices = [
         ("unknown_op", lambda: ({"op": rng.choice(["format_disk", "", "__init__", "op_hello"])}, {})),
         ("extra", lambda: ({**args, "unexpected": 1}, {})),
@@ -70,6 +81,12 @@ def _client_field_mutation(op: str, args: dict, d_model: int, d_ff: int, layers:
             ("bad_array", lambda: (base, {**good, "z": bad_array("z", good["z"], rng)})),
             ("bad_layers", lambda: (base, {**good, "layers": np.asarray(layers[::-1] + (99,), np.int64)})),
             ("missing_array", lambda: (base, {k: v for k, v in good.items() if k != "keys"})),
+            ("sealed_own", lambda: ({**args, "sources": [source("client-0")]}, {"sealed.0": blob(2)})),
+            ("sealed_twice", lambda: ({**args, "sources": [source()] * 2}, {"sealed.0": blob(2), "sealed.1": blob(2)})),
+            ("sealed_length", lambda: ({**args, "sources": [source()]}, {"sealed.0": blob(2)[:-1]})),
+            ("sealed_dtype", lambda: ({**args, "sources": [source()]}, {"sealed.0": blob(2).astype(np.float32)})),
+            ("sealed_missing", lambda: ({**args, "sources": [source()]}, {})),
+            ("sealed_and_plain", lambda: ({**base, "sources": [source()]}, {**good, "sealed.0": blob(2)})),
         ]
     if op == "edit":
         tag = "a" * 64
@@ -90,6 +107,9 @@ def _client_field_mutation(op: str, args: dict, d_model: int, d_ff: int, layers:
                 lambda: ({**args, "reuse_tags": [tag + "\n"]}, {"reuse_z": np.zeros((1, d_model), np.float32)}),
             ),
             ("upload", lambda: ({**args, "upload": "no"}, {})),
+            ("reuse_row", lambda: (reuse(row=5), {"sealed.0": blob(2)})),
+            ("reuse_source", lambda: (reuse(j=1), {"sealed.0": blob(2)})),
+            ("reuse_rows_length", lambda: ({**reuse(), "reuse_row": []}, {"sealed.0": blob(2)})),
         ]
     if op == "editavg_apply":
         good = {f"delta.{l}": np.zeros((d_model, d_ff), np.float32) for l in layers}

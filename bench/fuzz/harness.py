@@ -7,6 +7,7 @@ import hashlib
 import numpy as np
 from flwr.supercore.task_identity import TaskIdentity
 
+from fededit_core.fedleke.sealing import MAGIC, key_id, key_proof, sealed_length
 from wire.messages import Limits
 
 SERVER_STEPS = (
@@ -27,6 +28,7 @@ TARGET = "c-0"
 D_MODEL, D_FF, LAYERS, SLOTS, PER_SLOT = 8, 16, (1, 2), 2, 2
 FINGERPRINT = "fuzz-model-fingerprint"
 LIMITS = Limits(max_message_bytes=1 << 20)
+SECRET = b"the fuzz federation's secret"  # the scripted clients' shared secret (the server never sees it)
 WRONG_VALUES = ("x", True, 1.5, -1, 10**18, [], {}, None, [[1]], {"a": {"b": 1}}, "\ud800", "a" * 3000)
 
 
@@ -70,6 +72,8 @@ def honest_reply(client: str, step: dict, arrays: dict, rng: np.random.Generator
             "next_slot": 0,
             "kind": "counterfact",
             "reuse": True,
+            "key_id": key_id(SECRET),
+            "key_proof": key_proof(SECRET, "fuzz", step["nonce"]),
         }, {}
     if op == "tags":
         return {"tags": [_tag(client, step["slot"], i) for i in range(PER_SLOT)]}, {}
@@ -77,12 +81,16 @@ def honest_reply(client: str, step: dict, arrays: dict, rng: np.random.Generator
         if not step.get("upload", True):
             return {"report": report}, {}
         n, slot = PER_SLOT, step["slot"]
-        return {
+        body = {
             "ids": [f"{client}/{slot}/{i}" for i in range(n)],
             "tags": [_tag(client, slot, i) for i in range(n)],
             "report": report,
             "fingerprint": FINGERPRINT,
-        }, {
+        }
+        if step.get("seal"):  # random bytes of a sealed set's length: the server cannot tell them apart
+            size = sealed_length(n, D_MODEL, D_FF, len(LAYERS)) - len(MAGIC)
+            return body, {"sealed": np.frombuffer(MAGIC + rng.bytes(size), dtype=np.uint8)}
+        return body, {
             "z": rng.standard_normal((n, D_MODEL)).astype(np.float32),
             "delta": rng.standard_normal((n, D_MODEL)).astype(np.float32),
             "keys": rng.standard_normal((n, len(LAYERS), D_FF)).astype(np.float32),

@@ -269,6 +269,17 @@ def _layers(client, body, arrays, rng):
     return body, arrays
 
 
+def _sealed(client, body, arrays, rng):
+    """A sealed blob of the wrong length or without the format's magic (what the server can see)."""
+    if "sealed" not in arrays:
+        return _layers(client, body, arrays, rng)
+    blob = arrays["sealed"].tobytes()
+    arrays["sealed"] = np.frombuffer(
+        rng.choice([blob[:-1], blob + b"\0", b"FEs0" + blob[4:], blob[: len(blob) // 2], b""]), dtype=np.uint8
+    )
+    return body, arrays
+
+
 def _count(client, body, arrays, rng):
     body["n"] = rng.choice([True, False, -1, 10**12, PER_SLOT + 1, 1.0, "2"])
     return body, arrays
@@ -366,6 +377,7 @@ SPECIFIC = {
         ("tags", _tags),
         ("fingerprint", _fingerprint),
         ("layers", _layers),
+        ("sealed", _sealed),
         ("report", _report),
     ],
     "reedit": [("report", _report), ("unexpected_arrays", _unexpected_arrays)],

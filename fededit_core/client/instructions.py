@@ -25,6 +25,7 @@ from pydantic import (
 
 from fededit_core.data.errors import validation_message
 from fededit_core.fedleke.reedit import VECTORS
+from fededit_core.fedleke.sealing import sealed_length
 from fededit_core.fedleke.tags import Tag
 from fededit_core.paths import SAFE_NAME, SafeName
 
@@ -59,18 +60,41 @@ class SlotStep(_Instruction):
     slot: Slot
 
 
+class SealedSource(_Instruction):
+    """A sealed set the instruction carries (array ``sealed.<j>``): its sender, slot and count."""
+
+    sender: Name
+    slot: Slot
+    n: Annotated[StrictInt, Field(ge=0, le=MAX_ITEMS)]
+
+
+Sources = Annotated[list[SealedSource], Field(max_length=1000)]
+Index = Annotated[StrictInt, Field(ge=0, le=MAX_ITEMS)]
+
+
 class Edit(_Instruction):
+    """Edit a slot. ``seal``: upload the MKVs sealed. Reuse: ``reuse_tags`` with their z either as
+    plaintext rows (array ``reuse_z``) or as rows ``reuse_row`` of the sealed sets ``reuse_source``."""
+
     slot: Slot
     reuse_tags: Annotated[list[Tag], Field(max_length=MAX_ITEMS)] = []
     upload: StrictBool = True
+    seal: StrictBool = False
+    sources: Sources = []
+    reuse_source: Annotated[list[Index], Field(max_length=MAX_ITEMS)] = []
+    reuse_row: Annotated[list[Index], Field(max_length=MAX_ITEMS)] = []
 
 
 class Reedit(_Instruction):
+    """The other clients' sets: plaintext (``ids``, ``senders`` and arrays z, delta, keys, layers)
+    or sealed (``sources`` and arrays ``sealed.<j>``)."""
+
     alpha: Annotated[Number, Field(ge=0, le=1)]
     gate: StrictBool
     vector: Literal[VECTORS]  # type: ignore[valid-type]
     ids: Annotated[list[RequestId], Field(max_length=MAX_ITEMS)]
     senders: Annotated[list[Name], Field(max_length=MAX_ITEMS)]
+    sources: Sources = []
 
 
 class Collab(_Instruction):
@@ -123,6 +147,8 @@ def parse_instruction(op: str, args: dict) -> _Instruction:
 
 def expected_arrays(op: str, args: _Instruction, d_model: int, d_ff: int, layers: tuple[int, ...]) -> dict:
     """Array name -> expected shape (None: any length) of what instruction ``op`` must carry."""
+    if op in ("edit", "reedit") and args.sources:
+        return {f"sealed.{j}": (sealed_length(s.n, d_model, d_ff, len(layers)),) for j, s in enumerate(args.sources)}
     if op == "edit":
         return {"reuse_z": (len(args.reuse_tags), d_model)}
     if op == "reedit":
@@ -150,6 +176,10 @@ def check_arrays(op: str, args: _Instruction, arrays: dict, d_model: int, d_ff: 
         if not isinstance(array, np.ndarray) or tuple(array.shape) != shape:
             got = tuple(array.shape) if isinstance(array, np.ndarray) else type(array).__name__
             raise StepError(f"array {name!r} of the {op!r} instruction has shape {got}, expected {shape}")
+        if name.startswith("sealed."):
+            if array.dtype != np.uint8:
+                raise StepError(f"array {name!r} of the {op!r} instruction has dtype {array.dtype}, expected bytes")
+            continue
         if name == "layers":
             if array.dtype.kind not in "iu" or tuple(int(x) for x in array) != tuple(layers):
                 raise StepError(f"the {op!r} instruction is for other layers than this client's {list(layers)}")
@@ -159,6 +189,27 @@ def check_arrays(op: str, args: _Instruction, arrays: dict, d_model: int, d_ff: 
         with np.errstate(over="ignore"):
             if not np.isfinite(array.astype(np.float32, copy=False)).all():
                 raise StepError(f"array {name!r} of the {op!r} instruction holds values not finite in float32")
+
+
+def check_sources(op: str, args: Edit | Reedit, own_name: str) -> None:
+    """Sealed sets named once each, a re-edit's from other clients only; an edit's reuse rows
+    inside them."""
+    seen = [(s.sender, s.slot) for s in args.sources]
+    if len(set(seen)) != len(seen):
+        raise StepError(f"the {op!r} instruction names a sealed set twice")
+    if op == "reedit":
+        if args.sources and (args.ids or args.senders):
+            raise StepError("a re-edit instruction carries sealed sets or plaintext MKVs, not both")
+        for source in args.sources:
+            if source.sender == own_name:
+                raise StepError("the re-edit instruction holds this client's own MKVs")
+        return
+    if len(args.reuse_source) != len(args.reuse_tags) or len(args.reuse_row) != len(args.reuse_tags):
+        if args.sources or args.reuse_source or args.reuse_row:
+            raise StepError("a sealed reuse names one source and one row per tag")
+    for j, row in zip(args.reuse_source, args.reuse_row):
+        if j >= len(args.sources) or row >= args.sources[j].n:
+            raise StepError("a reuse row lies outside the sealed sets of the instruction")
 
 
 def check_reedit_ids(args: Reedit, own_name: str) -> None:

@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -26,16 +27,22 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fededit_core.client.instructions import StepError, check_arrays, check_reedit_ids, parse_instruction
+from fededit_core.client.instructions import (
+    StepError,
+    check_arrays,
+    check_reedit_ids,
+    check_sources,
+    parse_instruction,
+)
 from fededit_core.client.participant import Participant, checkpoint_version
 from fededit_core.data.builtin import resolve_data
 from fededit_core.data.loaders import dataset_kind, load_requests
 from fededit_core.data.partition import load_partitions
 from fededit_core.data.slots import split_into_slots
 from fededit_core.eval.metrics import evaluate, generate_greedy
-from fededit_core.fedleke.mkv import MKVSet
+from fededit_core.fedleke.mkv import MKVError, MKVSet
 from fededit_core.fedleke.reedit import DEFAULT_REUSE_MIN_PROB, DEFAULT_ROLLBACK_MARGIN
-from fededit_core.fedleke.sealing import key_id, key_proof
+from fededit_core.fedleke.sealing import KeyRing, SealContext, SealError, key_id, key_proof, set_ids
 from fededit_core.memit.editor import MemitEditor, hparams_for, make_editor
 from fededit_core.memit.update import positive_semidefinite
 from fededit_core.model.loading import DEFAULT_MODEL
@@ -67,6 +74,12 @@ class ClientSpec(BaseModel):
     num_slots: int = 1
     state_dir: str
     secret_file: str | None = None
+    retired_secret_files: list[str] = Field(
+        default_factory=list, description="earlier federation secrets: they still open sets sealed under them"
+    )
+    allow_plaintext_mkvs: bool = Field(
+        False, description="upload MKVs unsealed when the server asks (seal-mkvs = false); off: refuse"
+    )
     rollback_margin: float | None = Field(
         DEFAULT_ROLLBACK_MARGIN,
         ge=0,
@@ -197,6 +210,8 @@ class EditWorker:
         parsed = parse_instruction(op, args)
         if op == "reedit":
             check_reedit_ids(parsed, spec.name)
+        if op in ("edit", "reedit"):
+            check_sources(op, parsed, spec.name)
         with self._lock:  # one step at a time: the model is shared
             if arrays or op in ARRAY_STEPS:
                 editor = self.editor(spec)
@@ -248,34 +263,94 @@ class EditWorker:
         participant = self.participant(spec)
         return {"tags": participant.tags_of(self._slot(args, participant))}, {}
 
+    # --- sealed MKV sets (fedleke/sealing.py) --------------------------------------------------
+    @staticmethod
+    def _keyring(spec: ClientSpec, participant: Participant) -> KeyRing:
+        if participant.secret is None:
+            raise WorkerError(
+                "the run seals MKVs (seal-mkvs), and this client holds no federation secret (secret-file)"
+            )
+        return KeyRing([participant.secret, *(read_secret(f) for f in spec.retired_secret_files)])
+
+    @staticmethod
+    def _seal_context(spec: ClientSpec, editor: MemitEditor, sender: str, slot: int, n: int) -> SealContext:
+        layers = tuple(editor.hp.layers)
+        ids = set_ids(sender, slot, n)
+        return SealContext(
+            spec.run, sender, slot, ids, layers, editor.covariance.fingerprint, editor.d_model, editor.d_ff
+        )
+
+    def _open(self, spec: ClientSpec, participant: Participant, sealed: list[tuple[dict, np.ndarray]]) -> list:
+        """Each (source, blob) opened into its MKVSet, or the reason it does not open (a str): a blob
+        that fails authentication (tampered, re-labelled, another run's) or holds non-finite values."""
+        ring, editor, opened = self._keyring(spec, participant), participant.editor, []
+        for source, blob in sealed:
+            context = self._seal_context(spec, editor, source["sender"], source["slot"], source["n"])
+            try:
+                opened.append(ring.open(blob.tobytes(), context))
+            except (SealError, MKVError) as err:
+                opened.append(f"its sealed set of slot {source['slot']} does not open ({err})")
+        return opened
+
+    # --- steps ----------------------------------------------------------------------------------
     def op_edit(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
-        """MEMIT of the slot's requests (z reused for the tags the server found); returns the MKVs."""
+        """MEMIT of the slot's requests (z reused for the tags the server found); returns the MKVs,
+        sealed for the other members when the server asks for it (``seal``)."""
         participant = self.participant(spec)
         slot = self._slot(args, participant)
+        upload, seal = args.get("upload", True), args["seal"]
+        if upload and not seal and not spec.allow_plaintext_mkvs:
+            raise WorkerError(
+                "the server asks for MKVs unsealed (seal-mkvs = false); this client uploads them sealed only "
+                "(allow-plaintext-mkvs in its node config permits it)"
+            )
         if slot < participant.next_slot:  # a repeated request (e.g. the server restarted): same answer
             mkvs, report = participant.mkvs_of(slot), participant.reports[slot]
         else:
-            reuse_tags = args["reuse_tags"]
-            reuse_z = arrays.get("reuse_z", np.zeros((0, participant.editor.d_model), np.float32))
-            reused = {tag: torch.from_numpy(np.asarray(z, dtype=np.float32)) for tag, z in zip(reuse_tags, reuse_z)}
-            mkvs, report = participant.edit_slot(slot, reused)
-        if not args.get("upload", True):  # strategy 'local': nothing leaves the client
+            mkvs, report = participant.edit_slot(slot, self._reused(spec, participant, args, arrays))
+        if not upload:  # strategy 'local': nothing leaves the client
             return {"report": asdict(report)}, {}
         tags = participant.tags_of(slot)
         refused = sorted(set(participant.refused_reuse) & {t for t in tags if t})
-        return (
-            {
-                "ids": mkvs.ids,
-                "tags": [t or "" for t in tags],
-                "refused_reuse": refused,
-                "report": asdict(report),
-                "fingerprint": participant.editor.covariance.fingerprint,
-            },
-            mkvs.to_arrays(),
+        body = {
+            "ids": mkvs.ids,
+            "tags": [t or "" for t in tags],
+            "refused_reuse": refused,
+            "report": asdict(report),
+            "fingerprint": participant.editor.covariance.fingerprint,
+        }
+        if not seal:
+            return body, mkvs.to_arrays()
+        started = time.perf_counter()
+        blob = self._keyring(spec, participant).seal(
+            mkvs, self._seal_context(spec, participant.editor, spec.name, slot, len(mkvs))
         )
+        report.seconds["seal"] = time.perf_counter() - started
+        body["report"] = asdict(report)
+        return body, {"sealed": np.frombuffer(blob, dtype=np.uint8)}
+
+    def _reused(self, spec: ClientSpec, participant: Participant, args: dict, arrays: dict) -> dict:
+        """Tag -> served z: plaintext rows, or rows of the sealed sets (a set that does not open
+        gives nothing, and its tags are reported as refused)."""
+        tags = args["reuse_tags"]
+        if not args["sources"]:
+            reuse_z = arrays.get("reuse_z", np.zeros((0, participant.editor.d_model), np.float32))
+            return {tag: torch.from_numpy(np.asarray(z, dtype=np.float32)) for tag, z in zip(tags, reuse_z)}
+        sources = args["sources"]
+        opened = self._open(spec, participant, [(s, arrays[f"sealed.{j}"]) for j, s in enumerate(sources)])
+        reused = {}
+        for tag, j, row in zip(tags, args["reuse_source"], args["reuse_row"]):
+            if isinstance(opened[j], MKVSet):
+                reused[tag] = opened[j].z[row]
+            else:
+                log.error("%s: a z served for reuse from %s: %s", spec.name, sources[j]["sender"], opened[j])
+                participant.refused_reuse.append(tag)
+        return reused
 
     def op_reedit(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
-        """FedEdit's re-edit of the sets other clients uploaded (grouped by sender, Eq. 8 per set)."""
+        """FedEdit's re-edit of the sets other clients uploaded (one set per sender, Eq. 8 per set).
+        A sealed set that does not open, or that belongs to another slot than the one just edited
+        (a replay), is refused and its sender reported; nothing of it is applied."""
         participant = self.participant(spec)
         ids, senders = args["ids"], args["senders"]
         received: list[MKVSet] = []
@@ -284,12 +359,43 @@ class EditWorker:
             merged.validate(participant.editor.d_model, participant.editor.d_ff, tuple(participant.editor.hp.layers))
             for sender in dict.fromkeys(senders):
                 received.append(merged.select([i for i, s in enumerate(senders) if s == sender]))
-        gate = args["gate"] if spec.reedit_gate == "server" else spec.reedit_gate == "on"
         known = set(participant.suspects)
+        if args["sources"]:
+            self._open_for_reedit(spec, participant, args["sources"], arrays, received)
+        gate = args["gate"] if spec.reedit_gate == "server" else spec.reedit_gate == "on"
         report = participant.reedit(
             received, args["alpha"], gate=gate, vector=args["vector"], margin=spec.rollback_margin
         )
         return {"report": asdict(report), "suspects": sorted(set(participant.suspects) - known)}, {}
+
+    def _open_for_reedit(
+        self, spec: ClientSpec, participant: Participant, sources: list[dict], arrays: dict, received: list
+    ) -> None:
+        """Open the sealed sets of a re-edit into ``received``; a set of another slot than the one
+        just edited (a replay) or one that does not open is refused: its sender becomes a suspect."""
+        started, slot = time.perf_counter(), participant.next_slot - 1
+        refused: dict[str, str] = {}
+        current = []
+        for j, source in enumerate(sources):
+            if source["slot"] == slot:
+                current.append((source, arrays[f"sealed.{j}"]))
+            else:
+                refused[source["sender"]] = (
+                    f"its set of slot {source['slot']} was served again in slot {slot} (a replay)"
+                )
+        for (source, _), mkvs in zip(current, self._open(spec, participant, current)):
+            if isinstance(mkvs, MKVSet):
+                received.append(mkvs)
+            else:
+                refused[source["sender"]] = mkvs
+        for sender, why in refused.items():
+            log.error("%s refuses the set of %s: %s", spec.name, sender, why)
+            participant.suspects[sender] = why
+        if participant.reports:  # checkpointed with the re-edit that follows
+            report = participant.reports[-1]
+            report.seconds["open"] = report.seconds.get("open", 0.0) + time.perf_counter() - started
+            report.refused_sets += len(refused)
+            report.received_sets += len(refused)
 
     def op_editavg_update(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
         participant = self.participant(spec)

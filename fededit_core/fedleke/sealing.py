@@ -64,6 +64,22 @@ def sealed_length(n: int, d_model: int, d_ff: int, n_layers: int) -> int:
     return HEADER + 4 * n * (2 * d_model + n_layers * d_ff) + TAG_BYTES
 
 
+def blob_problem(blob: bytes, n: int, d_model: int, d_ff: int, n_layers: int) -> str | None:
+    """What is visibly wrong with a sealed set of ``n`` MKVs (its length, its magic), or None: all
+    that a party without the secret (the server) can check."""
+    expected = sealed_length(n, d_model, d_ff, n_layers)
+    if len(blob) != expected:
+        return f"a sealed set of {n} MKVs is {expected} bytes, this one {len(blob)}"
+    if blob[: len(MAGIC)] != MAGIC:
+        return "not a sealed MKV set (its first bytes are not the format's magic)"
+    return None
+
+
+def set_ids(sender: str, slot: int, n: int) -> tuple[str, ...]:
+    """The ids of a sender's set of ``n`` MKVs in ``slot`` (the only ids the server stores for it)."""
+    return tuple(f"{sender}/{slot}/{i}" for i in range(n))
+
+
 @dataclass(frozen=True)
 class SealContext:
     """What a blob is bound to (its associated data): all of it known to sender and receiver."""
@@ -106,10 +122,9 @@ class KeyRing:
     def open(self, blob: bytes, context: SealContext) -> MKVSet:
         """The set sealed in ``blob`` for ``context``, or SealError."""
         n, d, d_ff, layers = len(context.ids), context.d_model, context.d_ff, len(context.layers)
-        if len(blob) != sealed_length(n, d, d_ff, layers):
-            raise SealError(f"a sealed set of {n} MKVs must be {sealed_length(n, d, d_ff, layers)} bytes")
-        if blob[: len(MAGIC)] != MAGIC:
-            raise SealError("not a sealed MKV set")
+        problem = blob_problem(blob, n, d, d_ff, layers)
+        if problem:
+            raise SealError(problem)
         kid = blob[len(MAGIC) : len(MAGIC) + KEY_ID_BYTES].hex()
         if kid not in self.keys:
             raise SealError(f"sealed under key {kid}, which this client does not hold")
