@@ -37,43 +37,62 @@ def settings(tmp_path: Path, run: str, **extra) -> RunSettings:
     )
 
 
-def uploaded_vectors(transport, specs) -> np.ndarray:
-    """Every vector the clients uploaded (z, delta and the key of every layer), one per row, unit norm."""
+def uploaded_rows(transport, specs) -> list[torch.Tensor]:
+    """Every vector the clients uploaded (z, delta and the key of every layer), one per row."""
     rows = []
     for spec in specs.values():
         own = transport.worker.participant(spec).own
         rows += [own.z, own.delta] + [own.keys[:, j] for j in range(own.keys.shape[1])]
+    return rows
+
+
+def uploaded_vectors(rows: list[torch.Tensor]) -> np.ndarray:
+    """The uploaded vectors zero-padded to one length, unit norm."""
     d = max(r.shape[1] for r in rows)
     padded = torch.cat([torch.nn.functional.pad(r, (0, d - r.shape[1])) for r in rows]).double().numpy()
     return padded / np.linalg.norm(padded, axis=1, keepdims=True)
 
 
 def as_float_rows(array: np.ndarray, d: int) -> np.ndarray:
-    """An array as rows of length ``d`` to compare with the uploads: float arrays by their last axis
-    (and padded), byte blobs read as float32 at every offset (what a curious server would try)."""
-    if array.dtype == np.uint8:
-        out = []
-        for offset in range(4):
-            raw = array[offset:]
-            values = np.frombuffer(raw[: len(raw) // 4 * 4].tobytes(), dtype="<f4").astype(np.float64)
-            values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-            out.append(values[: len(values) // d * d].reshape(-1, d))
-        return np.concatenate(out)
+    """A float array as rows of length ``d`` to compare with the uploads: by its last axis, padded."""
     if array.dtype.kind != "f" or array.size == 0:
         return np.zeros((0, d))
     rows = array.reshape(-1, array.shape[-1]).astype(np.float64)
     return np.pad(rows, ((0, 0), (0, max(0, d - rows.shape[1]))))[:, :d]
 
 
-def max_cosine(arrays: list[np.ndarray], uploads: np.ndarray) -> float:
+def byte_rows(blob: np.ndarray, d: int) -> np.ndarray:
+    """A byte blob read as float32 rows of length ``d`` at every offset (what a curious server would
+    try). Random bytes read so have one huge entry per row, so their cosine to a vector is its largest
+    coordinate by chance: only a near-exact match (a vector written in the clear) means anything."""
+    out = []
+    for offset in range(4):
+        raw = blob[offset:]
+        values = np.frombuffer(raw[: len(raw) // 4 * 4].tobytes(), dtype="<f4").astype(np.float64)
+        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        out.append(values[: len(values) // d * d].reshape(-1, d))
+    return np.concatenate(out)
+
+
+def max_cosine(arrays: list[np.ndarray], uploads: np.ndarray, bytes_too: bool = False) -> float:
+    """The largest |cosine| of a row of ``arrays`` to an upload: float arrays, or (``bytes_too``)
+    the byte blobs read as float32."""
     best = 0.0
     for array in arrays:
-        rows = as_float_rows(array, uploads.shape[1])
+        if (array.dtype == np.uint8) != bytes_too:
+            continue
+        rows = byte_rows(array, uploads.shape[1]) if bytes_too else as_float_rows(array, uploads.shape[1])
         norms = np.linalg.norm(rows, axis=1)
         rows = rows[norms > 0] / norms[norms > 0, None]
         if len(rows):
             best = max(best, float(np.abs(rows @ uploads.T).max()))
     return best
+
+
+def written_in_clear(arrays: list[np.ndarray], uploads_fp32: list[bytes]) -> bool:
+    """Whether the float32 bytes of any uploaded vector occur in a byte blob."""
+    blobs = [a.tobytes() for a in arrays if a.dtype == np.uint8]
+    return any(v in blob for v in uploads_fp32 for blob in blobs)
 
 
 def everything_seen(transport, store_path: Path) -> list[np.ndarray]:
@@ -91,11 +110,16 @@ def test_a_sealed_run_shows_the_server_no_vector_of_any_upload(world, tmp_path, 
     transport = DirectTransport(specs)
     report = run_federation(transport, list(specs), settings(tmp_path, "r", seal_mkvs=seal), {}, progress=False)
     assert [c["applied"] for c in report["clients"]] == [4, 4]  # alpha 0: every set re-edited either way
-    closest = max_cosine(everything_seen(transport, tmp_path / "store.sqlite"), uploaded_vectors(transport, specs))
+    seen, rows = everything_seen(transport, tmp_path / "store.sqlite"), uploaded_rows(transport, specs)
+    uploads = uploaded_vectors(rows)
+    closest, closest_in_bytes = max_cosine(seen, uploads), max_cosine(seen, uploads, bytes_too=True)
+    in_clear = written_in_clear(seen, [v.float().numpy().astype("<f4").tobytes() for r in rows for v in r])
     if seal:
-        assert closest < 0.5
-    else:  # the same check finds the plaintext uploads (the check can fail)
-        assert closest > 0.999
+        assert closest < 0.5 and closest_in_bytes < 0.99 and not in_clear
+    else:  # the same checks find the plaintext uploads, also when given as bytes (the checks can fail)
+        as_bytes = [np.frombuffer(a.astype("<f4").tobytes(), np.uint8) for a in seen if a.dtype.kind == "f"]
+        assert closest > 0.999 and max_cosine(as_bytes, uploads, bytes_too=True) > 0.999
+        assert written_in_clear(as_bytes, [v.float().numpy().astype("<f4").tobytes() for r in rows for v in r])
 
 
 class Meddling(DirectTransport):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def workload(data: str, n: int, pool_file: str, pool_size: int, seed: int):
 def run_one(name: str, parts: dict, work: Path, worker: EditWorker, model: str, hparams: dict, kind: str):
     strategy, seal, secure = RUNS[name]
     folder = work / name.replace("/", "-")
+    shutil.rmtree(folder, ignore_errors=True)  # an interrupted run starts over
     data = write_workload(parts, folder / "data.jsonl", kind)
     specs = {
         c: ClientSpec(
@@ -221,7 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=str(cache_dir("bench") / "privacy"), help="runs and the z cache")
-    p.add_argument("--json", required=True)
+    p.add_argument("--json", required=True, help="written after every run; a rerun keeps its finished runs")
+    p.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="the runs to do")
+    p.add_argument("--fresh", action="store_true", help="redo runs already in --json")
     args = p.parse_args(argv)
 
     kind = dataset_kind(Path(args.data))
@@ -230,9 +234,17 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     worker = EditWorker(z_cache=BaseZCache(work / "zcache"))
     out: dict = {"n": args.n, "pool": len(subjects), "objects": len(object_list), "runs": {}}
+    out["workload"] = {
+        "data": Path(args.data).name,
+        "pool": Path(args.pool).name,
+        "seed": args.seed,
+        "model": args.model,
+    }
+    out = earlier_runs(Path(args.json), out) if not args.fresh else out
     attacker = None
     objects = {o: i for i, o in enumerate(object_list)}
-    for name in tqdm(RUNS, desc="privacy runs"):
+    todo = [name for name in args.runs if name not in out["runs"]]
+    for name in tqdm(todo, desc="privacy runs"):
         report, transport, store, seconds = run_one(name, parts, work, worker, args.model, {}, kind)
         spec = next(iter(transport.specs.values()))
         editor = worker.editor(spec)
@@ -249,15 +261,34 @@ def main(argv: list[str] | None = None) -> dict:
         if name.startswith("fededit"):
             result["sealing"] = sealing_share(report, seconds)
         out["runs"][name] = result
-        strategy, _, path = name.partition("/")
-        if path:
-            out.setdefault(strategy, {})[path] = result
+        print(name, json.dumps(result))
+        write(Path(args.json), out)
+    write(Path(args.json), out)
+    return out
+
+
+def earlier_runs(path: Path, out: dict) -> dict:
+    """``out`` with the finished runs of an earlier ``--json`` on the same workload."""
+    if not path.exists():
+        return out
+    earlier = json.loads(path.read_text())
+    if any(earlier.get(k) != out[k] for k in ("n", "pool", "objects", "workload")):
+        raise SystemExit(f"{path} holds runs of another workload; pass --fresh or another --json")
+    return {**out, "runs": dict(earlier.get("runs", {}))}
+
+
+def write(path: Path, out: dict) -> None:
+    """The runs so far, also keyed as the issue's checks read them: strategy, then path."""
+    for name, result in out["runs"].items():
+        strategy, _, variant = name.partition("/")
+        if variant:
+            out.setdefault(strategy, {})[variant] = result
         else:
             out[name] = result
-        print(name, json.dumps(result))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-    return out
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
