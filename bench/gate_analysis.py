@@ -1,19 +1,22 @@
-"""How FedEdit's re-edit condition (Eq. 8) behaves on a benchmark workload, for a grid of α.
+"""How FedEdit's re-edit conditions (fedleke/reedit.py) select on a benchmark workload, over α.
 
 For the main CounterFact workload of a preset (same requests, partition and slots as the benchmark),
 it replays what the server serves: after the edits of slot t every client receives each other
-client's slot-t set and compares it with all of its own vectors so far (slots 0..t). With the z cached by the benchmark on the
-base model, it reports, for α in a grid and for both vectors (z and δ = z − h_L(base)), how many
-sets are kept, split by whether the sender's set shares a relation group with the receiver's own
-requests ("related") or not.
+client's slot-t MKVs. With the z cached by the benchmark on the base model it decides, for every
+rule (``paper``: per incoming vector against this slot's own; ``set``: a sender's whole set against
+all own so far), both vectors (z and δ = z − h_L(base)) and α in a grid, which MKVs each receiver
+keeps, and splits them by whether the MKV's relation group is among the receiver's own requests'
+groups so far ("related") or not: precision = related kept / kept, recall = related kept / related
+offered. No editing: cheap once the z are cached.
 
-    python -m bench.gate_analysis [--quick] --json results/bench/gate_analysis.json
+    python -m bench.gate_analysis [--quick] --json results/bench/gate_analysis.json [--plot PNG]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -21,7 +24,7 @@ import torch
 from bench.zcache import BaseZCache
 from fededit_core.data.grouping import template_groups
 from fededit_core.data.slots import split_into_slots
-from fededit_core.fedleke.reedit import best_match_similarity
+from fededit_core.fedleke.reedit import kept_rows
 from fededit_core.memit.editor import make_editor
 from fededit_core.memit.keys import hidden_at_subject
 from fededit_core.model.loading import DEFAULT_MODEL, configure_threads
@@ -30,7 +33,55 @@ from fededit_core.paths import cache_dir
 from .experiments import select_requests, workload
 from .reproduce import DEFAULT_DATA, PRESETS, base_exp
 
+log = logging.getLogger("fededit.bench")
 ALPHAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.22, 0.3, 0.4, 0.5, 0.6, 0.7)
+RULES = ("paper", "set")
+
+
+def replay(
+    vectors: dict[str, torch.Tensor], slots: dict[str, list[list[int]]], groups: list[int], alphas=ALPHAS
+) -> dict:
+    """Every rule's selection on the served MKVs. ``vectors``: name -> (n, d) rows; ``slots``:
+    client -> per slot the rows it edited; ``groups``: each row's relation group. Returns
+    {rule: {vector: [{alpha, related_offered, unrelated_offered, related_kept, unrelated_kept,
+    precision, recall}]}}."""
+    n_slots = max(len(s) for s in slots.values())
+    offers = []  # (related flags of the sent rows, own rows so far, own rows of this slot, sent rows)
+    for t in range(n_slots):
+        for receiver, own_slots in slots.items():
+            own = [i for s in own_slots[: t + 1] for i in s]
+            own_slot = own_slots[t] if t < len(own_slots) else []
+            own_groups = {groups[i] for i in own}
+            for sender, sender_slots in slots.items():
+                sent = sender_slots[t] if t < len(sender_slots) else []
+                if sender != receiver and sent:
+                    offers.append((torch.tensor([groups[i] in own_groups for i in sent]), own, own_slot, sent))
+    out: dict = {}
+    for rule in RULES:
+        out[rule] = {}
+        for name, m in vectors.items():
+            rows = []
+            for a in alphas:
+                counts = {"related_offered": 0, "unrelated_offered": 0, "related_kept": 0, "unrelated_kept": 0}
+                for related, own, own_slot, sent in offers:
+                    kept = kept_rows(rule, m[own], m[own_slot], m[sent], a)
+                    counts["related_offered"] += int(related.sum())
+                    counts["unrelated_offered"] += int((~related).sum())
+                    counts["related_kept"] += int((kept & related).sum())
+                    counts["unrelated_kept"] += int((kept & ~related).sum())
+                kept_all = counts["related_kept"] + counts["unrelated_kept"]
+                rows.append(
+                    {
+                        "alpha": a,
+                        **counts,
+                        "precision": counts["related_kept"] / kept_all if kept_all else None,
+                        "recall": counts["related_kept"] / counts["related_offered"]
+                        if counts["related_offered"]
+                        else None,
+                    }
+                )
+            out[rule][name] = rows
+    return out
 
 
 def analyse(preset_name: str = "default", alphas=ALPHAS, data: Path = DEFAULT_DATA["counterfact"]) -> dict:
@@ -47,41 +98,43 @@ def analyse(preset_name: str = "default", alphas=ALPHAS, data: Path = DEFAULT_DA
     group_of = {
         t: g for g, ts in enumerate(template_groups(select_requests(data, exp["n_edits"], exp["seed"]))) for t in ts
     }
-    slots = {c: split_into_slots(reqs, exp["n_slots"]) for c, reqs in parts.items()}
-    vectors = {"z": z, "delta": z - h}
-    pairs = []  # (related?, {vector: fraction of own vectors with a best match above each alpha})
-    for t in range(exp["n_slots"]):
-        for receiver in parts:
-            own = [row[id(r)] for s in slots[receiver][: t + 1] for r in s]
-            own_groups = {group_of[union[i].prompt] for i in own}
-            for sender in parts:
-                sent = [row[id(r)] for r in slots[sender][t]]
-                if sender == receiver or not sent or not own:
-                    continue
-                related = any(group_of[union[i].prompt] in own_groups for i in sent)
-                sims = {v: best_match_similarity(m[own], m[sent]) for v, m in vectors.items()}
-                pairs.append((related, {v: [float((s > a).double().mean()) for a in alphas] for v, s in sims.items()}))
-    out = {
+    slots = {c: [[row[id(r)] for r in s] for s in split_into_slots(reqs, exp["n_slots"])] for c, reqs in parts.items()}
+    groups = [group_of[r.prompt] for r in union]
+    return {
         "preset": preset_name,
         "n_edits": exp["n_edits"],
         "n_clients": exp["n_clients"],
         "n_slots": exp["n_slots"],
-        "sets_served": len(pairs),
-        "related_sets": sum(r for r, _ in pairs),
         "alphas": list(alphas),
-        "kept": {},
+        "kept": replay({"z": z, "delta": z - h}, slots, groups, alphas),
     }
-    for v in vectors:
-        out["kept"][v] = [
-            {
-                "alpha": a,
-                "related_kept": sum(1 for r, f in pairs if r and f[v][k] >= 0.5),
-                "unrelated_kept": sum(1 for r, f in pairs if not r and f[v][k] >= 0.5),
-                "median_fraction_related": float(torch.tensor([f[v][k] for r, f in pairs if r] or [0.0]).median()),
-            }
-            for k, a in enumerate(alphas)
-        ]
-    return out
+
+
+def plot(out: dict, path: Path) -> None:
+    """Related kept against unrelated kept, one curve per rule and vector, α on the points."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: the gate plot is skipped (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for rule, by_vector in out["kept"].items():
+        for vector, rows in by_vector.items():
+            xs = [r["unrelated_kept"] / max(r["unrelated_offered"], 1) for r in rows]
+            ys = [r["related_kept"] / max(r["related_offered"], 1) for r in rows]
+            ax.plot(xs, ys, marker="o", label=f"{rule}, {vector}")
+            for r, x, y in zip(rows, xs, ys):
+                ax.annotate(f"{r['alpha']:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.set_xlabel("unrelated MKVs kept (share of offered)")
+    ax.set_ylabel("related MKVs kept (share of offered)")
+    ax.set_title(f"FedEdit re-edit conditions, {out['preset']} CounterFact workload")
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,18 +142,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--counterfact", default=str(DEFAULT_DATA["counterfact"]))
     p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG: related kept against unrelated kept per alpha")
     args = p.parse_args(argv)
     out = analyse("quick" if args.quick else "default", data=Path(args.counterfact))
-    print(f"{out['sets_served']} sets served, {out['related_sets']} related (share a relation group with the receiver)")
-    for v, rows in out["kept"].items():
-        print(
-            f"vector {v}: "
-            + "; ".join(f"α={r['alpha']}: {r['related_kept']}/{r['unrelated_kept']}" for r in rows)
-            + "   (related kept / unrelated kept)"
-        )
+    for rule, by_vector in out["kept"].items():
+        for vector, rows in by_vector.items():
+            first = rows[0]
+            print(
+                f"{rule:5s} {vector:5s} offered {first['related_offered']} related / "
+                f"{first['unrelated_offered']} unrelated; kept (related/unrelated) "
+                + "; ".join(f"α={r['alpha']}: {r['related_kept']}/{r['unrelated_kept']}" for r in rows)
+            )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
+    if args.plot:
+        plot(out, Path(args.plot))
     return 0
 
 

@@ -9,9 +9,9 @@ Per time slot:
    length against the declared count and its magic, stores it with the blob's digest (a replayed
    ciphertext is refused) and serves it as it came, with its sender, slot and count; reuse serves
    the blob and the row of the tag;
-3. serve and re-edit: each client receives the sets the other clients uploaded in this slot and keeps
-   a sender's set when at least half of its own z have best-match cosine > alpha with it (Eq. 8; every
-   set with ``gate=False``), then applies the kept ones without text.
+3. serve and re-edit: each client receives the sets the other clients uploaded in this slot, keeps
+   the MKVs that its re-edit condition passes (``gate``: ``paper``, ``set`` or ``none``, Eq. 8 as
+   fedleke/reedit.py states each), then applies the kept ones without text.
 
 Progress: phase ``edit`` records the clients whose upload is stored, in the upload's own
 transaction (a restarted server asks only the others), phase ``serve`` that every upload is in.
@@ -24,7 +24,7 @@ import logging
 
 import numpy as np
 
-from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR
+from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_GATE, DEFAULT_VECTOR
 
 from .base import Strategy
 from .session import FederationError, Instruction, Session
@@ -44,14 +44,14 @@ class FedEdit(Strategy):
         run: str,
         store: MKVStore,
         alpha: float = DEFAULT_ALPHA,
-        gate: bool = True,
+        gate: str = DEFAULT_GATE,
         reuse: bool = True,
         vector: str = DEFAULT_VECTOR,
         seal: bool = True,
     ):
         super().__init__(spec, run, store)
         self.alpha, self.gate, self.reuse, self.vector, self.seal = alpha, gate, reuse, vector, seal
-        if not gate:
+        if gate == "none":
             self.name = "fededit-noreedit"
         self.reused = 0
         self.suspects: dict[str, list[str]] = {}  # sender -> the clients that refused its sets

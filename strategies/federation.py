@@ -34,7 +34,7 @@ def make_strategy(settings: RunSettings, spec: FederationSpec, store: MKVStore |
             settings.run,
             store,
             settings.alpha,
-            gate=settings.strategy == "fededit",
+            gate=settings.gate if settings.strategy == "fededit" else "none",
             reuse=settings.reuse,
             vector=settings.vector,
             seal=settings.seal_mkvs,

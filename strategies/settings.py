@@ -13,7 +13,14 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fededit_core.data.errors import validation_message
-from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_ROLLBACK_MARGIN, DEFAULT_VECTOR, VECTORS
+from fededit_core.fedleke.reedit import (
+    DEFAULT_ALPHA,
+    DEFAULT_GATE,
+    DEFAULT_ROLLBACK_MARGIN,
+    DEFAULT_VECTOR,
+    GATES,
+    VECTORS,
+)
 from fededit_core.memit.overrides import memit_overrides
 from fededit_core.model.loading import DEFAULT_MODEL
 from fededit_core.paths import safe_name
@@ -39,6 +46,7 @@ class RunSettings(BaseModel):
     seed: int = 0
     num_slots: int = Field(3, alias="num-slots", description="time slots")
     alpha: float = Field(DEFAULT_ALPHA, description="FedEdit Eq. 8 threshold")
+    gate: str = Field(DEFAULT_GATE, description="FedEdit's re-edit condition: " + " | ".join(GATES))
     vector: str = Field(DEFAULT_VECTOR, alias="reedit-vector", description="what Eq. 8 compares: delta or z")
     reuse: bool = Field(True, description="reuse stored z for repeated requests (keyed tags)")
     seal_mkvs: bool = Field(
@@ -89,8 +97,10 @@ class RunSettings(BaseModel):
             raise FederationError(f"unknown strategy {self.strategy!r}; expected one of {list(STRATEGIES)}")
         if self.num_slots < 1:
             raise FederationError(f"num-slots must be >= 1, got {self.num_slots}")
-        if not -1.0 <= self.alpha <= 1.0:
-            raise FederationError(f"alpha is a cosine threshold in [-1, 1], got {self.alpha}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise FederationError(f"alpha is a cosine threshold in [0, 1], got {self.alpha}")
+        if self.gate not in GATES:
+            raise FederationError(f"gate must be one of {list(GATES)}, got {self.gate!r}")
         if self.vector not in VECTORS:
             raise FederationError(f"reedit-vector must be one of {list(VECTORS)}, got {self.vector!r}")
         if self.secure_aggregation and self.strategy != "collabedit":

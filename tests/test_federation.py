@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fededit_core.data.partition import load_partitions
+from fededit_core.fedleke.reedit import paper_keep
 from fededit_core.memit.target import ZResult
 from strategies.federation import run_federation
 from strategies.session import FederationError, Reply
@@ -82,6 +83,25 @@ def test_the_reedit_gate_keeps_nothing_at_alpha_one_and_everything_without_gate(
     ungated, _ = run(world, tmp_path / "b", "fededit-noreedit", alpha=1.0)
     assert [c["kept_sets"] for c in ungated["clients"]] == [2, 2]
     assert ungated["strategy"] == "fededit-noreedit"
+
+
+def test_the_run_configs_gate_reaches_the_clients_and_the_authors_rule_decides_per_mkv(world, tmp_path):
+    report, transport = run(world, tmp_path / "a", "fededit", alpha=0.0, gate="paper")
+    assert report["server"]["gate"] == "paper"
+    own = {c: transport.worker.participant(spec).own for c, spec in transport.specs.items()}
+
+    def rows(c, slot):
+        return [i for i, id_ in enumerate(own[c].ids) if id_.split("/")[1] == str(slot)]
+
+    expected = [  # each incoming delta of the other's slot-t set against the receiver's own of slot t
+        sum(int(paper_keep(own[c].delta[rows(c, t)], own[o].delta[rows(o, t)], 0.0).sum()) for t in (0, 1))
+        for c, o in (("client-0", "client-1"), ("client-1", "client-0"))
+    ]
+    assert [c["applied"] for c in report["clients"]] == expected and sum(expected) > 0
+    nothing, _ = run(world, tmp_path / "b", "fededit", alpha=1.0, gate="paper")
+    assert [c["applied"] for c in nothing["clients"]] == [0, 0]
+    with pytest.raises(FederationError, match="gate must be one of"):
+        RunSettings(run="x", gate="sets")
 
 
 @pytest.mark.parametrize("seal", [True, False], ids=["sealed", "plaintext"])
@@ -264,8 +284,8 @@ def test_a_restarted_server_resumes_the_run(world, tmp_path):
 
 
 def test_a_nodes_own_gate_setting_overrides_the_servers(world, tmp_path):
-    """alpha 1 keeps nothing, but nodes configured with reedit-gate 'off' keep every set anyway."""
-    specs = client_specs(world, tmp_path, "own-gate", reedit_gate="off")
+    """alpha 1 keeps nothing, but nodes configured with reedit-gate 'none' keep every set anyway."""
+    specs = client_specs(world, tmp_path, "own-gate", reedit_gate="none")
     report, _ = run(world, tmp_path, "fededit", run="own-gate", specs=specs, alpha=1.0)
     assert [c["kept_sets"] for c in report["clients"]] == [2, 2]
     assert [c["applied"] for c in report["clients"]] == [4, 4]

@@ -122,7 +122,27 @@ def test_reedit_applies_only_what_passes_the_gate(shared):
     assert any(not torch.equal(before[l], d.layers[l]) for l in before)
     c = Participant("c", shared, [req("3", "Cleo", "Lima")], n_slots=1)
     c.edit_slot(0)
-    assert c.reedit([b_mkvs], alpha=1.0, gate=False).applied == 1  # "w/o Z": keeps every set
+    assert c.reedit([b_mkvs], alpha=1.0, gate="none").applied == 1  # "w/o Z": keeps every set
+
+
+def test_the_authors_gate_applies_single_mkvs_against_this_slots_own(shared):
+    a = Participant("a", shared, [req("1", "Anna", "Rome"), req("5", "Ezra", "Bern")], n_slots=2)
+    b = Participant("b", shared, [req("2", "Boris", "Oslo"), req("3", "Cleo", "Lima")], n_slots=1)
+    a.edit_slot(0)
+    b_mkvs, _ = b.edit_slot(0)
+    own = a.own.delta
+    cos = (
+        torch.nn.functional.normalize(b_mkvs.delta.double(), dim=1)
+        @ torch.nn.functional.normalize(own.double(), dim=1).T
+    )
+    alpha = float((cos[0, 0] + cos[1, 0]) / 2)  # between b's two vectors' similarity to a's one
+    keep_first = bool(cos[0, 0] > alpha)
+    report = a.reedit([b_mkvs], alpha=alpha, gate="paper")
+    assert report.applied == 1 and report.kept_sets == 1
+    assert a.reedited_ids == [b_mkvs.ids[0 if keep_first else 1]]
+    assert a.refused_ids == [b_mkvs.ids[1 if keep_first else 0]]
+    a.edit_slot(1)  # slot 1's own vector is a's second request: the rule compares with it alone
+    assert a._own_rows_of_slot(1) == [1] and a._own_rows_of_slot(0) == [0]
 
 
 def test_a_restarted_participant_resumes_from_its_checkpoint(shared, tmp_path):

@@ -68,7 +68,8 @@ def byte_rows(blob: np.ndarray, d: int) -> np.ndarray:
     out = []
     for offset in range(4):
         raw = blob[offset:]
-        values = np.frombuffer(raw[: len(raw) // 4 * 4].tobytes(), dtype="<f4").astype(np.float64)
+        with np.errstate(invalid="ignore"):  # random bytes hold NaN patterns
+            values = np.frombuffer(raw[: len(raw) // 4 * 4].tobytes(), dtype="<f4").astype(np.float64)
         values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
         out.append(values[: len(values) // d * d].reshape(-1, d))
     return np.concatenate(out)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fededit_core.data.requests import EditRequest
-from fededit_core.fedleke.reedit import best_match_similarity, reedit_decision
+from fededit_core.fedleke.reedit import best_match_similarity, kept_rows, paper_keep, reedit_decision
 from fededit_core.fedleke.tags import normalise, request_tag
 from strategies.aggregate import edit_average, sum_statistics
 from strategies.store import MKVStore
@@ -156,6 +156,38 @@ def test_reedit_condition_on_constructed_vectors():
         best_match_similarity(own, torch.zeros(2, 5))
 
 
+def relation_world():
+    """Own {a, b, c, d} of one relation (pairwise cosine ~0.8), a sender's {b', c', e}: b', c' of that
+    relation, e unrelated (orthogonal to it)."""
+    common, e = torch.zeros(8), torch.zeros(8)
+    common[0], e[7] = 2.0, 1.0
+    own = torch.stack([common + torch.eye(8)[i] for i in (1, 2, 3, 4)])
+    sender = torch.stack([common + torch.eye(8)[2] * 1.1, common + torch.eye(8)[3] * 0.9, e])
+    return own, sender
+
+
+def test_the_authors_rule_keeps_related_vectors_one_by_one_and_the_set_rule_keeps_the_whole_set():
+    own, sender = relation_world()
+    assert paper_keep(own, sender, alpha=0.5).tolist() == [True, True, False]
+    assert kept_rows("paper", own, own, sender, 0.5).tolist() == [True, True, False]
+    assert kept_rows("set", own, own, sender, 0.5).tolist() == [True, True, True]  # e comes along
+    assert kept_rows("none", own, own, sender, 0.99).tolist() == [True, True, True]
+    assert kept_rows("set", own, own, sender[2:], 0.5).tolist() == [False]
+
+
+def test_the_authors_rule_counts_this_slots_own_vectors_against_half_of_them():
+    own, sender = relation_world()
+    b_only = torch.stack([own[1] * 3, -own[0], -own[0], -own[0]])  # 1 of 4 own similar to b'
+    assert paper_keep(b_only, sender[:1], alpha=0.5).tolist() == [False]
+    assert paper_keep(b_only[:2], sender[:1], alpha=0.5).tolist() == [True]  # 1 of 2: half is enough
+    assert paper_keep(own[:0], sender, alpha=-1.0).tolist() == [False, False, False]  # no own this slot
+    assert paper_keep(own, sender, alpha=0.95).tolist() == [False, False, False]
+    with pytest.raises(ValueError, match="one d"):
+        paper_keep(own, torch.zeros(1, 5), 0.5)
+    with pytest.raises(ValueError, match="one of"):
+        kept_rows("sets", own, own, sender, 0.5)
+
+
 def test_request_tags_match_normalised_requests_only():
     secret = b"s" * 32
     a = EditRequest(case_id="1", subject="Eiffel Tower", prompt="The {} is in", target_new="Rome")
@@ -166,3 +198,17 @@ def test_request_tags_match_normalised_requests_only():
     assert normalise("  A\u00a0B ") == "a b"
     with pytest.raises(ValueError, match="16 bytes"):
         request_tag(a, b"short")
+
+
+def test_the_gate_replay_counts_what_each_rule_keeps_of_related_and_unrelated_mkvs():
+    from bench.gate_analysis import replay
+
+    own, sender = relation_world()
+    vectors = {"v": torch.cat([own, sender])}
+    slots = {"a": [[0, 1, 2, 3]], "b": [[4, 5, 6]]}  # b's rows 4, 5 share a's relation; row 6 does not
+    out = replay(vectors, slots, groups=[0, 0, 0, 0, 0, 0, 1], alphas=(0.5,))
+    (paper,), (whole_set,) = out["paper"]["v"], out["set"]["v"]
+    assert (paper["related_offered"], paper["unrelated_offered"]) == (6, 1)
+    assert (paper["related_kept"], paper["unrelated_kept"], paper["precision"], paper["recall"]) == (6, 0, 1.0, 1.0)
+    assert (whole_set["related_kept"], whole_set["unrelated_kept"]) == (6, 1)
+    assert whole_set["precision"] == pytest.approx(6 / 7)

@@ -27,7 +27,7 @@ def _instruction(op: str) -> tuple[dict, dict]:
         "hello": ({}, {}),
         "tags": ({"slot": 0}, {}),
         "edit": ({"slot": 0, "reuse_tags": [], "seal": True}, {}),
-        "reedit": ({"alpha": 0.5, "gate": True, "vector": "delta", "ids": [], "senders": []}, {}),
+        "reedit": ({"alpha": 0.5, "gate": "set", "vector": "delta", "ids": [], "senders": []}, {}),
         "editavg_update": ({"slot": 0}, {}),
         "editavg_apply": ({"slot": 0}, {}),
         "collab": ({"slot": 0, "stats": 0, "secure": False}, {}),
@@ -72,7 +72,7 @@ def _client_field_mutation(op: str, args: dict, d_model: int, d_ff: int, layers:
         base = {**args, "ids": ids, "senders": ["c-1", "c-1"]}
         choices += [
             ("alpha", lambda: ({**args, "alpha": rng.choice([-2.0, 1.5, float("nan"), "0.2", None])}, {})),
-            ("gate", lambda: ({**args, "gate": rng.choice(["false", 0, None])}, {})),
+            ("gate", lambda: ({**args, "gate": rng.choice(["false", 0, None, True, "Paper"])}, {})),
             ("vector", lambda: ({**args, "vector": rng.choice(["h", "", 1])}, {})),
             ("own_ids", lambda: ({**base, "ids": ["client-0/0/0", "client-0/0/1"], "senders": ["client-0"] * 2}, good)),
             ("sender_mismatch", lambda: ({**base, "senders": ["c-2", "c-1"]}, good)),

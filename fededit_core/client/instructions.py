@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from fededit_core.data.errors import validation_message
-from fededit_core.fedleke.reedit import VECTORS
+from fededit_core.fedleke.reedit import GATES, VECTORS
 from fededit_core.fedleke.sealing import sealed_length
 from fededit_core.fedleke.tags import Tag
 from fededit_core.paths import SAFE_NAME, SafeName
@@ -90,7 +90,7 @@ class Reedit(_Instruction):
     or sealed (``sources`` and arrays ``sealed.<j>``)."""
 
     alpha: Annotated[Number, Field(ge=0, le=1)]
-    gate: StrictBool
+    gate: Literal[GATES]  # type: ignore[valid-type]
     vector: Literal[VECTORS]  # type: ignore[valid-type]
     ids: Annotated[list[RequestId], Field(max_length=MAX_ITEMS)]
     senders: Annotated[list[Name], Field(max_length=MAX_ITEMS)]

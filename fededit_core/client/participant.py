@@ -38,11 +38,13 @@ from fededit_core.fedleke.bounds import out_of_bounds
 from fededit_core.fedleke.mkv import MKVSet, apply_mkvs, compute_mkvs
 from fededit_core.fedleke.reedit import (
     DEFAULT_ALPHA,
+    DEFAULT_GATE,
     DEFAULT_REUSE_MIN_PROB,
     DEFAULT_ROLLBACK_MARGIN,
     DEFAULT_VECTOR,
+    GATES,
     VECTORS,
-    reedit_decision,
+    kept_rows,
 )
 from fededit_core.fedleke.tags import request_tag
 from fededit_core.io import atomic_folder, last_good, recover_folder
@@ -195,12 +197,13 @@ class Participant:
         self,
         received: list[MKVSet],
         alpha: float = DEFAULT_ALPHA,
-        gate: bool = True,
+        gate: str = DEFAULT_GATE,
         vector: str = DEFAULT_VECTOR,
         margin: float | None = DEFAULT_ROLLBACK_MARGIN,
         check_bounds: bool = True,
     ) -> SlotReport:
-        """FedEdit's re-edit: apply every received set that passes Eq. 8 (all of them with ``gate=False``).
+        """FedEdit's re-edit: apply the received MKVs that the rule ``gate`` keeps (fedleke/reedit.py:
+        ``paper`` per vector against this slot's own, ``set`` per sender's set, ``none`` all).
 
         ``vector``: what Eq. 8 compares, ``"z"`` (the paper) or ``"delta"`` (z - h_L(base), the edit's
         direction without the subject's own hidden state; see fedleke/reedit.py). Defences: a set out
@@ -210,6 +213,8 @@ class Participant:
         ``margin=None``: no defence, for measuring them). Refused senders land in ``self.suspects``."""
         if vector not in VECTORS:
             raise ValueError(f"the re-edit condition compares one of {list(VECTORS)}, got {vector!r}")
+        if gate not in GATES:
+            raise ValueError(f"the re-edit condition is one of {list(GATES)}, got {gate!r}")
         report = self.reports[-1] if self.reports else SlotReport(slot=self.next_slot - 1)
         started = time.perf_counter()
         own = getattr(self.own, vector) if self.own is not None else torch.zeros(0, self.editor.d_model)
@@ -223,7 +228,12 @@ class Participant:
                 self.suspects[sender_of(s)] = why
             else:
                 in_bounds.append(s)
-        gated = [s for s in in_bounds if not gate or reedit_decision(own, getattr(s, vector), alpha)[0]]
+        own_slot = own[self._own_rows_of_slot(self.next_slot - 1)] if len(own) else own
+        gated = []
+        for s in in_bounds:
+            rows = kept_rows(gate, own, own_slot, getattr(s, vector), alpha).nonzero().flatten()
+            if len(rows):
+                gated.append(s if len(rows) == len(s) else s.select(rows))
         kept = self._apply_guarded(gated, margin) if gated else []
         report.kept_sets += len(kept)
         report.refused_sets += len(received) - len(in_bounds) + len(gated) - len(kept)
@@ -234,6 +244,10 @@ class Participant:
         report.seconds["reedit"] = report.seconds.get("reedit", 0.0) + time.perf_counter() - started
         self.checkpoint()
         return report
+
+    def _own_rows_of_slot(self, slot: int) -> list[int]:
+        """Rows of ``self.own`` edited in ``slot`` (own ids are ``<name>/<slot>/<i>``)."""
+        return [i for i, id_ in enumerate(self.own.ids) if id_.split("/")[1] == str(slot)]
 
     def own_nll(self, requests: list[EditRequest]) -> torch.Tensor:
         """Per request of ``requests``: the mean per-token NLL of target_new (on the active model)."""

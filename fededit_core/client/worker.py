@@ -41,7 +41,7 @@ from fededit_core.data.partition import load_partitions
 from fededit_core.data.slots import split_into_slots
 from fededit_core.eval.metrics import evaluate, generate_greedy
 from fededit_core.fedleke.mkv import MKVError, MKVSet
-from fededit_core.fedleke.reedit import DEFAULT_REUSE_MIN_PROB, DEFAULT_ROLLBACK_MARGIN
+from fededit_core.fedleke.reedit import DEFAULT_REUSE_MIN_PROB, DEFAULT_ROLLBACK_MARGIN, GATES
 from fededit_core.fedleke.sealing import KeyRing, SealContext, SealError, key_id, key_proof, set_ids
 from fededit_core.memit.editor import MemitEditor, hparams_for, make_editor
 from fededit_core.memit.update import positive_semidefinite
@@ -91,8 +91,8 @@ class ClientSpec(BaseModel):
         le=1,
         description="a served z is used only if it gives the target this probability",
     )
-    reedit_gate: Literal["server", "on", "off"] = Field(
-        "server", description="FedEdit's Eq. 8 gate: as the server says, or always on / off (node config)"
+    reedit_gate: Literal[("server", *GATES)] = Field(  # type: ignore[valid-type]
+        "server", description="FedEdit's re-edit condition: as the server says, or this rule (node config)"
     )
     oracle: bool = Field(False, description="simulation only: may read the other clients' partitions to evaluate them")
 
@@ -362,7 +362,7 @@ class EditWorker:
         known = set(participant.suspects)
         if args["sources"]:
             self._open_for_reedit(spec, participant, args["sources"], arrays, received)
-        gate = args["gate"] if spec.reedit_gate == "server" else spec.reedit_gate == "on"
+        gate = args["gate"] if spec.reedit_gate == "server" else spec.reedit_gate
         report = participant.reedit(
             received, args["alpha"], gate=gate, vector=args["vector"], margin=spec.rollback_margin
         )

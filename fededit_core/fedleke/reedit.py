@@ -1,20 +1,34 @@
-"""FedEdit's re-edit condition (FedLEKE, Zhao et al. 2025, Eq. 8).
+"""FedEdit's re-edit condition (FedLEKE, Zhao et al. 2025, Eq. 8): which received MKVs a client applies.
 
-A client keeps a sender's MKV set when at least half of its own z vectors are similar to that set:
+Three rules (run config ``gate``), on vectors v (``vector``: z as in the paper, or delta):
 
-    keep(S) = |{ i : max_{j in S} cos(z_i, z_j) > alpha }| / |Z_own|  >=  1/2
+``paper`` (the authors' code, zongkaiz/FLEKE ``FedEdit/evaluate_main.py`` lines 246 and 297-315):
+each *incoming* vector v_j is kept on its own when at least half of the receiver's own vectors
+*of the current time slot* O_t are similar to it,
 
-Each own z is compared with its best match in the sender's set (the max over the set), so one
-related fact in a large set counts, and unrelated sets are left out. The vectors compared are z
-(the paper) or delta = z - h_L(base), the edit's own direction without the subject's hidden state,
-which separates related from unrelated edits on SmolLM2-135M where z does not (README, "What Eq. 8
-compares"): ``DEFAULT_VECTOR`` and ``DEFAULT_ALPHA`` are the one default of every caller.
+    keep(v_j) = |{ i in O_t : cos(v_i, v_j) > alpha }|  >=  |O_t| / 2        (nothing when O_t is empty)
+
+``set`` (this project's earlier rule): a sender's *whole set* S is kept when at least half of the
+receiver's *cumulative* own vectors O have their best match in S above alpha,
+
+    keep(S) = |{ i in O : max_{j in S} cos(v_i, v_j) > alpha }|  >=  |O| / 2
+
+``none``: every received MKV is applied (the paper's ablation, strategy ``fededit-noreedit``).
+
+Own {a, b, c, d} of one relation (similar to each other), a sender's {b', c', e} with b', c' of
+that relation and e unrelated: ``paper`` keeps b' and c' (each is similar to all four own) and
+drops e; ``set`` keeps all three, since every own vector has its match among them. delta = z - h_L(base) is the
+edit's direction without the subject's hidden state, which separates related from unrelated edits
+on SmolLM2-135M where z does not (README, "What Eq. 8 compares"). ``DEFAULT_GATE``,
+``DEFAULT_VECTOR`` and ``DEFAULT_ALPHA`` are the one default of every caller.
 """
 
 from __future__ import annotations
 
 import torch
 
+GATES = ("paper", "set", "none")
+DEFAULT_GATE = "set"  # until the gate analysis over alpha chooses (issue 14, README "What Eq. 8 compares")
 VECTORS = ("z", "delta")
 DEFAULT_VECTOR = "delta"
 DEFAULT_ALPHA = 0.22  # README, "What Eq. 8 compares": separates the built-in set's related pairs on delta
@@ -47,3 +61,32 @@ def reedit_decision(own_z: torch.Tensor, sender_z: torch.Tensor, alpha: float) -
         return False, 0.0  # nothing of one's own to compare with: no evidence of relatedness
     fraction = float((best_match_similarity(own_z, sender_z) > alpha).double().mean())
     return fraction >= 0.5, fraction
+
+
+def paper_keep(own_slot: torch.Tensor, incoming: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The authors' rule per incoming vector (m,) bool: at least half of the receiver's own vectors of
+    the current slot (n, d) have cosine > alpha with it; all False when n == 0."""
+    if own_slot.ndim != 2 or incoming.ndim != 2 or own_slot.shape[1] != incoming.shape[1]:
+        raise ValueError(
+            f"vector sets must be (n, d) and (m, d) with one d, got {tuple(own_slot.shape)} and {tuple(incoming.shape)}"
+        )
+    if len(own_slot) == 0:
+        return torch.zeros(len(incoming), dtype=torch.bool)
+    own = torch.nn.functional.normalize(own_slot.double(), dim=1)
+    other = torch.nn.functional.normalize(incoming.double(), dim=1)
+    similar = (own @ other.T > alpha).sum(dim=0)
+    return similar.double() >= len(own_slot) / 2
+
+
+def kept_rows(
+    gate: str, own: torch.Tensor, own_slot: torch.Tensor, incoming: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """Which rows (m,) of one sender's set ``incoming`` the rule ``gate`` keeps, given the receiver's
+    cumulative own vectors ``own`` (rule ``set``) and those of the current slot ``own_slot`` (``paper``)."""
+    if gate == "paper":
+        return paper_keep(own_slot, incoming, alpha)
+    if gate == "set":
+        return torch.full((len(incoming),), reedit_decision(own, incoming, alpha)[0], dtype=torch.bool)
+    if gate == "none":
+        return torch.ones(len(incoming), dtype=torch.bool)
+    raise ValueError(f"the re-edit condition is one of {list(GATES)}, got {gate!r}")
