@@ -7,7 +7,10 @@ worker the ClientApp uses), so the strategies run end to end in seconds without 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from bench.inprocess import InProcessTransport
 from fededit_core.client.worker import ClientSpec
@@ -46,6 +49,19 @@ def request_record(i: int, subject: str, client: str | None = None) -> dict:
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+@contextmanager
+def isolated_tiny_world(tmp_path_factory, name: str):
+    """``tiny_world`` under a fresh folder, with FEDEDIT_CACHE inside it while the block runs; the
+    world with its ``root``."""
+    root = tmp_path_factory.mktemp(name)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEDEDIT_CACHE", str(root / "cache"))
+    try:
+        yield {**tiny_world(root), "root": root}
+    finally:
+        mp.undo()
 
 
 def tiny_world(root: Path) -> dict:

@@ -14,7 +14,7 @@ from bench.zcache import BaseZCache
 from fededit_core.memit.editor import make_editor
 from fededit_core.memit.keys import hidden_at_subject
 from fededit_core.memit.target import optimise_z
-from tests.federation_kit import tiny_world
+from tests.federation_kit import isolated_tiny_world
 
 TINY = reproduce.Preset(
     "tiny",
@@ -38,11 +38,8 @@ SECTIONS = ("main", "ablation", "slots", "overlap")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FEDEDIT_CACHE", str(root / "cache"))
-    yield {**tiny_world(root), "root": root}
-    mp.undo()
+    with isolated_tiny_world(tmp_path_factory, "bench") as world:
+        yield world
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,13 @@ from strategies.federation import run_federation
 from strategies.session import FederationError, Reply
 from strategies.settings import RunSettings
 from strategies.store import MKVStore
-from tests.federation_kit import DirectTransport, client_specs, request_record, tiny_world, write_jsonl
+from tests.federation_kit import DirectTransport, client_specs, isolated_tiny_world, request_record, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FEDEDIT_CACHE", str(root / "cache"))
-    yield {**tiny_world(root), "root": root}
-    mp.undo()
+    with isolated_tiny_world(tmp_path_factory, "world") as world:
+        yield world
 
 
 def run(world, tmp_path, strategy, run="r", transport=None, specs=None, **settings):

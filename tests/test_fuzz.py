@@ -17,7 +17,7 @@ from bench.fuzz.harness import CLIENTS, LIMITS, SERVER_STEPS, SLOTS, flower_iden
 from bench.fuzz.loaders import fuzz_loaders
 from bench.fuzz.mutations import npy_with_header
 from bench.fuzz.server import FuzzGrid, fuzz_server
-from tests.federation_kit import tiny_world
+from tests.federation_kit import isolated_tiny_world
 from wire.messages import Limits, MessageError, pack, unpack
 
 N = 1000
@@ -25,11 +25,8 @@ N = 1000
 
 @pytest.fixture(scope="module")
 def tiny_federation(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzz")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FEDEDIT_CACHE", str(root / "cache"))
-    yield tiny_world(root)
-    mp.undo()
+    with isolated_tiny_world(tmp_path_factory, "fuzz") as world:
+        yield world
 
 
 def _clean(tally: dict) -> None:

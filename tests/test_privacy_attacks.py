@@ -10,7 +10,7 @@ from bench.privacy.attacks import Attacker, basis_of_delta, basis_of_kk, top_k
 from fededit_core.data.requests import EditRequest
 from fededit_core.memit.editor import make_editor
 from fededit_core.memit.keys import compute_keys
-from tests.federation_kit import SUBJECTS, tiny_world
+from tests.federation_kit import SUBJECTS, isolated_tiny_world
 
 POOL = SUBJECTS + ["Notre Dame", "Big Bridge", "Old Gate", "King Tower", "River Museum", "New City", "Queen Palace"]
 VICTIMS = [0, 3, 9]
@@ -18,13 +18,9 @@ VICTIMS = [0, 3, 9]
 
 @pytest.fixture(scope="module")
 def attacker(tmp_path_factory):
-    root = tmp_path_factory.mktemp("privacy")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FEDEDIT_CACHE", str(root / "cache"))
-    world = tiny_world(root)
-    editor = make_editor(world["model"], **world["hparams"])
-    yield Attacker(editor, POOL, ["Rome", "Paris", "Berlin", "London"])
-    mp.undo()
+    with isolated_tiny_world(tmp_path_factory, "privacy") as world:
+        editor = make_editor(world["model"], **world["hparams"])
+        yield Attacker(editor, POOL, ["Rome", "Paris", "Berlin", "London"])
 
 
 def victim_keys(attacker: Attacker) -> np.ndarray:

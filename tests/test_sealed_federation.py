@@ -16,19 +16,15 @@ from strategies.federation import run_federation
 from strategies.session import FederationError, Instruction
 from strategies.settings import RunSettings
 from strategies.store import MKVStore
-from tests.federation_kit import DirectTransport, client_specs, tiny_world, write_jsonl
+from tests.federation_kit import DirectTransport, client_specs, isolated_tiny_world, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sealed")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FEDEDIT_CACHE", str(root / "cache"))
-    world = tiny_world(root)
-    records = [json.loads(line) for line in Path(world["data"]).read_text().splitlines()]
-    three = write_jsonl(root / "three.jsonl", [{**r, "client": f"client-{i % 3}"} for i, r in enumerate(records)])
-    yield {**world, "three": str(three), "root": root}
-    mp.undo()
+    with isolated_tiny_world(tmp_path_factory, "sealed") as world:
+        records = [json.loads(line) for line in Path(world["data"]).read_text().splitlines()]
+        three = [{**r, "client": f"client-{i % 3}"} for i, r in enumerate(records)]
+        yield {**world, "three": str(write_jsonl(world["root"] / "three.jsonl", three))}
 
 
 def settings(tmp_path: Path, run: str, **extra) -> RunSettings:
