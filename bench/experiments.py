@@ -21,12 +21,12 @@ from pathlib import Path
 
 from bench.inprocess import InProcessTransport
 from fededit_core.client.worker import ClientSpec, EditWorker
-from fededit_core.data.loaders import load_requests, save_requests_jsonl
+from fededit_core.data.loaders import DEFAULT_ZSRE_TARGET, load_requests, save_requests_jsonl
 from fededit_core.data.partition import client_name, partition_requests
 from fededit_core.data.requests import EditRequest
 from fededit_core.eval.centralised import centralised_metrics
 from fededit_core.eval.metrics import evaluate
-from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR
+from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_GATE, DEFAULT_VECTOR
 from fededit_core.io import atomic_write
 from strategies.federation import run_federation
 from strategies.report import weighted
@@ -44,10 +44,10 @@ def experiment_key(exp: dict) -> str:
 
 
 # --- workloads -----------------------------------------------------------------------------------
-def select_requests(path: Path, n: int, seed: int) -> list[EditRequest]:
+def select_requests(path: Path, n: int, seed: int, zsre_target: str = DEFAULT_ZSRE_TARGET) -> list[EditRequest]:
     """``n`` requests of the file: the first ``n`` of a seeded permutation, in file order (so the
     requests of a smaller preset are among those of a larger one, and share their cached z)."""
-    requests = load_requests(path)
+    requests = load_requests(path, zsre_target=zsre_target)
     if n > len(requests):
         raise ValueError(f"{path}: {n} edits asked for, the file has {len(requests)}")
     order = list(range(len(requests)))
@@ -73,7 +73,9 @@ def add_overlap(parts: dict[str, list[EditRequest]], share: float, seed: int) ->
 
 def workload(exp: dict, data_files: dict[str, Path]) -> dict[str, list[EditRequest]]:
     """``{client: requests}`` of an experiment, from its inputs alone."""
-    requests = select_requests(data_files[exp["dataset"]], exp["n_edits"], exp["seed"])
+    requests = select_requests(
+        data_files[exp["dataset"]], exp["n_edits"], exp["seed"], exp.get("zsre_target", DEFAULT_ZSRE_TARGET)
+    )
     parts = partition_requests(requests, exp["n_clients"], exp["partition"], exp["seed"])
     if exp.get("overlap", 0):
         parts = add_overlap(parts, exp["overlap"], exp["seed"])
@@ -168,12 +170,17 @@ class Runner:
             if reqs
         }
         metrics, seconds = centralised_metrics(
-            editor, parts, exp["kind"], fluency=exp.get("fluency", False), n_slots=exp["n_slots"]
+            editor, parts, exp["kind"], fluency=exp.get("fluency", False), n_slots=exp["n_slots"], per_request=True
         )
+        per_request = {
+            c: [{k: v for k, v in row.items() if k != "case_id"} for row in m.pop("per_request")]
+            for c, m in metrics.items()
+        }
         return {
             "weighted": weighted([(len(parts[c]), m) for c, m in metrics.items()], exp["kind"]),
             "unedited": weighted([(len(parts[c]), m) for c, m in unedited.items()], exp["kind"]),
             "clients": metrics,
+            "per_request": per_request,  # by client, in the order of its requests (the union evaluation)
             "seconds": seconds,
         }
 
@@ -212,11 +219,13 @@ class Runner:
             strategy=exp["method"],
             num_slots=exp["n_slots"],
             alpha=exp.get("alpha", DEFAULT_ALPHA),
+            gate=exp.get("gate", DEFAULT_GATE),
             vector=exp.get("vector", DEFAULT_VECTOR),
             reuse=exp.get("reuse", True),
             fluency=exp.get("fluency", False),
             baseline=False,
             others_limit=exp.get("others_limit", 0),
+            per_request=True,
             store_path=work / "mkv_store.sqlite",
         )
         try:

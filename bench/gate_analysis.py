@@ -92,7 +92,8 @@ def analyse(preset_name: str = "default", alphas=ALPHAS, data: Path = DEFAULT_DA
     editor = make_editor(DEFAULT_MODEL)
     editor.z_cache = BaseZCache(cache_dir("bench") / "z")
     union = [r for reqs in parts.values() for r in reqs]
-    z = editor.compute_z(union).z  # from the benchmark's cache (optimised there when missing)
+    editor.z_cache.prefill(editor, union)  # the benchmark's z, optimised in chunks when missing
+    z = editor.compute_z(union).z
     h = hidden_at_subject(editor.model, editor.tok, union, editor.hp.z_layer).float()
     row = {id(r): i for i, r in enumerate(union)}
     group_of = {

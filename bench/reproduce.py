@@ -29,7 +29,8 @@ from pathlib import Path
 from bench.zcache import BaseZCache
 from fededit_core.cli import add_hparam_args, add_model_args
 from fededit_core.client.worker import ClientSpec, EditWorker
-from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_VECTOR
+from fededit_core.data.loaders import DEFAULT_ZSRE_TARGET
+from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_GATE, DEFAULT_VECTOR
 from fededit_core.memit.overrides import memit_overrides
 from fededit_core.model.loading import DEFAULT_MODEL, configure_threads
 from fededit_core.paths import cache_dir, shared_data_dir
@@ -67,7 +68,9 @@ class Preset:
     fluency: bool = True  # CounterFact main table only
     seed: int = 0
     alpha: float = DEFAULT_ALPHA
+    gate: str = DEFAULT_GATE
     vector: str = DEFAULT_VECTOR
+    zsre_target: str = DEFAULT_ZSRE_TARGET
     datasets: tuple[str, ...] = ("counterfact", "zsre")
 
 
@@ -117,14 +120,17 @@ def base_exp(preset: Preset, dataset: str, method: str, **changes) -> dict:
         "method": method,
         "seed": preset.seed,
         "alpha": preset.alpha,
+        "gate": preset.gate,
         "vector": preset.vector,
         "reuse": True,
         "fluency": False,
         "others_limit": preset.others_limit,
     }
+    if dataset == "zsre":
+        exp["zsre_target"] = preset.zsre_target
     exp.update(changes)
     if method == "centralised":  # no federation settings: identical runs share one cache entry
-        for key in ("alpha", "vector", "reuse", "others_limit"):
+        for key in ("alpha", "gate", "vector", "reuse", "others_limit"):
             exp.pop(key)
     return exp
 
@@ -230,7 +236,9 @@ def run(
             if not planned:
                 continue
             if dataset not in prefilled:  # every z of the data set on the base model first, one progress bar
-                requests = select_requests(data_files[dataset], preset.n_edits[dataset], preset.seed)
+                requests = select_requests(
+                    data_files[dataset], preset.n_edits[dataset], preset.seed, preset.zsre_target
+                )
                 spec = ClientSpec(
                     run="bench",
                     name="client-0",

@@ -11,10 +11,13 @@ import json
 from pathlib import Path
 
 from fededit_core.eval.tables import SCORE_PARTS, format_table
+from fededit_core.fedleke.reedit import DEFAULT_GATE
 from fededit_core.io import atomic_write
 from fededit_core.paths import recorded_path
 
+from .experiments import workload
 from .plots import write_plots
+from .selectivity import selectivity
 
 METHOD_ORDER = (
     "unedited",
@@ -64,6 +67,21 @@ def _federated(result: dict, central: dict | None, kind: str) -> dict:
     return out
 
 
+def _reedits(result: dict) -> bool:
+    """A FedEdit run whose clients reported what they re-edited (``per_request``)."""
+    return any(c.get("reedited_ids") is not None for c in result["report"]["clients"])
+
+
+def _selectivity(result: dict, central: dict | None, data_files: dict) -> dict:
+    """``gate``, ``others_related`` / ``others_unrelated`` and ``union`` (bench.selectivity)."""
+    inputs = result["inputs"]
+    parts = workload(inputs, data_files)
+    found = selectivity(inputs["kind"], parts, inputs["n_slots"], result["report"], central)
+    rule = "none" if inputs["method"] == "fededit-noreedit" else inputs.get("gate", DEFAULT_GATE)
+    found["gate"] = {"rule": rule, "vector": inputs.get("vector"), "alpha": inputs.get("alpha"), **found["gate"]}
+    return found
+
+
 def _central(result: dict | None) -> dict | None:
     if not result:
         return None
@@ -100,7 +118,9 @@ def dataset_json(preset, dataset: str, results: dict, env: dict, data_files: dic
         "preset": preset.name,
         "config": {
             "alpha": preset.alpha,
+            "gate": preset.gate,
             "reedit_vector": preset.vector,
+            **({"zsre_target": preset.zsre_target} if dataset == "zsre" else {}),
             "seed": preset.seed,
             "partition": {
                 "counterfact": "relation groups + 1/10 moved across clients",
@@ -133,6 +153,8 @@ def dataset_json(preset, dataset: str, results: dict, env: dict, data_files: dic
     for method in ("local", "editavg", "fededit-noreedit", "fededit", "collabedit"):
         if method in main:
             out["methods"][method] = _federated(main[method], central, kind)
+            if _reedits(main[method]):
+                out["methods"][method].update(_selectivity(main[method], main.get("unedited+centralised"), data_files))
     out["methods"] = {m: out["methods"][m] for m in METHOD_ORDER if m in out["methods"]}
     if "ablation" in results:
         out["ablation"] = _curve(results["ablation"], "n_edits", kind)
@@ -187,6 +209,32 @@ def main_table(js: dict) -> str:
         )
         row["wall s"] = f"{m['wall_s']:.0f}" if m.get("wall_s") is not None else "-"
         rows.append(row)
+    return format_table(rows, markdown=True)
+
+
+def _score_n(m: dict | None) -> str:
+    return f"{m['score']:.3f} ({m['n']})" if m and m.get("score") is not None else "-"
+
+
+def selectivity_table(js: dict) -> str:
+    """FedEdit's re-edit condition on this workload: what it kept and what that did (bench.selectivity)."""
+    rows = []
+    for method, m in js["methods"].items():
+        if "gate" not in m:
+            continue
+        g, u = m["gate"], m["union"]
+        rows.append(
+            {
+                "method": method,
+                "rule, vector, α": f"{g['rule']}, {g['vector']}, {g['alpha']}",
+                "related kept/offered": f"{g['related_kept']}/{g['related_offered']}",
+                "unrelated kept/offered": f"{g['unrelated_kept']}/{g['unrelated_offered']}",
+                "own Score": _pct(m.get("score"), m.get("retention")),
+                "others' related Score (n)": _score_n(m["others_related"]),
+                "others' unrelated Score (n)": _score_n(m["others_unrelated"]),
+                "own ∪ re-edited Score (n)": _pct(u.get("score"), u.get("retention")) + f" ({u['n']})",
+            }
+        )
     return format_table(rows, markdown=True)
 
 
@@ -254,6 +302,18 @@ def markdown(preset, all_js: dict[str, dict], model: str) -> str:
     for dataset, js in all_js.items():
         if js["methods"]:
             parts += [f"## {titles[dataset]} ({js['n_edits']} edits)", "", main_table(js), ""]
+            if any("gate" in m for m in js["methods"].values()):
+                parts += [
+                    f"### What the re-edit condition kept, {dataset}",
+                    "",
+                    selectivity_table(js),
+                    "",
+                    "Related: the MKV's relation group (CounterFact) or question cluster (zsRE) is among the "
+                    "receiver's own so far. Others' Scores on the absorbed requests each client evaluated; "
+                    "own ∪ re-edited is the FedLEKE authors' figure, its percentage against centralised MEMIT "
+                    "on the same requests.",
+                    "",
+                ]
     for dataset, js in all_js.items():
         if js.get("ablation"):
             parts += [

@@ -64,6 +64,7 @@ def _run_fields(run: RunSettings) -> dict:
         num_slots=run.num_slots,
         seed=run.seed,
         max_requests=run.max_requests,
+        zsre_target=run.zsre_target,
     )
 
 

@@ -159,7 +159,9 @@ def _centralised(settings: RunSettings, names: list[str]):
         from fededit_core.eval.centralised import centralised_metrics
         from fededit_core.memit.editor import make_editor
 
-        parts = load_partitions(settings.data, len(names), settings.partition, settings.seed, settings.max_requests)
+        parts = load_partitions(
+            settings.data, len(names), settings.partition, settings.seed, settings.max_requests, settings.zsre_target
+        )
         parts = {name: parts[name] for name in names if name in parts}
         editor = make_editor(settings.model, settings.device, settings.dtype, **settings.memit_overrides())
         kind = next(iter(hellos.values()))["kind"]

@@ -137,6 +137,7 @@ def run_federation(
                     "fluency": settings.fluency,
                     "baseline": settings.baseline,
                     "others_limit": settings.others_limit,
+                    "per_request": settings.per_request,
                 },
                 phase="evaluate",
             ).items()

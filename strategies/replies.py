@@ -40,6 +40,7 @@ Layer = Annotated[StrictInt, Field(ge=0, le=4096)]
 Number = Annotated[Union[StrictInt, StrictFloat], Field(allow_inf_nan=False)]
 Scalar = Union[StrictBool, Number, Text, None]
 Numbers = Annotated[dict[Key, Union[Scalar, Annotated[dict[Key, Scalar], Field(max_length=64)]]], Field(max_length=64)]
+PerRequest = Annotated[dict[Key, Union[Number, None]], Field(max_length=8)]
 Settings = Annotated[
     dict[Key, Union[Scalar, Annotated[list[Scalar], Field(max_length=MAX_LAYERS)]]], Field(max_length=64)
 ]
@@ -148,6 +149,19 @@ class EvaluateReply(_Reply):
     own_before: Numbers | None
     others_before: Numbers | None
     reports: Annotated[list[Numbers], Field(max_length=1000)]
+    # asked for with per_request (simulation): every MKV id re-edited, and the ids and metrics of the
+    # absorbed requests evaluated, one by one (numbers and ids only, no request text)
+    reedited_ids: Annotated[list[RequestId], Field(max_length=MAX_ITEMS)] | None = None
+    others_ids: Annotated[list[RequestId], Field(max_length=MAX_ITEMS)] | None = None
+    others_per_request: Annotated[list[PerRequest], Field(max_length=MAX_ITEMS)] | None = None
+
+    @model_validator(mode="after")
+    def _one_metric_per_id(self):
+        if (self.others_ids is None) != (self.others_per_request is None) or len(self.others_ids or ()) != len(
+            self.others_per_request or ()
+        ):
+            raise ValueError("others_ids and others_per_request come together, one metric row per id")
+        return self
 
 
 class ErrorReply(_Reply):

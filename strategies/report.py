@@ -70,6 +70,7 @@ def build_report(
                 "n_others": ev.get("n_others", 0),
                 "others": ev.get("others"),
                 "others_before": ev.get("others_before"),
+                **{k: ev[k] for k in ("reedited_ids", "others_ids", "others_per_request") if ev.get(k) is not None},
                 **_sum_reports(ev.get("reports", [])),
                 "bytes_sent": sum(b["sent_to_server"] for b in by_slot),
                 "bytes_received": sum(b["received_from_server"] for b in by_slot),

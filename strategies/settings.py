@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fededit_core.data.errors import validation_message
+from fededit_core.data.loaders import DEFAULT_ZSRE_TARGET, ZSRE_TARGETS
 from fededit_core.fedleke.reedit import (
     DEFAULT_ALPHA,
     DEFAULT_GATE,
@@ -42,6 +44,9 @@ class RunSettings(BaseModel):
     dtype: str = Field("fp32", description="fp32 | bf16 | fp16")
     data: str = Field("builtin", description="builtin, or a CounterFact / zsRE / JSONL request file")
     partition: str = Field("field", description="field | iid | contiguous | relation | cluster")
+    zsre_target: Literal[ZSRE_TARGETS] = Field(  # type: ignore[valid-type]
+        DEFAULT_ZSRE_TARGET, alias="zsre-target", description="zsRE files: answers (MEMIT, FedLEKE) | alt (EasyEdit)"
+    )
     max_requests: int = Field(0, alias="max-requests", ge=0, description="per client, 0 = all")
     seed: int = 0
     num_slots: int = Field(3, alias="num-slots", description="time slots")
@@ -83,6 +88,7 @@ class RunSettings(BaseModel):
     # set by the caller, not in the run config
     baseline: bool = Field(True, exclude=True, description="clients also evaluate the unedited model")
     others_limit: int = Field(0, exclude=True, description="absorbed requests evaluated per client (0: all)")
+    per_request: bool = Field(False, exclude=True, description="clients also report absorbed requests one by one")
     store_path: Path | None = Field(None, exclude=True, description="default: <output-dir>/<run>/mkv_store.sqlite")
 
     @model_validator(mode="after")

@@ -200,3 +200,60 @@ def test_each_data_sets_tables_use_its_own_metric_names():
     header = iid.splitlines()[2]
     assert "ES" in header and "EA" not in header, header
     assert "0.900" in iid
+
+
+def test_selectivity_splits_offered_and_kept_mkvs_by_relation_group():
+    """Two clients, two slots: each is offered one MKV of a relation it edits and one it does not."""
+    from bench.selectivity import selectivity
+    from fededit_core.data.requests import EditRequest
+
+    def req(subject, prompt, true, new):
+        return EditRequest(case_id=subject, subject=subject, prompt=prompt, target_true=true, target_new=new)
+
+    parts = {
+        "client-0": [req("A", "{} lives in", "Paris", "Rome"), req("B", "{} speaks", "French", "German")],
+        "client-1": [req("C", "{} lives in", "Paris", "Rome"), req("D", "{} plays", "piano", "guitar")],
+    }
+    own = {"es": 1.0, "ps": 1.0, "ns": 1.0}
+    report = {
+        "clients": [
+            {"client": "client-0", "failed": False, "n": 2, "own": own, "reedited_ids": ["client-1/0/0"],
+             "others_ids": ["client-1/0/0"], "others_per_request": [{"es": 1.0, "ps": 1.0, "ns": 0.5}]},
+            {"client": "client-1", "failed": False, "n": 2, "own": own, "reedited_ids": ["client-0/1/0"],
+             "others_ids": ["client-0/1/0"], "others_per_request": [{"es": 0.0, "ps": 0.5, "ns": 1.0}]},
+        ]
+    }  # fmt: skip
+    half = {"es": 0.5, "ps": 0.5, "ns": 1.0}
+    central = {
+        "clients": {"client-0": half, "client-1": half},
+        "per_request": {"client-0": [own, {"es": 0.5, "ps": 0.5, "ns": 0.5}], "client-1": [own, own]},
+    }
+    found = selectivity("counterfact", parts, 2, report, central)
+    assert found["gate"] == {"related_offered": 2, "related_kept": 1, "unrelated_offered": 2, "unrelated_kept": 1}
+    assert found["others_related"]["n"] == 1 and found["others_related"]["score"] == pytest.approx(0.75)
+    assert found["others_unrelated"]["n"] == 1 and found["others_unrelated"]["score"] == 0.0
+    union = found["union"]
+    first = union["by_client"][0]  # own 2 at 1.0 and one re-edited at (1, 1, 0.5): NS = 2.5 / 3
+    assert first["n"] == 3 and first["score"] == pytest.approx(3 / (1 + 1 + 1.2))
+    # centralised on the same requests: own (0.5, 0.5, 1.0) twice and client-1's first request (1, 1, 1)
+    assert first["centralised_score"] == pytest.approx(3 / (1.5 + 1.5 + 1))
+    assert union["n"] == 6 and union["retention"] == pytest.approx(union["score"] / union["centralised_score"])
+    zsre = selectivity("zsre", parts, 2, report, None)  # zsRE: a client is one cluster, so nothing is related
+    assert zsre["gate"]["related_offered"] == 0 and zsre["gate"]["unrelated_kept"] == 2
+
+
+def test_selectivity_of_the_benchmark_runs(bench_run):
+    methods = bench_run["summary"]["methods"]
+    every, gated = methods["fededit-noreedit"], methods["fededit"]
+    g = every["gate"]
+    assert g["rule"] == "none" and gated["gate"]["rule"] == reproduce.DEFAULT_GATE
+    assert g["related_kept"] == g["related_offered"] and g["unrelated_kept"] == g["unrelated_offered"]
+    assert g["related_offered"] + g["unrelated_offered"] == every["applied"] > 0
+    f = gated["gate"]
+    assert f["related_kept"] + f["unrelated_kept"] == gated["applied"]
+    assert (f["related_offered"], f["unrelated_offered"]) == (g["related_offered"], g["unrelated_offered"])
+    assert every["others_related"]["n"] + every["others_unrelated"]["n"] == every["others"]["n"]
+    union = every["union"]
+    assert union["n"] == 8 + every["applied"]
+    assert union["retention"] == pytest.approx(union["score"] / union["centralised_score"])
+    assert "What the re-edit condition kept" in (bench_run["out"] / "README.md").read_text()

@@ -96,18 +96,32 @@ def test_simplified_counterfact_replaces_first_subject_occurrence(tmp_path):
     assert other.prompt == "{}, son of Nehru, works as"
 
 
-def test_zsre(tmp_path):
+def test_zsre_as_memit_and_fedleke_by_default(tmp_path):
+    """answers[0] is the new object and the nq question ends in "?" (their dsets/zsre.py)."""
+    path = _write_json(tmp_path / "zsre.json", [ZSRE])
+    (req,) = load_requests(path)
+    assert dataset_kind(path) == "zsre"
+    assert req.case_id == "0"
+    assert req.prompt == "Which family does {} belong to?"
+    assert (req.target_new, req.target_true) == ("Lecanorales", None)
+    assert req.paraphrase_prompts == ("What family are Ramalinaceae?",)
+    assert req.neighborhood_prompts == (ZSRE["loc"] + "?",)
+    assert req.neighborhood_target == "Downhill"
+    with pytest.raises(DataError, match=r"record 0: field 'answers' is empty"):
+        load_requests(_write_json(tmp_path / "bare.json", [dict(ZSRE, answers=[])]))
+
+
+def test_zsre_as_easyedit(tmp_path):
     no_answer = dict(ZSRE, answers=[])
     path = _write_json(tmp_path / "zsre.json", [ZSRE, no_answer])
-    req, bare = load_requests(path)
-    assert dataset_kind(path) == "zsre"
+    req, bare = load_requests(path, zsre_target="alt")
     assert req.case_id == "0" and bare.case_id == "1"
-    assert req.prompt == "Which family does {} belong to?"
     assert (req.target_new, req.target_true) == ("Lamiinae", "Lecanorales")
-    assert req.paraphrase_prompts == ("What family are Ramalinaceae?",)
     assert req.neighborhood_prompts == (ZSRE["loc"],)
     assert req.neighborhood_target == "Downhill"
     assert bare.target_true is None
+    with pytest.raises(DataError, match="zsre-target must be one of"):
+        load_requests(path, zsre_target="pred")
 
 
 def test_plain_jsonl_defaults_and_optional_fields(tmp_path):
@@ -161,7 +175,7 @@ def test_n_skips_bad_records_after_the_first_n(tmp_path):
 
 def test_save_round_trip(tmp_path):
     originals = load_requests(_write_json(tmp_path / "mcf.json", [FULL_CF])) + load_requests(
-        _write_json(tmp_path / "zsre.json", [ZSRE, dict(ZSRE, answers=[])])
+        _write_json(tmp_path / "zsre.json", [ZSRE, dict(ZSRE, answers=[])]), zsre_target="alt"
     )
     originals.append(EditRequest(case_id="t", subject="X", prompt="{} lives in", target_new="Y", timestamp=3.0))
     out = save_requests_jsonl(originals, tmp_path / "sub" / "saved.jsonl")

@@ -219,6 +219,28 @@ def test_batched_and_reference_z_reach_similar_probability(family):
         assert abs(p - q) < 0.1
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_total_loss_stop_matches_the_reference_loop(family):
+    """stop_on="total_loss": each request stops at the step the reference loop stops (loss < 5e-2),
+    with the same z; without KL the targets get there in a few steps."""
+    model, tok = make_model(family)
+    hp = MEMITHyperParams(layers=(1, 2), v_steps=40, stop_on="total_loss", kl_factor=0.0, v_weight_decay=1e-4)
+    fast = optimise_z(model, tok, REQUESTS, hp, TEMPLATES, progress=False)
+    slow = optimise_z_reference(model, tok, REQUESTS, hp, TEMPLATES, progress=False)
+    assert fast.steps == slow.steps and max(fast.steps) < 39
+    torch.testing.assert_close(fast.z, slow.z, rtol=0, atol=1e-4 * float(fast.z.abs().max()))
+    with_kl = optimise_z(model, tok, REQUESTS, hp.model_copy(update={"kl_factor": 1.0}), TEMPLATES, progress=False)
+    by_prob = optimise_z(
+        model,
+        tok,
+        REQUESTS,
+        hp.model_copy(update={"kl_factor": 1.0, "stop_on": "target_prob"}),
+        TEMPLATES,
+        progress=False,
+    )
+    assert sum(with_kl.steps) > sum(by_prob.steps)  # the KL term keeps the total loss up after the target is likely
+
+
 @pytest.mark.parametrize("kl_factor", [0.0, 0.0625])
 def test_requests_do_not_interact_in_a_batch(kl_factor):
     model, tok = make_model("llama")

@@ -119,6 +119,7 @@ class Evaluate(_Instruction):
     fluency: StrictBool = False
     baseline: StrictBool = True
     others_limit: Annotated[StrictInt, Field(ge=0, le=1_000_000)] = 0
+    per_request: StrictBool = False  # simulation: also the absorbed requests' metrics one by one, by MKV id
 
 
 INSTRUCTIONS: dict[str, type[_Instruction]] = {

@@ -36,8 +36,9 @@ from fededit_core.client.instructions import (
 )
 from fededit_core.client.participant import Participant, checkpoint_version
 from fededit_core.data.builtin import resolve_data
-from fededit_core.data.loaders import dataset_kind, load_requests
+from fededit_core.data.loaders import DEFAULT_ZSRE_TARGET, ZSRE_TARGETS, dataset_kind, load_requests
 from fededit_core.data.partition import load_partitions
+from fededit_core.data.requests import EditRequest
 from fededit_core.data.slots import split_into_slots
 from fededit_core.eval.metrics import evaluate, generate_greedy
 from fededit_core.fedleke.mkv import MKVError, MKVSet
@@ -68,6 +69,7 @@ class ClientSpec(BaseModel):
     hparams: dict = Field(default_factory=dict, description="MEMIT hyperparameter overrides")
     requests: str = Field(description="'builtin' or the path of this client's request file")
     partition: str = Field("all", description="'all' (the whole file is this client's) or a scheme of partition.py")
+    zsre_target: Literal[ZSRE_TARGETS] = DEFAULT_ZSRE_TARGET  # type: ignore[valid-type]
     count: int = 1
     seed: int = 0
     max_requests: int = 0
@@ -102,11 +104,13 @@ class ClientSpec(BaseModel):
         return safe_name(value, info.field_name)
 
     def requests_by_client(self) -> dict[str, list]:
-        return load_partitions(self.requests, self.count, self.partition, self.seed, self.max_requests)
+        return load_partitions(
+            self.requests, self.count, self.partition, self.seed, self.max_requests, self.zsre_target
+        )
 
     def own_requests(self) -> list:
         if self.partition == "all":
-            requests = load_requests(resolve_data(self.requests))
+            requests = load_requests(resolve_data(self.requests), zsre_target=self.zsre_target)
             return requests[: self.max_requests] if self.max_requests > 0 else requests
         parts = self.requests_by_client()
         if self.name not in parts:
@@ -477,21 +481,28 @@ class EditWorker:
         editor = participant.editor
         kind = dataset_kind(resolve_data(spec.requests))
         own = participant.edited_requests()
-        others = self._absorbed(spec, participant, args.get("others", "none"))
+        absorbed = self._absorbed(spec, participant, args.get("others", "none"))
         limit = int(args.get("others_limit", 0) or 0)
-        if 0 < limit < len(others):  # an even sample over the senders, to bound the evaluation's cost
-            others = [others[i * len(others) // limit] for i in range(limit)]
+        if 0 < limit < len(absorbed):  # an even sample over the senders, to bound the evaluation's cost
+            absorbed = [absorbed[i * len(absorbed) // limit] for i in range(limit)]
+        others = [r for _, r in absorbed]
         fluency = bool(args.get("fluency", False))
         participant.activate()
+        others_result = evaluate(editor.model, editor.tok, others, kind) if others else None
         reply = {
             "client": spec.name,
             "kind": kind,
             "n_own": len(own),
             "n_others": len(others),
             "own": _metrics(evaluate(editor.model, editor.tok, own, kind, fluency=fluency)) if own else None,
-            "others": _metrics(evaluate(editor.model, editor.tok, others, kind)) if others else None,
+            "others": _metrics(others_result),
             "reports": [asdict(r) for r in participant.reports],
         }
+        if args.get("per_request"):
+            reply["reedited_ids"] = list(participant.reedited_ids)
+            reply["others_ids"] = [rid for rid, _ in absorbed]
+            rows = others_result["per_request"] if others_result else []
+            reply["others_per_request"] = [{k: v for k, v in row.items() if k != "case_id"} for row in rows]
         shown = own[:1] + others[:1]
         after = generate_greedy(editor.model, editor.tok, [r.text for r in shown], max_new_tokens=10)
         reply["own_before"] = reply["others_before"] = None  # the unedited model's, when asked for
@@ -517,13 +528,18 @@ class EditWorker:
         return reply, {}
 
     @staticmethod
-    def _absorbed(spec: ClientSpec, participant: Participant, which: str) -> list:
+    def _absorbed(spec: ClientSpec, participant: Participant, which: str) -> list[tuple[str, EditRequest]]:
+        """(MKV id ``<client>/<slot>/<index>``, request) of the other clients' requests this one took in."""
         if which == "none" or not spec.oracle:
             return []
         slots = {name: split_into_slots(reqs, spec.num_slots) for name, reqs in spec.requests_by_client().items()}
         if which == "all":
             return [
-                r for name, s in slots.items() if name != spec.name for slot in s[: participant.next_slot] for r in slot
+                (f"{name}/{t}/{i}", r)
+                for name, s in slots.items()
+                if name != spec.name
+                for t, slot in enumerate(s[: participant.next_slot])
+                for i, r in enumerate(slot)
             ]
         if which == "reedited":
             out = []
@@ -531,6 +547,6 @@ class EditWorker:
                 name, slot, index = rid.rsplit("/", 2)
                 sender_slots, slot, index = slots.get(name, []), int(slot), int(index)
                 if slot < len(sender_slots) and index < len(sender_slots[slot]):
-                    out.append(sender_slots[slot][index])
+                    out.append((rid, sender_slots[slot][index]))
             return out
         raise WorkerError(f"others must be 'none', 'reedited' or 'all', got {which!r}")

@@ -6,7 +6,11 @@ Four record schemas are recognised (from the keys of the first record):
   ``paraphrase_prompts``, ``neighborhood_prompts``, ``generation_prompts``;
 * simplified CounterFact: ``prompt`` (subject filled in), ``subject``, ``target_new``, ``ground_truth``,
   ``rephrase_prompt``, ``locality_prompt``, ``locality_ground_truth``;
-* zsRE (MEND split): ``subject``, ``src``, ``alt``, ``answers``, ``rephrase``, ``loc``, ``loc_ans``;
+* zsRE (MEND split): ``subject``, ``src``, ``alt``, ``answers``, ``rephrase``, ``loc``, ``loc_ans``, read
+  by one of two conventions (``zsre_target``): ``"answers"`` (MEMIT and FedLEKE, kmeng01/memit and
+  zongkaiz/FLEKE ``dsets/zsre.py`` lines 42-48: the new object is ``answers[0]``, no true object, the
+  neighbourhood question ``loc + "?"``) or ``"alt"`` (EasyEdit: the new object is ``alt``, the true
+  one ``answers[0]``, ``loc`` as it is);
 * plain requests (this project's own format): ``subject``, ``prompt`` (with ``"{}"``), ``target_new`` and
   optionally ``target_true``, ``case_id``, ``paraphrase_prompts``, ``neighborhood_prompts``,
   ``neighborhood_target``, ``generation_prompts``, ``timestamp``.
@@ -17,6 +21,7 @@ line). Every problem is reported as a :class:`DataError` naming the file, the re
 
 from __future__ import annotations
 
+import functools
 import json
 import stat
 from collections.abc import Iterable
@@ -29,6 +34,9 @@ from fededit_core.data.errors import DataError, validation_message
 from fededit_core.data.requests import EditRequest
 
 __all__ = ["DataError", "dataset_kind", "load_requests", "save_requests_jsonl"]
+
+ZSRE_TARGETS = ("answers", "alt")
+DEFAULT_ZSRE_TARGET = "answers"  # the convention of MEMIT and FedLEKE, whose tables this project reproduces
 
 Schema = Literal["counterfact_full", "counterfact_simple", "zsre", "requests"]
 Kind = Literal["counterfact", "zsre", "requests"]
@@ -296,18 +304,26 @@ def _from_counterfact_simple(record: dict, index: int) -> dict:
     )
 
 
-def _from_zsre(record: dict, index: int) -> dict:
+def _from_zsre(record: dict, index: int, target: str = DEFAULT_ZSRE_TARGET) -> dict:
+    """One zsRE record by the ``target`` convention (module docstring)."""
     subject = _string(_field(record, "subject"), "subject")
     src = _string(_field(record, "src"), "src")
-    target_new = _target(_field(record, "alt"), "alt")
     answers = record.get("answers") or []
     if isinstance(answers, str):
         answers = [answers]
     if not isinstance(answers, list):
         raise _RecordError(f"field 'answers' must be a list of strings, got {type(answers).__name__}")
-    target_true = _target(answers[0], "answers[0]") if answers else None
+    first_answer = _target(answers[0], "answers[0]") if answers else None
+    if target == "answers":
+        if first_answer is None:
+            raise _RecordError("field 'answers' is empty: zsre-target 'answers' edits towards answers[0]")
+        target_new, target_true = first_answer, None
+    else:
+        target_new, target_true = _target(_field(record, "alt"), "alt"), first_answer
     rephrase = _string(_field(record, "rephrase"), "rephrase", allow_empty=True)
     loc = _string(_field(record, "loc"), "loc", allow_empty=True)
+    if target == "answers" and loc:
+        loc += "?"  # the references append it to the nq question (dsets/zsre.py line 48)
     loc_ans = _target(_field(record, "loc_ans"), "loc_ans")
     return dict(
         case_id=_case_id(record, index),
@@ -376,8 +392,9 @@ def dataset_kind(path: str | Path) -> Kind:
     return marks.pop() or "requests"
 
 
-def load_requests(path: str | Path, n: int | None = None) -> list[EditRequest]:
-    """Read the first ``n`` records (all when ``None``) of a CounterFact, zsRE or plain request file.
+def load_requests(path: str | Path, n: int | None = None, zsre_target: str = DEFAULT_ZSRE_TARGET) -> list[EditRequest]:
+    """Read the first ``n`` records (all when ``None``) of a CounterFact, zsRE or plain request file;
+    ``zsre_target`` picks the zsRE convention (module docstring; other schemas ignore it).
 
     Raises :class:`DataError` naming the file, the record index and the fault.
     """
@@ -386,7 +403,11 @@ def load_requests(path: str | Path, n: int | None = None) -> list[EditRequest]:
         raise DataError(f"{path}: n must be a non-negative integer or None, got {n!r}")
     records = _read_records(path)
     schema = _schema_of(path, records)
+    if zsre_target not in ZSRE_TARGETS:
+        raise DataError(f"zsre-target must be one of {list(ZSRE_TARGETS)}, got {zsre_target!r}")
     convert = _CONVERTERS[schema]
+    if schema == "zsre":
+        convert = functools.partial(_from_zsre, target=zsre_target)
     selected = records if n is None else records[:n]
     out: list[EditRequest] = []
     for index, record in enumerate(selected):

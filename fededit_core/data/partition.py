@@ -22,7 +22,7 @@ from fededit_core.data.builtin import builtin_holders, resolve_data
 from fededit_core.data.clients import client_name
 from fededit_core.data.embeddings import cluster_partition
 from fededit_core.data.grouping import relation_partition
-from fededit_core.data.loaders import DataError, load_requests, record_clients
+from fededit_core.data.loaders import DEFAULT_ZSRE_TARGET, DataError, load_requests, record_clients
 from fededit_core.data.requests import EditRequest
 
 SCHEMES = ("field", "iid", "contiguous", "relation", "cluster")
@@ -72,11 +72,17 @@ def partition_requests(
 
 
 def load_partitions(
-    data: str, n_clients: int, scheme: str, seed: int = 0, max_requests: int = 0
+    data: str,
+    n_clients: int,
+    scheme: str,
+    seed: int = 0,
+    max_requests: int = 0,
+    zsre_target: str = DEFAULT_ZSRE_TARGET,
 ) -> dict[str, list[EditRequest]]:
-    """Read ``data`` and partition it; ``max_requests`` > 0 keeps that many per client (first ones)."""
+    """Read ``data`` (zsRE by ``zsre_target``) and partition it; ``max_requests`` > 0 keeps that many
+    per client (first ones)."""
     path = resolve_data(data)
-    requests = load_requests(path)
+    requests = load_requests(path, zsre_target=zsre_target)
     holders = record_clients(path) if scheme == "field" else None
     if holders is not None and path == resolve_data("builtin"):
         holders = builtin_holders(holders, n_clients)

@@ -17,9 +17,15 @@ from fededit_core.memit.editor import MemitEditor
 
 
 def centralised_metrics(
-    editor: MemitEditor, parts: dict[str, list[EditRequest]], kind: str, fluency: bool = False, n_slots: int = 1
+    editor: MemitEditor,
+    parts: dict[str, list[EditRequest]],
+    kind: str,
+    fluency: bool = False,
+    n_slots: int = 1,
+    per_request: bool = False,
 ) -> tuple[dict[str, dict], dict]:
-    """({client: metrics on its requests after the union edit}, timings); the editor ends at its base model."""
+    """({client: metrics on its requests after the union edit}, timings); the editor ends at its base
+    model. ``per_request``: each client's metrics keep ``per_request`` (in the order of its requests)."""
     slots = {name: split_into_slots(reqs, n_slots) for name, reqs in parts.items()}
     editor.reset()
     started = time.perf_counter()
@@ -35,7 +41,7 @@ def centralised_metrics(
         for name, reqs in parts.items():
             if reqs:
                 m = evaluate(editor.model, editor.tok, reqs, kind, fluency=fluency)
-                metrics[name] = {k: v for k, v in m.items() if k != "per_request"}
+                metrics[name] = m if per_request else {k: v for k, v in m.items() if k != "per_request"}
     finally:
         editor.reset()
     return metrics, seconds

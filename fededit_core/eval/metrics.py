@@ -161,6 +161,12 @@ def _score(metrics: Sequence[float]) -> float:
     return harmonic_mean([m for m in metrics if not math.isnan(m)])
 
 
+def summarise(per_request: Sequence[dict], parts: Sequence[str]) -> dict:
+    """``{"n", part: mean over the requests where it is defined, "score": harmonic mean of the defined}``."""
+    means = {k: _mean([p[k] for p in per_request if p.get(k) is not None]) for k in parts}
+    return {"n": len(per_request), **means, "score": _score(list(means.values()))}
+
+
 class _Queue:
     """Collects (prompt, target) pairs and hands back their scores by slot."""
 
@@ -305,8 +311,7 @@ def counterfact_metrics(
                 "ns": rate("ns_true", "ns_new", slot),
             }
         )
-    es, ps, ns = (_mean([p[k] for p in per_request if p[k] is not None]) for k in ("es", "ps", "ns"))
-    result = {"n": len(requests), "es": es, "ps": ps, "ns": ns, "score": _score([es, ps, ns])}
+    result = summarise(per_request, ("es", "ps", "ns"))
 
     if fluency:
         result["fluency"] = _request_fluency(model, tok, requests, max_new_tokens)
@@ -357,8 +362,7 @@ def zsre_metrics(model, tok, requests: Sequence[EditRequest], batch_size: int = 
         {"case_id": r.case_id, **{k: (acc[slot[k]].mean().item() if k in slot else None) for k in ("ea", "pa", "na")}}
         for r, slot in zip(requests, slots)
     ]
-    ea, pa, na = (_mean([p[k] for p in per_request if p[k] is not None]) for k in ("ea", "pa", "na"))
-    return {"n": len(requests), "ea": ea, "pa": pa, "na": na, "score": _score([ea, pa, na]), "per_request": per_request}
+    return {**summarise(per_request, ("ea", "pa", "na")), "per_request": per_request}
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -19,6 +21,11 @@ class MEMITHyperParams(BaseModel):
     kl_factor: float = Field(0.0625, ge=0)
     stop_prob: float = Field(
         0.95, gt=0, le=1.0, description="a request stops once exp(-mean target-token NLL) exceeds this"
+    )
+    stop_on: Literal["target_prob", "total_loss"] = Field(
+        "target_prob",
+        description="a request stops when exp(-NLL) > stop_prob, or (the reference code's rule, "
+        "kmeng01/memit memit/compute_z.py line 162) when NLL + KL + weight decay < 5e-2",
     )
     batch_size: int = Field(32, ge=1, description="requests optimised together")
     autocast: str | None = Field(None, description="bf16/fp16 autocast of the z optimisation, or None")

@@ -38,7 +38,7 @@ from fededit_core.model.tokens import encode_target, encode_with_subject, pad_ri
 
 KL_PROMPT = "{} is a"
 N_CHUNKS = 3  # rows of one step go through the network in this many length-sorted chunks
-REFERENCE_STOP_LOSS = 5e-2
+REFERENCE_STOP_LOSS = 5e-2  # kmeng01/memit memit/compute_z.py line 162: stop once the total loss is below it
 
 
 @dataclass
@@ -360,7 +360,7 @@ class _GroupOptimiser:
             for step in range(hp.v_steps):
                 nll, kl_logp = self._forward(replay, active)
                 loss, d_act = self._loss(nll, kl_logp, active)
-                done = self._judge(step, nll, d_act, active)
+                done = self._judge(step, nll, loss, d_act, active)
                 if step == hp.v_steps - 1 or bool(done.all()):
                     break
                 self._update(loss, done)
@@ -425,10 +425,16 @@ class _GroupOptimiser:
         wd = hp.v_weight_decay * d_act.norm(dim=1) / self.h_init[active.to(device)].norm(dim=1) ** 2
         return nll + hp.kl_factor * kl + wd, d_act
 
-    def _judge(self, step: int, nll: torch.Tensor, d_act: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """Which active requests stop (target prob > stop_prob), recording probs, and steps and delta of those."""
+    def _judge(
+        self, step: int, nll: torch.Tensor, loss: torch.Tensor, d_act: torch.Tensor, active: torch.Tensor
+    ) -> torch.Tensor:
+        """Which active requests stop (``hp.stop_on``: target prob > stop_prob, or total loss <
+        REFERENCE_STOP_LOSS), recording probs, and steps and delta of those."""
         prob = torch.exp(-nll.detach())
-        done = (prob > self.hp.stop_prob).cpu()
+        if self.hp.stop_on == "total_loss":
+            done = (loss.detach() < REFERENCE_STOP_LOSS).cpu()
+        else:
+            done = (prob > self.hp.stop_prob).cpu()
         last = step == self.hp.v_steps - 1
         for i, r in enumerate(active.tolist()):
             self.final_prob[r] = float(prob[i])
