@@ -52,7 +52,7 @@ def _curve_plot(plt, rows: list[dict], key: str, kind: str, title: str, path: Pa
 
 
 def _bytes_plot(plt, all_js: dict[str, dict], path: Path) -> None:
-    methods = ["local", "editavg", "fededit-noreedit", "fededit", "collabedit"]
+    methods = ["local", "editavg", "editavg-factors", "fededit-noreedit", "fededit", "collabedit"]
     datasets = [d for d, js in all_js.items() if js["methods"]]
     fig, ax = plt.subplots(figsize=(7, 3.2))
     width = 0.8 / max(1, len(datasets))

@@ -36,7 +36,7 @@ from fededit_core.model.loading import DEFAULT_MODEL, configure_threads
 from fededit_core.paths import cache_dir, shared_data_dir
 
 from .experiments import Runner, select_requests
-from .tables import dataset_json, write_outputs
+from .tables import MAIN_METHODS, dataset_json, write_outputs
 
 log = logging.getLogger("fededit.bench")
 SHARED = shared_data_dir() or Path("../shared/data")  # development and CI only; users pass their files
@@ -45,7 +45,6 @@ DEFAULT_DATA = {
     "zsre": SHARED / "zsre" / "zsre_mend_eval-600.json",
 }
 PARTITION = {"counterfact": "relation", "zsre": "cluster"}  # the FedLEKE paper's schemes
-MAIN_METHODS = ("local", "editavg", "fededit-noreedit", "fededit", "collabedit")
 SECTIONS = ("main", "ablation", "slots", "clients", "overlap", "iid")
 
 

@@ -19,16 +19,8 @@ from .experiments import workload
 from .plots import write_plots
 from .selectivity import selectivity
 
-METHOD_ORDER = (
-    "unedited",
-    "centralised",
-    "centralised_one_batch",
-    "local",
-    "editavg",
-    "fededit-noreedit",
-    "fededit",
-    "collabedit",
-)
+MAIN_METHODS = ("local", "editavg", "editavg-factors", "fededit-noreedit", "fededit", "collabedit")  # federated
+METHOD_ORDER = ("unedited", "centralised", "centralised_one_batch", *MAIN_METHODS)
 
 
 def _parts(kind: str, with_fluency: bool = True) -> list[str]:
@@ -150,7 +142,7 @@ def dataset_json(preset, dataset: str, results: dict, env: dict, data_files: dic
             **one,
             "retention": _ratio(one.get("score"), (central or {}).get("score")),
         }
-    for method in ("local", "editavg", "fededit-noreedit", "fededit", "collabedit"):
+    for method in MAIN_METHODS:
         if method in main:
             out["methods"][method] = _federated(main[method], central, kind)
             if _reedits(main[method]):

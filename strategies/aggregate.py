@@ -23,6 +23,33 @@ def edit_average(updates: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, 
     return {name: sum(n * arrays[name].astype(np.float64) for n, arrays in updates) / total for name in sorted(names)}
 
 
+def factor_average(updates: list[tuple[int, dict[str, np.ndarray]]], layers) -> dict[str, np.ndarray]:
+    """FedLEKE's MEMITAvg (zongkaiz/FLEKE memit/memit_main_avg.py lines 255-259 average, 46-49 apply):
+    A_l and R_l averaged over the clients separately, Delta_l = mean(R_l) mean(A_l)^T, (d, d_ff).
+
+    The authors' clients hold equal numbers of requests (``requests[i::8]``), so column i of every
+    client's factors meet in the mean; here a client with fewer edits is padded with zero columns.
+    Clients without edits in the slot are left out, as in ``edit_average``."""
+    updates = [arrays for n, arrays in updates if n > 0]
+    if not updates:
+        raise ValueError("no client sent factors with edits")
+    out = {}
+    for layer in layers:
+        width = max(a[f"factor_k.{layer}"].shape[1] for a in updates)
+        means = {}
+        for x in "kr":
+            padded = [
+                np.pad(
+                    a[f"factor_{x}.{layer}"].astype(np.float64),
+                    ((0, 0), (0, width - a[f"factor_{x}.{layer}"].shape[1])),
+                )
+                for a in updates
+            ]
+            means[x] = sum(padded) / len(padded)
+        out[f"delta.{layer}"] = means["r"] @ means["k"].T
+    return out
+
+
 def sum_statistics(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Elementwise float64 sums of R K^T and K K^T over clients."""
     if not parts:

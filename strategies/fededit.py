@@ -24,6 +24,7 @@ import logging
 
 import numpy as np
 
+from fededit_core.fedleke.mkv import WIRE_ARRAYS
 from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_GATE, DEFAULT_VECTOR
 
 from .base import Strategy
@@ -138,7 +139,7 @@ class FedEdit(Strategy):
                 body["fingerprint"],
                 ids,
                 [t or None for t in tags or [""] * len(ids)],
-                {k: arrays[k] for k in (("sealed",) if self.seal else ("z", "delta", "keys", "layers"))},
+                {k: arrays[k] for k in (("sealed",) if self.seal else (*WIRE_ARRAYS, "layers"))},
                 progress=self.progress(session, slot, "edit", served=[*stored, client]),
                 digests=digests,
             )
@@ -172,7 +173,7 @@ class FedEdit(Strategy):
         args.update(ids=[i for u in uploads for i in u.ids], senders=[u.client for u in uploads for _ in u.ids])
         arrays = {}
         if uploads:
-            arrays = {k: np.concatenate([u.arrays[k] for u in uploads]) for k in ("z", "delta", "keys")}
+            arrays = {k: np.concatenate([u.arrays[k] for u in uploads]) for k in WIRE_ARRAYS}
             arrays["layers"] = np.asarray(self.spec.layers, dtype=np.int64)
         return Instruction("reedit", args, arrays)
 

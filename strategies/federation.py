@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .base import Strategy
 from .collabedit import CollabEdit
-from .editavg import EditAvg
+from .editavg import EditAvg, EditAvgFactors
 from .fededit import FedEdit
 from .handshake import check_agreement
 from .local import Local
@@ -41,7 +41,9 @@ def make_strategy(settings: RunSettings, spec: FederationSpec, store: MKVStore |
         )
     if settings.strategy == "collabedit":
         return CollabEdit(spec, settings.run, secure=settings.secure_aggregation, store=store)
-    return {"editavg": EditAvg, "local": Local}[settings.strategy](spec, settings.run, store)
+    return {"editavg": EditAvg, "editavg-factors": EditAvgFactors, "local": Local}[settings.strategy](
+        spec, settings.run, store
+    )
 
 
 def resume_point(strategy: Strategy, progress: SlotProgress | None, starts: dict[str, int]) -> int:

@@ -177,6 +177,7 @@ REPLIES: dict[str, type[_Reply]] = {
     "edit": EditReply,
     "reedit": ReeditReply,
     "editavg_update": EditAvgUpdateReply,
+    "editavg_factors": EditAvgUpdateReply,
     "editavg_apply": EmptyReply,
     "collab": CollabReply,
     "rejected": RejectedReply,
@@ -186,8 +187,9 @@ REPLIES: dict[str, type[_Reply]] = {
 # the names of the arrays each reply may carry (no entry: the reply carries no arrays); which of
 # them must be present is checked in ``validation``
 REPLY_ARRAYS: dict[str, re.Pattern] = {
-    "edit": re.compile(r"(z|delta|keys|layers|sealed)"),
+    "edit": re.compile(r"(z|delta|keys|corrections|layers|sealed)"),
     "editavg_update": re.compile(r"delta\.[0-9]{1,4}"),
+    "editavg_factors": re.compile(r"factor_[kr]\.[0-9]{1,4}"),
     "collab": re.compile(r"(rk|kk)"),
 }
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fededit_core.fedleke.bounds import shift_bound_violations, shift_limit
+from fededit_core.fedleke.bounds import correction_bound_violations, shift_bound_violations, shift_limit
+from fededit_core.fedleke.mkv import WIRE_ARRAYS
 from fededit_core.fedleke.sealing import blob_problem
 from fededit_core.fedleke.tags import TAG_PATTERN
 from fededit_core.memit.update import positive_semidefinite
@@ -131,21 +132,30 @@ def validate_mkv_upload(
     tags: list[str] | None = None,
     slot: int | None = None,
 ) -> int:
-    """An MKV upload: z and delta (n, d), keys (n, |R|, d_ff), layers (|R|,), and optionally one tag
-    per id (``_check_ids``); delta within the federation's shift bound. Returns n."""
+    """An MKV upload: z and delta (n, d), keys (n, |R|, d_ff), corrections (n, |R|, d), layers (|R|,),
+    and optionally one tag per id (``_check_ids``); delta and the corrections within the federation's
+    bounds. Returns n."""
     check_fingerprint(client, fingerprint, spec)
-    _check_names(client, arrays, {"z", "delta", "keys", "layers"})
+    _check_names(client, arrays, {*WIRE_ARRAYS, "layers"})
     n = _check_ids(client, ids, tags, spec, slot)
     check_layers(client, arrays["layers"], spec)
     _check_array(client, "z", arrays["z"], (n, spec.d_model))
     _check_array(client, "delta", arrays["delta"], (n, spec.d_model))
     _check_array(client, "keys", arrays["keys"], (n, len(spec.layers), spec.d_ff))
+    _check_array(client, "corrections", arrays["corrections"], (n, len(spec.layers), spec.d_model))
     if spec.clamp_norm_factor is not None:
         z, delta = (torch.from_numpy(arrays[k].astype(np.float64)) for k in ("z", "delta"))
         bad = shift_bound_violations(z, delta, spec.clamp_norm_factor)
         if bad:
             raise UploadError(
                 f"client {client}: {len(bad)} shift(s) delta beyond {shift_limit(spec.clamp_norm_factor):g} "
+                "|z - delta| (fedleke/bounds.py)"
+            )
+        corrections = torch.from_numpy(arrays["corrections"].astype(np.float64))
+        bad = correction_bound_violations(z, delta, corrections, spec.clamp_norm_factor)
+        if bad:
+            raise UploadError(
+                f"client {client}: {len(bad)} correction(s) beyond {2 * shift_limit(spec.clamp_norm_factor):g} "
                 "|z - delta| (fedleke/bounds.py)"
             )
     return n
@@ -176,6 +186,15 @@ def validate_delta_upload(client: str, fingerprint: str, arrays: dict, spec: Fed
     _check_names(client, arrays, {f"delta.{l}" for l in layers})
     for layer in layers:
         _check_array(client, f"delta.{layer}", arrays[f"delta.{layer}"], (spec.d_model, spec.d_ff))
+
+
+def validate_factor_upload(client: str, fingerprint: str, arrays: dict, spec: FederationSpec, n: int) -> None:
+    """An ``editavg-factors`` upload: per edited layer A (d_ff, n) and R (d, n), n its edit count."""
+    check_fingerprint(client, fingerprint, spec)
+    _check_names(client, arrays, {f"factor_{x}.{l}" for l in spec.layers for x in "kr"})
+    for layer in spec.layers:
+        _check_array(client, f"factor_k.{layer}", arrays[f"factor_k.{layer}"], (spec.d_ff, n))
+        _check_array(client, f"factor_r.{layer}", arrays[f"factor_r.{layer}"], (spec.d_model, n))
 
 
 def validate_stats_upload(client: str, fingerprint: str, arrays: dict, spec: FederationSpec, layer: int) -> None:

@@ -210,6 +210,21 @@ def test_editavg_leaves_every_client_with_the_same_averaged_model(world, tmp_pat
     assert report["strategy"] == "editavg" and [c["n_others"] for c in report["clients"]] == [4, 4]
 
 
+def test_editavg_factors_averages_memits_two_factors(world, tmp_path):
+    report, transport = run(world, tmp_path, "editavg-factors")
+    specs = transport.specs
+    layers = [transport.worker.participant(spec).layers for spec in specs.values()]
+    editor = transport.worker.editor(specs["client-0"])
+    layer = editor.hp.layers[-1]
+    torch.testing.assert_close(layers[0][layer], layers[1][layer])
+    uploads = [r for _, i, r in transport.log if i.op == "editavg_factors" and i.args["slot"] == 0]
+    average = next(i for _, i, _ in transport.log if i.op == "editavg_apply" and i.args["slot"] == 0)
+    assert len(uploads) == 2 and uploads[0].arrays[f"factor_k.{layer}"].shape == (editor.d_ff, 2)
+    mean = {x: sum(u.arrays[f"factor_{x}.{layer}"].astype(np.float64) for u in uploads) / 2 for x in "kr"}
+    np.testing.assert_allclose(average.arrays[f"delta.{layer}"], mean["r"] @ mean["k"].T, rtol=1e-5, atol=1e-7)
+    assert report["strategy"] == "editavg-factors" and [c["n_others"] for c in report["clients"]] == [4, 4]
+
+
 def test_local_shares_nothing(world, tmp_path):
     report, transport = run(world, tmp_path, "local")
     assert {i.op for _, i, _ in transport.log} == {"hello", "edit", "evaluate"}

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fededit_core.memit.update import layer_statistics, memit_delta, solve_update
+from fededit_core.memit.update import layer_statistics, memit_delta, solve_update, update_factors
 
 
 @pytest.fixture(autouse=True)
@@ -143,3 +143,13 @@ def test_solve_update_refuses_non_finite_statistics(where, bad):
             memit_delta(torch.where(torch.arange(6) == 2, bad, keys), resid, c0, 10.0)
         else:
             memit_delta(keys, resid, args["c0"], 10.0)
+
+
+def test_update_factors_multiply_to_the_memit_update():
+    """A = (lambda C0 + K K^T)^-1 K and R give Delta = R A^T, the closed form of Eq. 14."""
+    torch.manual_seed(0)
+    keys, resid = torch.randn(5, 12, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    c0 = torch.eye(12, dtype=torch.float64) + 0.1 * torch.ones(12, 12, dtype=torch.float64)
+    a, r = update_factors(keys, resid, c0, 3.0)
+    assert tuple(a.shape) == (12, 5) and tuple(r.shape) == (4, 5)
+    torch.testing.assert_close(r @ a.T, memit_delta(keys, resid, c0, 3.0))

@@ -7,6 +7,7 @@ z optimisation reaches the stop probability within a few steps and MEMIT's close
 so an edit must take the target NLL from chance level (~6 nats) to nearly 0.
 """
 
+import dataclasses
 import math
 import random
 
@@ -297,6 +298,31 @@ def test_mkvs_on_one_layer_reproduce_the_text_edit(family, corpus):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_mkv_corrections_make_the_apply_exact_on_every_layer(family, corpus):
+    """With the keys and corrections of the sender's edit, the receiver's residual at layer i is
+    delta - sum_{j<i} Delta_j k_j - c_i = z - h_L(before layer i): MEMIT's own, so every layer's
+    update equals the text edit's (first-order alone: only the first layer does)."""
+    from dataclasses import replace
+
+    model_a, tok = make_model(family)
+    model_b, _ = make_model(family)
+    text_editor = make_editor(model_a, tok, corpus)
+    mkv_editor = make_editor(model_b, tok, corpus)
+    text = text_editor.edit(REQUESTS, progress=False)
+    mkvs = compute_mkvs(text_editor, REQUESTS, edit=text)
+    assert mkvs.corrections is not None and tuple(mkvs.corrections.shape) == (3, 2, mkvs.z.shape[1])
+    assert float(mkvs.corrections[:, 0].abs().max()) == 0.0  # nothing of this edit is written before layer 0
+    assert float(mkvs.corrections[:, 1].norm()) > 1e-3 * float(mkvs.delta.norm())
+    updates = apply_mkvs(mkv_editor, mkvs)
+    for layer in (1, 2):
+        scale = float(text.deltas[layer].abs().max())
+        torch.testing.assert_close(updates[layer], text.deltas[layer], rtol=0, atol=1e-4 * scale)
+    mkv_editor.reset()
+    first_order = apply_mkvs(mkv_editor, replace(mkvs, corrections=None))
+    assert float((first_order[2] - text.deltas[2]).norm()) > 1e-3 * float(text.deltas[2].norm())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_mkvs_on_several_layers_are_close_to_the_text_edit(family, corpus):
     """Several layers: the first layer's update is still exact; the later ones use the first-order
     estimate of what the earlier layers wrote (and the base keys), so they differ from the text
@@ -366,12 +392,17 @@ def _mkvs(n=3, layers=(1, 2), d=64, d_ff=128, seed=0):
 def test_mkv_arrays_round_trip():
     mkvs = _mkvs()
     arrays = mkvs.to_arrays()
-    assert set(arrays) == {"z", "delta", "keys", "layers"}
+    assert set(arrays) == {"z", "delta", "keys", "corrections", "layers"}
     assert arrays["z"].dtype == np.float32 and arrays["keys"].shape == (3, 2, 128)
+    assert arrays["corrections"].shape == (3, 2, 64) and not arrays["corrections"].any()  # none: zeros
     back = MKVSet.from_arrays(mkvs.ids, arrays)
     assert back.ids == mkvs.ids and back.layers == (1, 2)
     for name in ("z", "delta", "keys"):
         assert torch.equal(getattr(back, name), getattr(mkvs, name))
+    corrected = dataclasses.replace(mkvs, corrections=torch.randn(3, 2, 64))
+    assert torch.equal(MKVSet.from_arrays(mkvs.ids, corrected.to_arrays()).corrections, corrected.corrections)
+    with pytest.raises(MKVError, match="with and without corrections"):
+        MKVSet.concat([mkvs, corrected])
     # float64 payloads are accepted (and stored as float32)
     wide = {k: (v.astype(np.float64) if k != "layers" else v) for k, v in arrays.items()}
     assert torch.equal(MKVSet.from_arrays(mkvs.ids, wide).keys, mkvs.keys)
@@ -400,7 +431,9 @@ def test_mkv_payloads_are_validated():
         MKVSet.from_arrays(ids, payload(layers=np.asarray([1, 2, 3])))
     with pytest.raises(MKVError, match="floating"):
         MKVSet.from_arrays(ids, payload(z=good["z"].astype(np.int64)))
-    for name in ("z", "delta", "keys"):
+    with pytest.raises(MKVError, match="corrections must be"):
+        MKVSet.from_arrays(ids, payload(corrections=good["corrections"][:, :, :10]))
+    for name in ("z", "delta", "keys", "corrections"):
         bad = good[name].copy()
         bad.flat[7] = np.nan
         with pytest.raises(MKVError, match="NaN"):

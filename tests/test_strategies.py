@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 from fededit_core.data.requests import EditRequest
 from fededit_core.fedleke.reedit import best_match_similarity, kept_rows, paper_keep, reedit_decision
 from fededit_core.fedleke.tags import normalise, request_tag
-from strategies.aggregate import edit_average, sum_statistics
+from strategies.aggregate import edit_average, factor_average, sum_statistics
 from strategies.store import MKVStore
 from strategies.validation import (
     FederationSpec,
@@ -28,6 +30,7 @@ def mkv_arrays(n: int, seed: int = 0) -> dict[str, np.ndarray]:
         "z": rng.standard_normal((n, 8)).astype(np.float32),
         "delta": rng.standard_normal((n, 8)).astype(np.float32),
         "keys": rng.standard_normal((n, 2, 16)).astype(np.float32),
+        "corrections": 0.1 * rng.standard_normal((n, 2, 8)).astype(np.float32),
         "layers": np.array([1, 2]),
     }
 
@@ -82,6 +85,7 @@ def test_a_good_mkv_upload_passes():
         (lambda a: a.update(extra=np.zeros(3)), "unexpected"),
         (lambda a: a.update(z=np.zeros((2, 9), np.float32)), "shape"),
         (lambda a: a.update(keys=np.zeros((2, 2, 15), np.float32)), "shape"),
+        (lambda a: a.update(corrections=np.zeros((2, 1, 8), np.float32)), "shape"),
         (lambda a: a.update(z=np.full((2, 8), np.nan, np.float32)), "NaN"),
         (lambda a: a.update(delta=np.zeros((2, 8), np.int32)), "dtype"),
         (lambda a: a.update(layers=np.array([1, 3])), "layers"),
@@ -93,6 +97,18 @@ def test_bad_mkv_uploads_are_refused(mutate, message):
     with pytest.raises(UploadError, match=message) as err:
         validate_mkv_upload("c7", SPEC.fingerprint, ["a", "b"], arrays, SPEC)
     assert "client c7" in str(err.value)
+
+
+def test_corrections_beyond_two_shift_bounds_are_refused():
+    """(1'): |c_i^l| <= 2 c (c + 2) |z_i - delta_i|; an honest correction is far inside it."""
+    spec = dataclasses.replace(SPEC, clamp_norm_factor=0.5)
+    arrays = mkv_arrays(2)
+    arrays["delta"] = 0.1 * arrays["z"]  # |delta| = |z| / 10: inside (1)
+    validate_mkv_upload("c7", SPEC.fingerprint, ["a", "b"], arrays, spec)
+    h = np.linalg.norm(arrays["z"] - arrays["delta"], axis=1)
+    arrays["corrections"][1, 1] *= 2.6 * h[1] / np.linalg.norm(arrays["corrections"][1, 1])  # 2.6 |h| > 2.5 |h|
+    with pytest.raises(UploadError, match="1 correction"):
+        validate_mkv_upload("c7", SPEC.fingerprint, ["a", "b"], arrays, spec)
 
 
 def test_mkv_upload_limits_ids_and_fingerprint():
@@ -212,3 +228,22 @@ def test_the_gate_replay_counts_what_each_rule_keeps_of_related_and_unrelated_mk
     assert (paper["related_kept"], paper["unrelated_kept"], paper["precision"], paper["recall"]) == (6, 0, 1.0, 1.0)
     assert (whole_set["related_kept"], whole_set["unrelated_kept"]) == (6, 1)
     assert whole_set["precision"] == pytest.approx(6 / 7)
+
+
+def test_factor_average_is_the_product_of_the_means_with_short_clients_padded():
+    """MEMITAvg: mean(R) mean(A)^T, column i of every client paired; a client with fewer edits gets
+    zero columns; a client without edits is left out."""
+    rng = np.random.default_rng(0)
+    a1, r1 = rng.normal(size=(6, 3)), rng.normal(size=(4, 3))
+    a2, r2 = rng.normal(size=(6, 2)), rng.normal(size=(4, 2))
+    up = lambda a, r: {"factor_k.7": a, "factor_r.7": r}  # noqa: E731
+    empty = up(np.zeros((6, 0)), np.zeros((4, 0)))
+    out = factor_average([(3, up(a1, r1)), (2, up(a2, r2)), (0, empty)], (7,))
+    a2p, r2p = np.pad(a2, ((0, 0), (0, 1))), np.pad(r2, ((0, 0), (0, 1)))
+    np.testing.assert_allclose(out["delta.7"], ((r1 + r2p) / 2) @ ((a1 + a2p) / 2).T)
+    alone = factor_average([(3, up(a1, r1))], (7,))
+    np.testing.assert_allclose(alone["delta.7"], r1 @ a1.T)  # one client: its own MEMIT update
+    # not the mean of the clients' updates: the cross terms R_1 A_2^T and R_2 A_1^T enter
+    assert not np.allclose(out["delta.7"], (r1 @ a1.T + r2p @ a2p.T) / 2)
+    with pytest.raises(ValueError, match="no client sent factors"):
+        factor_average([(0, empty)], (7,))

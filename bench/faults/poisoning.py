@@ -39,6 +39,7 @@ from bench.inprocess import InProcessTransport
 from client_app.app import simulation_spec
 from fededit_core.client.worker import EditWorker
 from fededit_core.fedleke.bounds import shift_limit
+from fededit_core.fedleke.mkv import WIRE_ARRAYS
 from fededit_core.io import atomic_write
 from strategies.federation import run_federation
 from strategies.report import weighted
@@ -80,14 +81,14 @@ class Attacker:
             body["tags"] = list(body["tags"]) + [None] * (DECLARED - len(body["tags"]))
         elif ins.op == "reedit":
             for i, sender in enumerate(ins.args["senders"]):
-                row = {k: np.asarray(ins.arrays[k][i], np.float32) for k in ("z", "delta", "keys")}
+                row = {k: np.asarray(ins.arrays[k][i], np.float32) for k in WIRE_ARRAYS}
                 self.served.setdefault(sender, []).append(row)
         elif ins.op == "edit" and self.served:
             slot = ins.args["slot"]
             rows = self._crafted()
             body.update(ids=[f"{ATTACKER}/{slot}/{i}" for i in range(len(rows))], tags=[""] * len(rows))
             body["refused_reuse"] = []
-            arrays = {k: np.stack([r[k] for r in rows]) for k in ("z", "delta", "keys")}
+            arrays = {k: np.stack([r[k] for r in rows]) for k in WIRE_ARRAYS}
             arrays["layers"] = reply.arrays["layers"]
             replies[ATTACKER] = Reply(ATTACKER, body, arrays)
             return replies
@@ -107,7 +108,12 @@ class Attacker:
             h = newest["z"] - newest["delta"]
             s = BOUND_USE * shift_limit(self.clamp) * np.linalg.norm(h) / np.linalg.norm(newest["delta"])
             s = s if self.attack == "pushback" else 0.0
-            pushed = {"z": h - s * newest["delta"], "delta": -s * newest["delta"], "keys": newest["keys"]}
+            pushed = {
+                "z": h - s * newest["delta"],
+                "delta": -s * newest["delta"],
+                "keys": newest["keys"],
+                "corrections": np.zeros_like(newest["corrections"]),
+            }
             rows += [{k: self._noisy(v) for k, v in pushed.items()} for _ in range(REPEAT)]
         return rows[:DECLARED]
 

@@ -67,6 +67,7 @@ def _client_field_mutation(op: str, args: dict, d_model: int, d_ff: int, layers:
             "z": np.zeros((2, d_model), np.float32),
             "delta": np.zeros((2, d_model), np.float32),
             "keys": np.zeros((2, n, d_ff), np.float32),
+            "corrections": np.zeros((2, n, d_model), np.float32),
             "layers": np.asarray(layers, np.int64),
         }
         base = {**args, "ids": ids, "senders": ["c-1", "c-1"]}

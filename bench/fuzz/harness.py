@@ -94,6 +94,7 @@ def honest_reply(client: str, step: dict, arrays: dict, rng: np.random.Generator
             "z": rng.standard_normal((n, D_MODEL)).astype(np.float32),
             "delta": rng.standard_normal((n, D_MODEL)).astype(np.float32),
             "keys": rng.standard_normal((n, len(LAYERS), D_FF)).astype(np.float32),
+            "corrections": rng.standard_normal((n, len(LAYERS), D_MODEL)).astype(np.float32),
             "layers": np.asarray(LAYERS, dtype=np.int64),
         }
     if op == "reedit":

@@ -128,6 +128,7 @@ INSTRUCTIONS: dict[str, type[_Instruction]] = {
     "edit": Edit,
     "reedit": Reedit,
     "editavg_update": SlotStep,
+    "editavg_factors": SlotStep,
     "editavg_apply": SlotStep,
     "collab": Collab,
     "collab_masked": CollabMasked,
@@ -156,7 +157,13 @@ def expected_arrays(op: str, args: _Instruction, d_model: int, d_ff: int, layers
         n = len(args.ids)
         if not n:
             return {}
-        return {"z": (n, d_model), "delta": (n, d_model), "keys": (n, len(layers), d_ff), "layers": (len(layers),)}
+        return {
+            "z": (n, d_model),
+            "delta": (n, d_model),
+            "keys": (n, len(layers), d_ff),
+            "corrections": (n, len(layers), d_model),
+            "layers": (len(layers),),
+        }
     if op == "editavg_apply":
         return {f"delta.{l}": (d_model, d_ff) for l in layers}
     if op == "collab" and args.apply is not None:

@@ -35,7 +35,7 @@ from fededit_core.data.requests import EditRequest
 from fededit_core.data.slots import split_into_slots
 from fededit_core.eval.metrics import target_nll
 from fededit_core.fedleke.bounds import out_of_bounds
-from fededit_core.fedleke.mkv import MKVSet, apply_mkvs, compute_mkvs
+from fededit_core.fedleke.mkv import WIRE_ARRAYS, MKVSet, apply_mkvs, compute_mkvs
 from fededit_core.fedleke.reedit import (
     DEFAULT_ALPHA,
     DEFAULT_GATE,
@@ -51,7 +51,7 @@ from fededit_core.io import atomic_folder, last_good, recover_folder
 from fededit_core.memit.editor import MemitEditor
 from fededit_core.memit.keys import hidden_at_subject
 from fededit_core.memit.target import ZResult
-from fededit_core.memit.update import layer_statistics
+from fededit_core.memit.update import layer_statistics, update_factors
 
 
 @dataclass
@@ -147,8 +147,11 @@ class Participant:
         )
 
     # --- the two steps of a time slot -----------------------------------------------------------
-    def edit_slot(self, slot: int, reused: dict[str, torch.Tensor] | None = None) -> tuple[MKVSet, SlotReport]:
-        """Edit this slot's requests; ``reused`` maps a request tag to a stored z (skips its optimisation)."""
+    def edit_slot(
+        self, slot: int, reused: dict[str, torch.Tensor] | None = None, factors: bool = False
+    ) -> tuple[MKVSet, SlotReport]:
+        """Edit this slot's requests; ``reused`` maps a request tag to a stored z (skips its optimisation);
+        ``factors``: also keep each layer's MEMIT factors in ``pending`` (``editavg-factors``)."""
         if slot != self.next_slot:
             raise StepError(f"{self.name}: slot {slot} asked for, but the next slot to edit is {self.next_slot}")
         requests = self.slots[slot]
@@ -179,6 +182,11 @@ class Participant:
             report.seconds["z"] = time.perf_counter() - started
             started = time.perf_counter()
             result = self.editor.edit(requests, z=ZResult(z, h), progress=False)
+            if factors:  # kept in ``pending``, so checkpointed with the edit
+                c0 = self.editor.c0()
+                for l in self.editor.hp.layers:
+                    a, r = update_factors(result.keys[l], result.resids[l], c0[l].cpu(), self.editor.hp.mom2_weight)
+                    self.pending[f"factor_k.{l}"], self.pending[f"factor_r.{l}"] = a.float(), r.float()
             report.seconds["edit"] = time.perf_counter() - started
             started = time.perf_counter()
             ids = [f"{self.name}/{slot}/{i}" for i in range(len(requests))]  # opaque: no text
@@ -187,6 +195,9 @@ class Participant:
             self.own = mkvs if self.own is None else MKVSet.concat([self.own, mkvs])
         else:
             mkvs = self._empty_mkvs()
+            for l in self.editor.hp.layers if factors else ():
+                self.pending[f"factor_k.{l}"] = torch.zeros(self.editor.d_ff, 0)
+                self.pending[f"factor_r.{l}"] = torch.zeros(self.editor.d_model, 0)
         self._capture()
         self.next_slot = slot + 1
         self.reports.append(report)
@@ -291,14 +302,23 @@ class Participant:
 
     def editavg_update(self, slot: int) -> tuple[dict[int, torch.Tensor], SlotReport]:
         """Edit this slot on the current (global) model; returns Delta_l = W_l(after) - W_l(before)."""
-        if slot == self.next_slot - 1 and self._pending_slot() == slot:  # asked again: the same update
-            start = {l: self.pending[f"start.{l}"] for l in self.layers}
-            report = self.reports[-1]
-        else:
-            start = {l: w.clone() for l, w in self.layers.items()}
-            self.pending = {"slot": torch.tensor(slot), **{f"start.{l}": w for l, w in start.items()}}
-            _, report = self.edit_slot(slot)  # checkpoints, with the slot's start kept in ``pending``
+        start, report = self._editavg_edit(slot)
         return {l: (self.layers[l].double() - start[l].double()).float() for l in start}, report
+
+    def editavg_factors(self, slot: int) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], SlotReport]:
+        """Edit this slot on the current (global) model; returns each layer's MEMIT factors (A (d_ff, n),
+        R (d, n)) with Delta_l = R A^T (``memit.update.update_factors``), for ``editavg-factors``."""
+        _, report = self._editavg_edit(slot, factors=True)
+        return {l: (self.pending[f"factor_k.{l}"], self.pending[f"factor_r.{l}"]) for l in self.layers}, report
+
+    def _editavg_edit(self, slot: int, factors: bool = False) -> tuple[dict[int, torch.Tensor], SlotReport]:
+        """The slot's edit for EditAvg (once: asked again, the same one), its start kept in ``pending``."""
+        if slot == self.next_slot - 1 and self._pending_slot() == slot:  # asked again: the same update
+            return {l: self.pending[f"start.{l}"] for l in self.layers}, self.reports[-1]
+        start = {l: w.clone() for l, w in self.layers.items()}
+        self.pending = {"slot": torch.tensor(slot), **{f"start.{l}": w for l, w in start.items()}}
+        _, report = self.edit_slot(slot, factors=factors)  # checkpoints, with the slot's start in ``pending``
+        return start, report
 
     def editavg_apply(self, average: dict[int, torch.Tensor], slot: int) -> None:
         """W_l = W_l(slot start) + averaged Delta_l: every client ends the slot with the same model."""
@@ -422,9 +442,11 @@ class Participant:
         own = folder / "own_mkvs.npz"
         if own.is_file():
             data = np.load(own)
-            self.own = MKVSet.from_arrays(
-                [str(i) for i in data["ids"]], {k: data[k] for k in ("z", "delta", "keys", "layers")}
-            )
+            arrays = {k: data[k] for k in (*WIRE_ARRAYS, "layers") if k in data}
+            if "corrections" not in arrays:  # a checkpoint from before corrections: the first-order apply
+                n, layers, _ = arrays["keys"].shape
+                arrays["corrections"] = np.zeros((n, layers, arrays["z"].shape[1]), np.float32)
+            self.own = MKVSet.from_arrays([str(i) for i in data["ids"]], arrays)
         pending = folder / "pending.safetensors"
         self.pending = load_file(str(pending)) if pending.is_file() else {}
         self.next_slot = state["next_slot"]

@@ -410,6 +410,18 @@ class EditWorker:
             {f"delta.{l}": d.cpu().numpy() for l, d in update.items()},
         )
 
+    def op_editavg_factors(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
+        participant = self.participant(spec)
+        factors, report = participant.editavg_factors(self._slot(args, participant))
+        arrays = {}
+        for l, (a, r) in factors.items():
+            arrays[f"factor_k.{l}"], arrays[f"factor_r.{l}"] = a.cpu().numpy(), r.cpu().numpy()
+        return {
+            "n": report.edited,
+            "report": asdict(report),
+            "fingerprint": participant.editor.covariance.fingerprint,
+        }, arrays
+
     def op_editavg_apply(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
         participant = self.participant(spec)
         layers = participant.editor.hp.layers

@@ -35,15 +35,22 @@ class MKVError(ValueError):
     pass
 
 
+OPTIONAL_FIELDS = ("corrections", "plain_keys")
+WIRE_ARRAYS = ("z", "delta", "keys", "corrections")  # what a set carries between parties (plus "layers")
+
+
 @dataclass
 class MKVSet:
-    """MKVs of n requests: ids (opaque), z and delta (n, d), keys (n, |R|, d_ff) for ``layers``."""
+    """MKVs of n requests: ids (opaque), z and delta (n, d), keys (n, |R|, d_ff) for ``layers``, and
+    optionally the corrections (n, |R|, d) and the keys at the plain prompt (n, |R|, d_ff)."""
 
     ids: list[str]
     layers: tuple[int, ...]
     z: torch.Tensor
     delta: torch.Tensor
     keys: torch.Tensor
+    corrections: torch.Tensor | None = None
+    plain_keys: torch.Tensor | None = None
 
     def __post_init__(self):
         self.validate()
@@ -68,14 +75,27 @@ class MKVSet:
             raise MKVError(f"keys have d_ff={self.keys.shape[2]}, the model has d_ff={d_ff}")
         if layers is not None and tuple(self.layers) != tuple(layers):
             raise MKVError(f"MKVs are for layers {list(self.layers)}, this editor edits {list(layers)}")
-        for name in ("z", "delta", "keys"):
-            if not torch.isfinite(getattr(self, name)).all():
+        if self.corrections is not None and tuple(self.corrections.shape) != (n, len(self.layers), self.z.shape[1]):
+            raise MKVError(
+                f"corrections must be (n={n}, layers={len(self.layers)}, d), got {tuple(self.corrections.shape)}"
+            )
+        if self.plain_keys is not None and tuple(self.plain_keys.shape) != tuple(self.keys.shape):
+            raise MKVError(f"plain keys must have the keys' shape {tuple(self.keys.shape)}")
+        for name in ("z", "delta", "keys", *OPTIONAL_FIELDS):
+            value = getattr(self, name)
+            if value is not None and not torch.isfinite(value).all():
                 raise MKVError(f"{name} holds NaN or infinite values")
 
     def select(self, index) -> "MKVSet":
         index = torch.as_tensor(index, dtype=torch.long)
+        optional = {k: getattr(self, k)[index] for k in OPTIONAL_FIELDS if getattr(self, k) is not None}
         return MKVSet(
-            [self.ids[i] for i in index.tolist()], self.layers, self.z[index], self.delta[index], self.keys[index]
+            [self.ids[i] for i in index.tolist()],
+            self.layers,
+            self.z[index],
+            self.delta[index],
+            self.keys[index],
+            **optional,
         )
 
     @staticmethod
@@ -85,37 +105,50 @@ class MKVSet:
         layers = sets[0].layers
         if any(s.layers != layers for s in sets):
             raise MKVError("MKV sets for different layers cannot be combined")
+        optional = {}
+        for name in OPTIONAL_FIELDS:
+            have = [getattr(s, name) is not None for s in sets]
+            if any(have) and not all(have):
+                raise MKVError(f"MKV sets with and without {name} cannot be combined")
+            if all(have):
+                optional[name] = torch.cat([getattr(s, name) for s in sets])
         return MKVSet(
             [i for s in sets for i in s.ids],
             layers,
             torch.cat([s.z for s in sets]),
             torch.cat([s.delta for s in sets]),
             torch.cat([s.keys for s in sets]),
+            **optional,
         )
 
+    def wire_corrections(self) -> torch.Tensor:
+        """The corrections, zeros when the set has none (the first-order apply)."""
+        if self.corrections is not None:
+            return self.corrections
+        return torch.zeros(len(self), len(self.layers), self.z.shape[1])
+
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Stacked float32 arrays (the federation's payload) plus the layer list."""
+        """Stacked float32 arrays (the federation's payload, ``WIRE_ARRAYS``) plus the layer list."""
         return {
             "z": self.z.float().numpy(),
             "delta": self.delta.float().numpy(),
             "keys": self.keys.float().numpy(),
+            "corrections": self.wire_corrections().float().numpy(),
             "layers": np.asarray(self.layers, dtype=np.int64),
         }
 
     @classmethod
     def from_arrays(cls, ids: list[str], arrays: dict[str, np.ndarray]) -> "MKVSet":
-        missing = {"z", "delta", "keys", "layers"} - set(arrays)
+        missing = {*WIRE_ARRAYS, "layers"} - set(arrays)
         if missing:
             raise MKVError(f"MKV payload lacks {sorted(missing)}")
-        for name in ("z", "delta", "keys"):
+        for name in WIRE_ARRAYS:
             if not np.issubdtype(arrays[name].dtype, np.floating):
                 raise MKVError(f"{name} must be floating point, got {arrays[name].dtype}")
         return cls(
             list(ids),
             tuple(int(l) for l in arrays["layers"]),
-            torch.from_numpy(np.array(arrays["z"], dtype=np.float32)),
-            torch.from_numpy(np.array(arrays["delta"], dtype=np.float32)),
-            torch.from_numpy(np.array(arrays["keys"], dtype=np.float32)),
+            *(torch.from_numpy(np.array(arrays[k], dtype=np.float32)) for k in WIRE_ARRAYS),
         )
 
 
@@ -147,7 +180,12 @@ def compute_mkvs(
                 [compute_keys(editor.model, editor.tok, requests, l, editor.templates) for l in editor.hp.layers], dim=1
             )
     ids = ids or [str(r.case_id) for r in requests]
-    return MKVSet(ids, tuple(editor.hp.layers), z.z.float(), (z.z - h_base).float(), keys.float())
+    optional = {}
+    if edit is not None and edit.corrections:
+        optional["corrections"] = torch.stack([edit.corrections[l] for l in editor.hp.layers], dim=1).float()
+    if edit is not None and edit.plain_keys:
+        optional["plain_keys"] = torch.stack([edit.plain_keys[l] for l in editor.hp.layers], dim=1).float()
+    return MKVSet(ids, tuple(editor.hp.layers), z.z.float(), (z.z - h_base).float(), keys.float(), **optional)
 
 
 def apply_mkvs(editor: MemitEditor, mkvs: MKVSet) -> dict[int, torch.Tensor]:
@@ -157,12 +195,15 @@ def apply_mkvs(editor: MemitEditor, mkvs: MKVSet) -> dict[int, torch.Tensor]:
         return {}
     device = editor.device
     keys = mkvs.keys.to(device).double()
+    at = (mkvs.plain_keys if mkvs.plain_keys is not None else mkvs.keys).to(device).double()  # where shifts are read
     delta = mkvs.delta.to(device).double()
     c0 = editor.c0()
     updates = {}
     n_layers = len(editor.hp.layers)
     for i, layer in enumerate(editor.hp.layers):
-        written = sum(keys[:, j] @ editor.weight_shift(l).to(device).T for j, l in enumerate(editor.hp.layers))
+        written = sum(at[:, j] @ editor.weight_shift(l).to(device).T for j, l in enumerate(editor.hp.layers))
+        if mkvs.corrections is not None:
+            written = written + mkvs.corrections[:, i].to(device).double()
         resid = (delta - written) / (n_layers - i)
         update = memit_delta(keys[:, i], resid, c0[layer], editor.hp.mom2_weight)
         editor.family.add_update(editor.model, layer, update)

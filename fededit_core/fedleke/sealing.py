@@ -6,10 +6,11 @@ request tags with it). From it:
     key    = HKDF-SHA256(secret, info = "fededit mkv seal v1"), 32 bytes (AES-256)
     key id = HMAC-SHA256(secret, "fededit key id")[:8]          (public: names the key, not it)
     blob   = MAGIC | key id | nonce | AES-256-GCM(key, nonce, payload, aad)
-    payload = z (n, d) | delta (n, d) | keys (n, |R|, d_ff), little-endian float32, row-major
+    payload = z (n, d) | delta (n, d) | keys (n, |R|, d_ff) | corrections (n, |R|, d),
+              little-endian float32, row-major
     aad     = canonical JSON of (run, sender, slot, ids, layers, fingerprint, d, d_ff)
 
-so ``len(blob) = HEADER + 4 n (2 d + |R| d_ff) + TAG`` and the server can check a blob's length
+so ``len(blob) = HEADER + 4 n (2 d + |R| (d_ff + d)) + TAG`` and the server can check a blob's length
 against the declared count and the federation's shapes, and nothing else. The associated data binds
 the blob to its run, sender, slot and ids: a blob the server swaps, replays under other ids or
 re-labels does not open. Nonces are 96 random bits per blob (``os.urandom``), within NIST SP
@@ -34,7 +35,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fededit_core.fedleke.mkv import MKVSet
 
-MAGIC = b"FEs1"
+MAGIC = b"FEs2"
 KEY_ID_BYTES, NONCE_BYTES, TAG_BYTES = 8, 12, 16
 HEADER = len(MAGIC) + KEY_ID_BYTES + NONCE_BYTES
 
@@ -61,7 +62,7 @@ def _seal_key(secret: bytes) -> bytes:
 
 def sealed_length(n: int, d_model: int, d_ff: int, n_layers: int) -> int:
     """Bytes of the blob of ``n`` MKVs."""
-    return HEADER + 4 * n * (2 * d_model + n_layers * d_ff) + TAG_BYTES
+    return HEADER + 4 * n * (2 * d_model + n_layers * (d_ff + d_model)) + TAG_BYTES
 
 
 def blob_problem(blob: bytes, n: int, d_model: int, d_ff: int, n_layers: int) -> str | None:
@@ -113,7 +114,7 @@ class KeyRing:
             raise ValueError("the seal context must name the set's own ids and layers")
         payload = b"".join(
             np.ascontiguousarray(t.detach().cpu().float().numpy(), dtype="<f4").tobytes()
-            for t in (mkvs.z, mkvs.delta, mkvs.keys)
+            for t in (mkvs.z, mkvs.delta, mkvs.keys, mkvs.wire_corrections())
         )
         nonce = os.urandom(NONCE_BYTES)
         sealed = AESGCM(self.keys[self.current]).encrypt(nonce, payload, context.aad())
@@ -134,11 +135,12 @@ class KeyRing:
         except InvalidTag:
             raise SealError("the sealed set does not open: tampered, or bound to another run, sender, slot or ids")
         values = np.frombuffer(payload, dtype="<f4").astype(np.float32)
-        z, delta, keys = np.split(values, [n * d, 2 * n * d])
+        z, delta, keys, corrections = np.split(values, [n * d, 2 * n * d, 2 * n * d + n * layers * d_ff])
         return MKVSet(
             list(context.ids),
             context.layers,
             torch.from_numpy(z.reshape(n, d).copy()),
             torch.from_numpy(delta.reshape(n, d).copy()),
             torch.from_numpy(keys.reshape(n, layers, d_ff).copy()),
+            torch.from_numpy(corrections.reshape(n, layers, d).copy()),
         )

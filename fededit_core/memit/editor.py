@@ -35,6 +35,11 @@ class EditResult:
     z: ZResult
     deltas: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (d, d_ff)
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n, d_ff), as used
+    # layer i -> (n, d): c_i = (h_L before layer i - h_L before layer 0) - sum_{j<i} Delta_j k_j, the part of
+    # this edit's own effect on h_L that the first-order estimate misses (fedleke.mkv: the exact apply)
+    corrections: dict[int, torch.Tensor] = field(default_factory=dict)
+    plain_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n, d_ff) at the plain prompt
+    resids: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n, d): (z - h_L) / (layers left)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -117,10 +122,13 @@ class MemitEditor:
     def layer_inputs(self, requests: list[EditRequest], z: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (n, d_ff) at the i-th edited layer and residuals (z - h_L) / (layers left), (n, d),
         both read off the current (partly edited) model."""
-        layer = self.hp.layers[i]
-        keys = compute_keys(self.model, self.tok, requests, layer, self.templates)
-        current = hidden_at_subject(self.model, self.tok, requests, self.hp.z_layer)
-        return keys, (z - current) / (len(self.hp.layers) - i)
+        keys, current = self._read_layer(requests, i)
+        return keys, (z - current.to(z)) / (len(self.hp.layers) - i)
+
+    def _read_layer(self, requests: list[EditRequest], i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Template-averaged keys at the i-th edited layer and h_L, on the current model."""
+        keys = compute_keys(self.model, self.tok, requests, self.hp.layers[i], self.templates)
+        return keys, hidden_at_subject(self.model, self.tok, requests, self.hp.z_layer)
 
     def apply_statistics(self, layer: int, rk: torch.Tensor, kk: torch.Tensor) -> torch.Tensor:
         """W_layer += (R K^T)(lambda C0 + K K^T)^-1; the statistics may be sums over clients (CollabEdit)."""
@@ -128,8 +136,12 @@ class MemitEditor:
         self.family.add_update(self.model, layer, delta)
         return delta
 
-    def edit(self, requests: list[EditRequest], z: ZResult | None = None, progress: bool = True) -> EditResult:
-        """Text-based MEMIT of ``requests`` on the current model (optimising z unless given)."""
+    def edit(
+        self, requests: list[EditRequest], z: ZResult | None = None, progress: bool = True, plain_keys: bool = False
+    ) -> EditResult:
+        """Text-based MEMIT of ``requests`` on the current model (optimising z unless given); records
+        each layer's update, keys and correction (``EditResult``), and with ``plain_keys`` the keys
+        at the plain prompt too."""
         if not requests:
             raise ValueError("no edit requests given")
         started = time.perf_counter()
@@ -139,10 +151,18 @@ class MemitEditor:
         seconds["z"] = z.seconds
         result = EditResult(z=z, seconds=seconds)
         started = time.perf_counter()
+        written = None  # sum_{j<i} Delta_j k_j, (n, d)
         for i, layer in enumerate(self.hp.layers):
-            keys, resid = self.layer_inputs(requests, z.z, i)
+            keys, current = self._read_layer(requests, i)  # on the CPU
+            if i == 0:
+                start, written = current.double(), torch.zeros_like(current, dtype=torch.float64)
+            result.corrections[layer] = (current.double() - start - written).float()
+            resid = (z.z - current.to(z.z)) / (len(self.hp.layers) - i)
+            if plain_keys:
+                result.plain_keys[layer] = compute_keys(self.model, self.tok, requests, layer, ContextTemplates.plain())
             delta = self.apply_statistics(layer, *layer_statistics(keys.to(self.device), resid.to(self.device)))
-            result.deltas[layer], result.keys[layer] = delta.float(), keys
+            result.deltas[layer], result.keys[layer], result.resids[layer] = delta.float(), keys, resid.float().cpu()
+            written = written + keys.double() @ delta.double().T.cpu()
         seconds["layers"] = time.perf_counter() - started
         return result
 

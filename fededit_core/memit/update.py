@@ -25,6 +25,16 @@ def solve_update(rk: torch.Tensor, kk: torch.Tensor, c0: torch.Tensor, mom2_weig
     return torch.linalg.solve(a, rk.double().T).T  # a is symmetric
 
 
+def update_factors(
+    keys: torch.Tensor, resid: torch.Tensor, c0: torch.Tensor, mom2_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT's two factors, Delta = R A^T: A = (lambda C0 + K K^T)^-1 K (d_ff, n) and R (d, n), float64
+    (zongkaiz/FLEKE memit/memit_main_avg.py lines 213-218 keep them apart as ``adj_k`` and ``resid``)."""
+    keys, resid = keys.double(), resid.double()
+    a = mom2_weight * c0.to(device=keys.device, dtype=torch.float64) + keys.T @ keys
+    return torch.linalg.solve(a, keys.T), resid.T
+
+
 def memit_delta(keys: torch.Tensor, resid: torch.Tensor, c0: torch.Tensor, mom2_weight: float) -> torch.Tensor:
     """The minimiser of |Delta K - R|^2 + lambda tr(Delta C0 Delta^T) (Eq. 14)."""
     return solve_update(*layer_statistics(keys, resid), c0, mom2_weight)
