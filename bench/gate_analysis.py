@@ -26,7 +26,7 @@ from fededit_core.data.grouping import template_groups
 from fededit_core.data.slots import split_into_slots
 from fededit_core.fedleke.reedit import kept_rows
 from fededit_core.memit.editor import make_editor
-from fededit_core.memit.keys import hidden_at_subject
+from fededit_core.memit.keys import compute_keys, hidden_at_subject
 from fededit_core.model.loading import DEFAULT_MODEL, configure_threads
 from fededit_core.paths import cache_dir
 
@@ -84,6 +84,37 @@ def replay(
     return out
 
 
+def separability(vectors: dict[str, torch.Tensor], slots: dict[str, list[list[int]]], groups: list[int]) -> dict:
+    """ROC AUC of ranking each served MKV by its best cosine (and mean of the best three) to the
+    receiver's own vectors so far: 0.5 = no better than chance at telling related from unrelated."""
+    out = {}
+    for name, m in vectors.items():
+        unit = m.double() / m.double().norm(dim=1, keepdim=True)
+        best, top3, related = [], [], []
+        for t in range(max(len(s) for s in slots.values())):
+            for receiver, own_slots in slots.items():
+                own = [i for s in own_slots[: t + 1] for i in s]
+                own_groups = {groups[i] for i in own}
+                for sender, sender_slots in slots.items():
+                    if sender == receiver or t >= len(sender_slots):
+                        continue
+                    for j in sender_slots[t]:
+                        cos = unit[own] @ unit[j]
+                        best.append(float(cos.max()))
+                        top3.append(float(cos.topk(min(3, len(cos))).values.mean()))
+                        related.append(groups[j] in own_groups)
+        out[name] = {"best": _auc(best, related), "best3": _auc(top3, related)}
+    return out
+
+
+def _auc(scores: list[float], labels: list[bool]) -> float | None:
+    s, y = torch.tensor(scores), torch.tensor(labels)
+    pos, neg = s[y], s[~y]
+    if not len(pos) or not len(neg):
+        return None
+    return float((pos[:, None] > neg[None, :]).double().mean() + 0.5 * (pos[:, None] == neg[None, :]).double().mean())
+
+
 def analyse(preset_name: str = "default", alphas=ALPHAS, data: Path = DEFAULT_DATA["counterfact"]) -> dict:
     configure_threads()
     preset = PRESETS[preset_name]
@@ -101,13 +132,16 @@ def analyse(preset_name: str = "default", alphas=ALPHAS, data: Path = DEFAULT_DA
     }
     slots = {c: [[row[id(r)] for r in s] for s in split_into_slots(reqs, exp["n_slots"])] for c, reqs in parts.items()}
     groups = [group_of[r.prompt] for r in union]
+    last = compute_keys(editor.model, editor.tok, union, editor.hp.z_layer, editor.templates)
+    vectors = {"z": z, "delta": z - h}
     return {
         "preset": preset_name,
         "n_edits": exp["n_edits"],
         "n_clients": exp["n_clients"],
         "n_slots": exp["n_slots"],
         "alphas": list(alphas),
-        "kept": replay({"z": z, "delta": z - h}, slots, groups, alphas),
+        "kept": replay(vectors, slots, groups, alphas),
+        "auc": separability({**vectors, "keys_L": last}, slots, groups),
     }
 
 
@@ -154,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{first['unrelated_offered']} unrelated; kept (related/unrelated) "
                 + "; ".join(f"α={r['alpha']}: {r['related_kept']}/{r['unrelated_kept']}" for r in rows)
             )
+    for name, auc in out["auc"].items():
+        print(
+            f"ROC AUC of related vs unrelated by best cosine to own, {name}: best {auc['best']:.3f}, "
+            f"mean of best three {auc['best3']:.3f}"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
