@@ -37,6 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     base = make_editor(args.model)
     rows = []
+
+    def write(rows: list[dict]) -> None:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "n": args.n,
+            "data": [recorded_path(Path(args.counterfact)), recorded_path(Path(args.zsre))],
+            "v_steps": base.hp.v_steps,
+            "stop_prob": base.hp.stop_prob,
+            "rows": rows,
+        }
+        Path(args.json).write_text(json.dumps(record, indent=2))
+
     for path in (Path(args.counterfact), Path(args.zsre)):
         requests = load_requests(path, n=args.n)
         kind = dataset_kind(path)
@@ -62,18 +74,10 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             print(format_table(rows[-1:]), flush=True)
+            if args.json:  # after every run: an interrupted benchmark keeps what it measured
+                write(rows)
     columns = ["data", "stop_on", "steps_mean", "at_step_cap", "target_prob_mean", "z_s", "score"]
     print(format_table(rows, columns, markdown=True))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "n": args.n,
-            "data": [recorded_path(Path(args.counterfact)), recorded_path(Path(args.zsre))],
-            "v_steps": base.hp.v_steps,
-            "stop_prob": base.hp.stop_prob,
-            "rows": rows,
-        }
-        Path(args.json).write_text(json.dumps(record, indent=2))
     return 0
 
 
