@@ -38,16 +38,11 @@ ALPHAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.22, 0.3, 0.4, 0.5, 0.6, 0.7)
 RULES = ("paper", "set")
 
 
-def replay(
-    vectors: dict[str, torch.Tensor], slots: dict[str, list[list[int]]], groups: list[int], alphas=ALPHAS
-) -> dict:
-    """Every rule's selection on the served MKVs. ``vectors``: name -> (n, d) rows; ``slots``:
-    client -> per slot the rows it edited; ``groups``: each row's relation group. Returns
-    {rule: {vector: [{alpha, related_offered, unrelated_offered, related_kept, unrelated_kept,
-    precision, recall}]}}."""
-    n_slots = max(len(s) for s in slots.values())
-    offers = []  # (related flags of the sent rows, own rows so far, own rows of this slot, sent rows)
-    for t in range(n_slots):
+def offers(slots: dict[str, list[list[int]]], groups: list[int]) -> list[tuple]:
+    """What the server serves: (related flags of the sent rows, the receiver's own rows so far, its
+    own rows of this slot, the sent rows), one per (slot, receiver, sender)."""
+    out = []
+    for t in range(max(len(s) for s in slots.values())):
         for receiver, own_slots in slots.items():
             own = [i for s in own_slots[: t + 1] for i in s]
             own_slot = own_slots[t] if t < len(own_slots) else []
@@ -55,7 +50,18 @@ def replay(
             for sender, sender_slots in slots.items():
                 sent = sender_slots[t] if t < len(sender_slots) else []
                 if sender != receiver and sent:
-                    offers.append((torch.tensor([groups[i] in own_groups for i in sent]), own, own_slot, sent))
+                    out.append((torch.tensor([groups[i] in own_groups for i in sent]), own, own_slot, sent))
+    return out
+
+
+def replay(
+    vectors: dict[str, torch.Tensor], slots: dict[str, list[list[int]]], groups: list[int], alphas=ALPHAS
+) -> dict:
+    """Every rule's selection on the served MKVs. ``vectors``: name -> (n, d) rows; ``slots``:
+    client -> per slot the rows it edited; ``groups``: each row's relation group. Returns
+    {rule: {vector: [{alpha, related_offered, unrelated_offered, related_kept, unrelated_kept,
+    precision, recall}]}}."""
+    served = offers(slots, groups)
     out: dict = {}
     for rule in RULES:
         out[rule] = {}
@@ -63,7 +69,7 @@ def replay(
             rows = []
             for a in alphas:
                 counts = {"related_offered": 0, "unrelated_offered": 0, "related_kept": 0, "unrelated_kept": 0}
-                for related, own, own_slot, sent in offers:
+                for related, own, own_slot, sent in served:
                     kept = kept_rows(rule, m[own], m[own_slot], m[sent], a)
                     counts["related_offered"] += int(related.sum())
                     counts["unrelated_offered"] += int((~related).sum())
@@ -87,22 +93,16 @@ def replay(
 def separability(vectors: dict[str, torch.Tensor], slots: dict[str, list[list[int]]], groups: list[int]) -> dict:
     """ROC AUC of ranking each served MKV by its best cosine (and mean of the best three) to the
     receiver's own vectors so far: 0.5 = no better than chance at telling related from unrelated."""
+    served = offers(slots, groups)
     out = {}
     for name, m in vectors.items():
         unit = m.double() / m.double().norm(dim=1, keepdim=True)
         best, top3, related = [], [], []
-        for t in range(max(len(s) for s in slots.values())):
-            for receiver, own_slots in slots.items():
-                own = [i for s in own_slots[: t + 1] for i in s]
-                own_groups = {groups[i] for i in own}
-                for sender, sender_slots in slots.items():
-                    if sender == receiver or t >= len(sender_slots):
-                        continue
-                    for j in sender_slots[t]:
-                        cos = unit[own] @ unit[j]
-                        best.append(float(cos.max()))
-                        top3.append(float(cos.topk(min(3, len(cos))).values.mean()))
-                        related.append(groups[j] in own_groups)
+        for flags, own, _, sent in served:
+            cos = unit[own] @ unit[sent].T  # (own, sent)
+            best += cos.max(dim=0).values.tolist()
+            top3 += cos.topk(min(3, len(own)), dim=0).values.mean(dim=0).tolist()
+            related += flags.tolist()
         out[name] = {"best": _auc(best, related), "best3": _auc(top3, related)}
     return out
 

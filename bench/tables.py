@@ -7,6 +7,7 @@ union is reported beside it.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -64,10 +65,18 @@ def _reedits(result: dict) -> bool:
     return any(c.get("reedited_ids") is not None for c in result["report"]["clients"])
 
 
+@functools.lru_cache(maxsize=16)
+def _workload(inputs: str, files: tuple) -> dict:
+    """An experiment's partition, once per run of the benchmark (the outputs are rewritten after every
+    experiment; the cluster partition embeds every question)."""
+    return workload(json.loads(inputs), {name: Path(path) for name, path in files})
+
+
 def _selectivity(result: dict, central: dict | None, data_files: dict) -> dict:
     """``gate``, ``others_related`` / ``others_unrelated`` and ``union`` (bench.selectivity)."""
     inputs = result["inputs"]
-    parts = workload(inputs, data_files)
+    files = tuple(sorted((name, str(path)) for name, path in data_files.items()))
+    parts = _workload(json.dumps(inputs, sort_keys=True, default=str), files)
     found = selectivity(inputs["kind"], parts, inputs["n_slots"], result["report"], central)
     rule = "none" if inputs["method"] == "fededit-noreedit" else inputs.get("gate", DEFAULT_GATE)
     found["gate"] = {"rule": rule, "vector": inputs.get("vector"), "alpha": inputs.get("alpha"), **found["gate"]}

@@ -125,7 +125,7 @@ def fededit_view(store_path: Path, d: int, d_ff: int, n_layers: int):
             payload = upload.arrays["sealed"].tobytes()[HEADER:-TAG_BYTES]
             values = np.frombuffer(payload, dtype="<f4").astype(np.float64)
             z = values[: n * d].reshape(n, d)
-            keys = values[2 * n * d :].reshape(n, n_layers, d_ff)
+            keys = values[2 * n * d : 2 * n * d + n * n_layers * d_ff].reshape(n, n_layers, d_ff)
         else:
             z, keys = upload.arrays["z"].astype(np.float64), upload.arrays["keys"].astype(np.float64)
         yield upload.client, upload.slot, z, keys[:, 0]

@@ -12,7 +12,8 @@ exceed it and is refused). A correction c_i^l (``mkv.py``) is the gap between tw
 same edit's effect on h_L, each at most one such shift, so every honest one keeps
 
     |c_i^l| <= 2 c (c + 2) |h_i|                                                      (1')
- (1) alone lets a poisoner inflate h as well, so the receiver also holds
+
+(1) alone lets a poisoner inflate h as well, so the receiver also holds
 the sender's h and keys to its own scale:
 
     |h_i| <= H_SLACK * max_own |h|,    |k_i^l| <= H_SLACK * max_own |k^l|          (2)
@@ -46,7 +47,7 @@ def correction_bound_violations(
 ) -> list[int]:
     """Rows i with some |c_i^l| > 2 c (c + 2) |z_i - delta_i| (1')."""
     h = (z.double() - delta.double()).norm(dim=1)
-    largest = corrections.double().norm(dim=2).max(dim=1).values if corrections.shape[1] else torch.zeros_like(h)
+    largest = corrections.double().norm(dim=2).max(dim=1).values
     return torch.nonzero(largest > 2 * shift_limit(clamp_norm_factor) * h * (1 + 1e-6)).flatten().tolist()
 
 
