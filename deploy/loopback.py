@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import secrets
 import socket
 import subprocess
@@ -40,9 +41,28 @@ PROJECT = DEPLOY.parent
 CONNECTION = "fededit"
 
 
+def _ephemeral_start() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 49152, the IANA start, elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A TCP port nothing listens on now, below the ephemeral range: a port the OS hands out (bind to
+    0) can be taken as the source port of an outgoing connection before its server binds it."""
+    start = _ephemeral_start()
+    pick = random.SystemRandom()
+    for _ in range(200):
+        port = pick.randrange(max(1024, start - 12000), start)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # a crowded host: let the OS pick
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
