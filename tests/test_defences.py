@@ -119,7 +119,7 @@ def victim(tmp_path, monkeypatch):
 
 
 def _poison(own: MKVSet, scale: float) -> MKVSet:
-    """The victim's own vectors (so Eq. 8 keeps the set) plus one that pushes its first fact back by
+    """The victim's own vectors (so the `set` rule of Eq. 8 on delta keeps the set) plus one that pushes its first fact back by
     ``scale`` times its own shift, at its own key: z = h - scale * delta."""
     h = own.z - own.delta
     z = torch.cat([own.z, h[:1] - scale * own.delta[:1]])
@@ -142,10 +142,12 @@ def test_a_harmful_set_that_keeps_the_bounds_is_rolled_back(victim):
     clean, start = _own_nll(victim), {l: w.clone() for l, w in victim.layers.items()}
     poison = _poison(victim.own, 3.0)
     assert out_of_bounds(poison, victim.own, victim.editor.hp.clamp_norm_factor) is None
-    victim.reedit([poison], alpha=0.5, margin=None, check_bounds=False)  # defences off: the set is applied
+    victim.reedit(
+        [poison], gate="set", vector="delta", alpha=0.5, margin=None, check_bounds=False
+    )  # defences off: the set is applied
     assert victim.reports[-1].kept_sets == 1 and float((_own_nll(victim) - clean).max()) > 1.0
     victim.layers, victim.reedited_ids, victim.reports[-1].kept_sets = start, [], 0
-    victim.reedit([poison], alpha=0.5)
+    victim.reedit([poison], gate="set", vector="delta", alpha=0.5)
     assert victim.reports[-1].kept_sets == 0 and victim.reports[-1].refused_sets == 1
     assert torch.allclose(_own_nll(victim), clean, atol=1e-5)
     assert "raises the target NLL of an own edit" in victim.suspects["evil"]
@@ -156,11 +158,11 @@ def test_one_fact_pushed_back_is_rolled_back_even_when_the_mean_moves_less_than_
     still rolls the set back."""
     clean, start = _own_nll(victim), {l: w.clone() for l, w in victim.layers.items()}
     poison = _poison(victim.own, 3.0)
-    victim.reedit([poison], alpha=0.5, margin=None, check_bounds=False)
+    victim.reedit([poison], gate="set", vector="delta", alpha=0.5, margin=None, check_bounds=False)
     rise = _own_nll(victim) - clean
     assert float(rise.max()) > 2 * float(rise.mean()) > 0  # one fact moves, the others much less
     victim.layers, victim.reedited_ids, victim.reports[-1].kept_sets = start, [], 0
-    victim.reedit([poison], alpha=0.5, margin=float(rise.mean() + rise.max()) / 2)
+    victim.reedit([poison], gate="set", vector="delta", alpha=0.5, margin=float(rise.mean() + rise.max()) / 2)
     assert victim.reports[-1].kept_sets == 0 and "evil" in victim.suspects
     assert torch.allclose(_own_nll(victim), clean, atol=1e-5)
 
@@ -170,10 +172,10 @@ def test_a_scaled_up_set_is_refused_by_the_bounds(victim):
     start = {l: w.clone() for l, w in victim.layers.items()}
     poison = _poison(victim.own, 1e5)
     assert "shift" in out_of_bounds(poison, victim.own, victim.editor.hp.clamp_norm_factor)
-    victim.reedit([poison], alpha=0.5, margin=None, check_bounds=False)
+    victim.reedit([poison], gate="set", vector="delta", alpha=0.5, margin=None, check_bounds=False)
     assert _weight_shift(victim, start) > 100
     victim.layers, victim.reedited_ids, victim.reports[-1].kept_sets = start, [], 0
-    victim.reedit([poison], alpha=0.5)
+    victim.reedit([poison], gate="set", vector="delta", alpha=0.5)
     assert _weight_shift(victim, start) == 0.0 and victim.reports[-1].refused_sets == 1
     assert "shift" in victim.suspects["evil"]
 
@@ -185,7 +187,7 @@ def test_honest_mkvs_keep_the_bounds(victim):
 def test_the_poisoning_benchmarks_attacker_gets_its_crafted_set_stored_and_kept(tmp_path, monkeypatch):
     """bench/faults/poisoning.py's attacker, on the tiny world with 4 clients and no defences: its
     crafted uploads pass the server's checks, and every victim's Eq. 8 keeps them."""
-    from bench.faults.poisoning import ATTACKER, REPEAT, Attacker
+    from bench.faults.poisoning import ATTACKED_GATE, ATTACKER, REPEAT, Attacker
 
     monkeypatch.setenv("FEDEDIT_CACHE", str(tmp_path / "cache"))
     world = tiny_world(tmp_path)
@@ -194,7 +196,12 @@ def test_the_poisoning_benchmarks_attacker_gets_its_crafted_set_stored_and_kept(
     specs = client_specs(world, tmp_path, "poison", n_clients=4, data=str(data))
     transport = Attacker(DirectTransport(specs))
     settings = RunSettings(
-        run="poison", num_slots=2, centralised=False, output_dir=str(tmp_path / "runs"), seal_mkvs=False
+        run="poison",
+        num_slots=2,
+        centralised=False,
+        output_dir=str(tmp_path / "runs"),
+        seal_mkvs=False,
+        **ATTACKED_GATE,
     )
     report = run_federation(transport, list(specs), settings, {}, progress=False)
     assert [c["failed"] for c in report["clients"]] == [None] * 4

@@ -8,7 +8,9 @@ In the attacked runs ``client-3`` is an organisation that crafts its uploads (``
 - it declares ``DECLARED`` requests per slot in its hello (the server cannot check a count);
 - from slot 1 on, its upload holds near-copies (relative noise ``NOISE``, so they are not
   replays) of every MKV it was served before, so that each victim's own vectors find their best
-  match in the set and Eq. 8 keeps it, plus, per victim, ``REPEAT`` near-copies of one vector that
+  match in the set and Eq. 8's ``set`` rule on delta keeps it (``ATTACKED_GATE``, the rule this
+  attack is built against: the runs use it; the default ``paper`` rule keeps each vector on its own
+  and drops the pushed-back ones without any defence), plus, per victim, ``REPEAT`` near-copies of one vector that
   pushes that victim's newest fact back (repeated, they outweigh the copy of the fact's own z at
   the same key in MEMIT's least squares): ``delta' = -s delta``, ``z' = h - s delta`` at the victim's own keys, with ``s``
   the largest that keeps the shift bound ``|delta'| <= c (c + 2) |h|`` (fedleke/bounds.py), so the
@@ -51,6 +53,7 @@ ATTACKER = "client-3"
 DECLARED = 32  # requests per slot the attacker claims, room for its crafted sets
 NOISE = 1e-3  # relative noise on the copied vectors
 REPEAT = 4  # copies of each pushed-back vector
+ATTACKED_GATE = {"gate": "set", "vector": "delta", "alpha": 0.22}  # the rule the crafted sets pass
 BOUND_USE = 0.98  # fraction of the shift bound the pushed-back vector uses
 # what the crafted vector does to the victim's newest fact: push it back as far as the bounds allow,
 # or undo it (z' = h, s = 0: the fact erased with the smallest shift)
@@ -126,6 +129,7 @@ def run_once(root: Path, name: str, attack: str | None, defended: bool, worker: 
         output_dir=str(root / "runs"),
         rollback_margin=RunSettings().rollback_margin if defended else -1.0,
         seal_mkvs=False,  # the attacker is a member: it could open sealed sets too; plaintext is simpler to craft
+        **ATTACKED_GATE,
     )
     off = {} if defended else {"reuse_min_prob": 0.0}
     specs = {

@@ -18,8 +18,9 @@ receiver's *cumulative* own vectors O have their best match in S above alpha,
 Own {a, b, c, d} of one relation (similar to each other), a sender's {b', c', e} with b', c' of
 that relation and e unrelated: ``paper`` keeps b' and c' (each is similar to all four own) and
 drops e; ``set`` keeps all three, since every own vector has its match among them. delta = z - h_L(base) is the
-edit's direction without the subject's hidden state, which separates related from unrelated edits
-on SmolLM2-135M where z does not (README, "What Eq. 8 compares"). ``DEFAULT_GATE``,
+edit's direction without the subject's hidden state. The defaults are the authors' (``paper`` on z,
+alpha 0.4: evaluate_main.py lines 132, 308 and 496); on relation-partitioned CounterFact no alpha of
+either rule or vector selects (README, "Why the gate keeps nothing here"). ``DEFAULT_GATE``,
 ``DEFAULT_VECTOR`` and ``DEFAULT_ALPHA`` are the one default of every caller.
 """
 
@@ -28,10 +29,10 @@ from __future__ import annotations
 import torch
 
 GATES = ("paper", "set", "none")
-DEFAULT_GATE = "set"  # until the gate analysis over alpha chooses (issue 14, README "What Eq. 8 compares")
+DEFAULT_GATE = "paper"
 VECTORS = ("z", "delta")
-DEFAULT_VECTOR = "delta"
-DEFAULT_ALPHA = 0.22  # README, "What Eq. 8 compares": separates the built-in set's related pairs on delta
+DEFAULT_VECTOR = "z"
+DEFAULT_ALPHA = 0.4
 # a receiver rolls back a re-edit that raises the target NLL of any of its own edits by more than
 # this many nats (that target's probability falls by more than a factor e)
 DEFAULT_ROLLBACK_MARGIN = 1.0
