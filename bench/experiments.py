@@ -26,6 +26,7 @@ from fededit_core.data.partition import client_name, partition_requests
 from fededit_core.data.requests import EditRequest
 from fededit_core.eval.centralised import centralised_metrics
 from fededit_core.eval.metrics import evaluate
+from fededit_core.fedleke.probe import DEFAULT_PROBE_TAU
 from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_GATE, DEFAULT_VECTOR
 from fededit_core.io import atomic_write
 from strategies.federation import run_federation
@@ -221,6 +222,7 @@ class Runner:
             alpha=exp.get("alpha", DEFAULT_ALPHA),
             gate=exp.get("gate", DEFAULT_GATE),
             vector=exp.get("vector", DEFAULT_VECTOR),
+            probe_tau=exp.get("tau", DEFAULT_PROBE_TAU),
             reuse=exp.get("reuse", True),
             fluency=exp.get("fluency", False),
             baseline=False,

@@ -1,13 +1,16 @@
-"""How FedEdit's re-edit conditions (fedleke/reedit.py) select on a benchmark workload, over α.
+"""How FedEdit's re-edit conditions (fedleke/reedit.py, fedleke/probe.py) select on a benchmark workload.
 
 For the main CounterFact workload of a preset (same requests, partition and slots as the benchmark),
 it replays what the server serves: after the edits of slot t every client receives each other
 client's slot-t MKVs. With the z cached by the benchmark on the base model it decides, for every
-rule (``paper``: per incoming vector against this slot's own; ``set``: a sender's whole set against
-all own so far), both vectors (z and δ = z − h_L(base)) and α in a grid, which MKVs each receiver
-keeps, and splits them by whether the MKV's relation group is among the receiver's own requests'
-groups so far ("related") or not: precision = related kept / kept, recall = related kept / related
-offered. No editing: cheap once the z are cached.
+cosine rule (``paper``: per incoming vector against this slot's own; ``set``: a sender's whole set
+against all own so far), both vectors (z and δ = z − h_L(base)) and α in a grid, and for the
+``probe`` rule over τ (on a seeded sample of offers, since it runs the model), which MKVs each
+receiver keeps, and splits them by whether the MKV's relation group is among the receiver's own
+requests' groups so far ("related") or not: precision = related kept / kept, recall = related kept
+/ related offered. ROC AUCs rank the offers by each signal under two labels: the benchmark's groups
+(formed from the edited requests) and the groups of the whole file (the answer kinds that
+``data/grouping.py`` describes). No editing: cheap once the z are cached, but for the probe.
 
     python -m bench.gate_analysis [--quick] --json results/bench/gate_analysis.json [--plot PNG]
 """
@@ -17,13 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from tqdm import tqdm
 
 from bench.zcache import BaseZCache
 from fededit_core.data.grouping import template_groups
+from fededit_core.data.loaders import load_requests
 from fededit_core.data.slots import split_into_slots
+from fededit_core.fedleke.probe import probe_divergence, probe_requests
 from fededit_core.fedleke.reedit import kept_rows
 from fededit_core.memit.editor import make_editor
 from fededit_core.memit.keys import compute_keys, hidden_at_subject
@@ -36,11 +44,23 @@ from .reproduce import DEFAULT_DATA, PRESETS, base_exp
 log = logging.getLogger("fededit.bench")
 ALPHAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.22, 0.3, 0.4, 0.5, 0.6, 0.7)
 RULES = ("paper", "set")
+PROBE_OFFERS = 240  # offers the probe replays (seeded sample): ~2 s each on 2 CPU cores
+TAUS = (0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0)  # probe thresholds, nats
 
 
-def offers(slots: dict[str, list[list[int]]], groups: list[int]) -> list[tuple]:
-    """What the server serves: (related flags of the sent rows, the receiver's own rows so far, its
-    own rows of this slot, the sent rows), one per (slot, receiver, sender)."""
+class Offer(NamedTuple):
+    """One sender's slot-t rows served to one receiver, with what the receiver had edited by then."""
+
+    related: torch.Tensor  # (sent,) bool: the row's relation group is among the receiver's own so far
+    own: list[int]  # the receiver's own rows so far
+    own_slot: list[int]  # its own rows of this slot
+    sent: list[int]
+    slot: int
+    receiver: str
+
+
+def offers(slots: dict[str, list[list[int]]], groups: list[int]) -> list[Offer]:
+    """What the server serves, one offer per (slot, receiver, sender)."""
     out = []
     for t in range(max(len(s) for s in slots.values())):
         for receiver, own_slots in slots.items():
@@ -50,14 +70,32 @@ def offers(slots: dict[str, list[list[int]]], groups: list[int]) -> list[tuple]:
             for sender, sender_slots in slots.items():
                 sent = sender_slots[t] if t < len(sender_slots) else []
                 if sender != receiver and sent:
-                    out.append((torch.tensor([groups[i] in own_groups for i in sent]), own, own_slot, sent))
+                    related = torch.tensor([groups[i] in own_groups for i in sent])
+                    out.append(Offer(related, own, own_slot, sent, t, receiver))
     return out
+
+
+def _counts(served: list[Offer], keep) -> dict:
+    """Related and unrelated MKVs offered and kept, precision and recall; ``keep(k, offer)`` -> (sent,) bool."""
+    counts = {"related_offered": 0, "unrelated_offered": 0, "related_kept": 0, "unrelated_kept": 0}
+    for k, offer in enumerate(served):
+        kept, related = keep(k, offer), offer.related
+        counts["related_offered"] += int(related.sum())
+        counts["unrelated_offered"] += int((~related).sum())
+        counts["related_kept"] += int((kept & related).sum())
+        counts["unrelated_kept"] += int((kept & ~related).sum())
+    kept_all = counts["related_kept"] + counts["unrelated_kept"]
+    return {
+        **counts,
+        "precision": counts["related_kept"] / kept_all if kept_all else None,
+        "recall": counts["related_kept"] / counts["related_offered"] if counts["related_offered"] else None,
+    }
 
 
 def replay(
     vectors: dict[str, torch.Tensor], slots: dict[str, list[list[int]]], groups: list[int], alphas=ALPHAS
 ) -> dict:
-    """Every rule's selection on the served MKVs. ``vectors``: name -> (n, d) rows; ``slots``:
+    """Every cosine rule's selection on the served MKVs. ``vectors``: name -> (n, d) rows; ``slots``:
     client -> per slot the rows it edited; ``groups``: each row's relation group. Returns
     {rule: {vector: [{alpha, related_offered, unrelated_offered, related_kept, unrelated_kept,
     precision, recall}]}}."""
@@ -66,28 +104,32 @@ def replay(
     for rule in RULES:
         out[rule] = {}
         for name, m in vectors.items():
-            rows = []
-            for a in alphas:
-                counts = {"related_offered": 0, "unrelated_offered": 0, "related_kept": 0, "unrelated_kept": 0}
-                for related, own, own_slot, sent in served:
-                    kept = kept_rows(rule, m[own], m[own_slot], m[sent], a)
-                    counts["related_offered"] += int(related.sum())
-                    counts["unrelated_offered"] += int((~related).sum())
-                    counts["related_kept"] += int((kept & related).sum())
-                    counts["unrelated_kept"] += int((kept & ~related).sum())
-                kept_all = counts["related_kept"] + counts["unrelated_kept"]
-                rows.append(
-                    {
-                        "alpha": a,
-                        **counts,
-                        "precision": counts["related_kept"] / kept_all if kept_all else None,
-                        "recall": counts["related_kept"] / counts["related_offered"]
-                        if counts["related_offered"]
-                        else None,
-                    }
-                )
-            out[rule][name] = rows
+            out[rule][name] = [
+                {
+                    "alpha": a,
+                    **_counts(
+                        served, lambda k, o, m=m, r=rule, a=a: kept_rows(r, m[o.own], m[o.own_slot], m[o.sent], a)
+                    ),
+                }
+                for a in alphas
+            ]
     return out
+
+
+def probe_scores(editor, union: list, z: torch.Tensor, delta: torch.Tensor, served: list[Offer]) -> list[torch.Tensor]:
+    """Per offer: max_i s_ij over the receiver's own relation prompts so far (fedleke/probe.py), for each
+    sent row j, on the base model (the replay edits nothing)."""
+    out = []
+    for o in tqdm(served, desc="probe gate", unit="offer"):
+        own = probe_requests([union[i] for i in o.own])
+        s = probe_divergence(editor.model, editor.tok, own, z[o.sent], delta[o.sent], editor.hp.z_layer)
+        out.append(s.max(dim=0).values)
+    return out
+
+
+def replay_probe(scores: list[torch.Tensor], served: list[Offer], taus=TAUS) -> list[dict]:
+    """The probe rule's selection (keep(j) = max_i s_ij > tau) for every tau of the grid."""
+    return [{"tau": t, **_counts(served, lambda k, o, t=t: scores[k] > t)} for t in taus]
 
 
 def separability(vectors: dict[str, torch.Tensor], slots: dict[str, list[list[int]]], groups: list[int]) -> dict:
@@ -98,7 +140,7 @@ def separability(vectors: dict[str, torch.Tensor], slots: dict[str, list[list[in
     for name, m in vectors.items():
         unit = m.double() / m.double().norm(dim=1, keepdim=True)
         best, top3, related = [], [], []
-        for flags, own, _, sent in served:
+        for flags, own, _, sent, *_ in served:
             cos = unit[own] @ unit[sent].T  # (own, sent)
             best += cos.max(dim=0).values.tolist()
             top3 += cos.topk(min(3, len(own)), dim=0).values.mean(dim=0).tolist()
@@ -115,7 +157,33 @@ def _auc(scores: list[float], labels: list[bool]) -> float | None:
     return float((pos[:, None] > neg[None, :]).double().mean() + 0.5 * (pos[:, None] == neg[None, :]).double().mean())
 
 
-def analyse(preset_name: str = "default", alphas=ALPHAS, data: Path = DEFAULT_DATA["counterfact"]) -> dict:
+def label_summary(union: list, served: list[Offer], groups: list[int]) -> dict:
+    """How the relatedness labels fall: groups, related offers, and related offers whose template is
+    one of the receiver's own (the only ones a relation-identity signal could match exactly)."""
+    same_template = sum(
+        int(union[j].prompt in {union[i].prompt for i in o.own})
+        for o in served
+        for j, rel in zip(o.sent, o.related.tolist())
+        if rel
+    )
+    related = sum(int(o.related.sum()) for o in served)
+    return {
+        "groups": len(set(groups)),
+        "offered": sum(len(o.sent) for o in served),
+        "related": related,
+        "related_same_template": same_template,
+    }
+
+
+def analyse(
+    preset_name: str = "default",
+    alphas=ALPHAS,
+    data: Path = DEFAULT_DATA["counterfact"],
+    probe_offers: int = PROBE_OFFERS,
+) -> dict:
+    """The replay of every rule, the probe's on a seeded sample of ``probe_offers`` offers (it runs the
+    model: about 2 s an offer on 2 CPU cores), and ROC AUCs under two relatedness labels: the
+    benchmark's (groups of the edited requests) and groups of the whole file."""
     configure_threads()
     preset = PRESETS[preset_name]
     exp = base_exp(preset, "counterfact", "fededit")
@@ -132,21 +200,39 @@ def analyse(preset_name: str = "default", alphas=ALPHAS, data: Path = DEFAULT_DA
     }
     slots = {c: [[row[id(r)] for r in s] for s in split_into_slots(reqs, exp["n_slots"])] for c, reqs in parts.items()}
     groups = [group_of[r.prompt] for r in union]
+    file_group_of = {t: g for g, ts in enumerate(template_groups(load_requests(data))) for t in ts}
+    file_groups = [file_group_of[r.prompt] for r in union]
     last = compute_keys(editor.model, editor.tok, union, editor.hp.z_layer, editor.templates)
-    vectors = {"z": z, "delta": z - h}
+    vectors = {"z": z, "delta": z - h, "keys_L": last}
+    served = offers(slots, groups)
+    sample = sorted(random.Random(0).sample(range(len(served)), min(probe_offers, len(served))))
+    scores = probe_scores(editor, union, z, z - h, [served[k] for k in sample])
+    probe_auc = {}
+    for name, labels in (("benchmark", groups), ("file", file_groups)):
+        relabelled = offers(slots, labels)
+        related = torch.cat([relabelled[k].related for k in sample])
+        probe_auc[name] = {"best": _auc(torch.cat(scores).tolist(), related.tolist())}
     return {
         "preset": preset_name,
         "n_edits": exp["n_edits"],
         "n_clients": exp["n_clients"],
         "n_slots": exp["n_slots"],
         "alphas": list(alphas),
-        "kept": replay(vectors, slots, groups, alphas),
-        "auc": separability({**vectors, "keys_L": last}, slots, groups),
+        "kept": replay({k: vectors[k] for k in ("z", "delta")}, slots, groups, alphas),
+        "probe": replay_probe(scores, [served[k] for k in sample]),
+        "probe_offers": len(sample),
+        "labels": {
+            "benchmark": label_summary(union, served, groups),
+            "file": label_summary(union, offers(slots, file_groups), file_groups),
+        },
+        "auc": {**separability(vectors, slots, groups), "probe": probe_auc["benchmark"]},
+        "auc_file_groups": {**separability(vectors, slots, file_groups), "probe": probe_auc["file"]},
     }
 
 
 def plot(out: dict, path: Path) -> None:
-    """Related kept against unrelated kept, one curve per rule and vector, α on the points."""
+    """Related kept against unrelated kept, one curve per rule and vector (α on the points) and the
+    probe's (τ on the points)."""
     try:
         import matplotlib
 
@@ -156,13 +242,15 @@ def plot(out: dict, path: Path) -> None:
         log.warning("matplotlib is not installed: the gate plot is skipped (pip install matplotlib)")
         return
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for rule, by_vector in out["kept"].items():
-        for vector, rows in by_vector.items():
-            xs = [r["unrelated_kept"] / max(r["unrelated_offered"], 1) for r in rows]
-            ys = [r["related_kept"] / max(r["related_offered"], 1) for r in rows]
-            ax.plot(xs, ys, marker="o", label=f"{rule}, {vector}")
-            for r, x, y in zip(rows, xs, ys):
-                ax.annotate(f"{r['alpha']:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    curves = [(f"{rule}, {vector}", rows, "alpha") for rule, by in out["kept"].items() for vector, rows in by.items()]
+    if "probe" in out:
+        curves.append(("probe, KL (τ)", out["probe"], "tau"))
+    for label, rows, knob in curves:
+        xs = [r["unrelated_kept"] / max(r["unrelated_offered"], 1) for r in rows]
+        ys = [r["related_kept"] / max(r["related_offered"], 1) for r in rows]
+        ax.plot(xs, ys, marker="o", label=label)
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate(f"{r[knob]:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
     ax.set_xlabel("unrelated MKVs kept (share of offered)")
     ax.set_ylabel("related MKVs kept (share of offered)")
     ax.set_title(f"FedEdit re-edit conditions, {out['preset']} CounterFact workload")
@@ -177,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--counterfact", default=str(DEFAULT_DATA["counterfact"]))
     p.add_argument("--json", default=None)
+    p.add_argument("--probe-offers", type=int, default=PROBE_OFFERS, help="offers the probe gate replays (sample)")
     p.add_argument("--plot", default=None, help="PNG: related kept against unrelated kept per alpha")
     args = p.parse_args(argv)
-    out = analyse("quick" if args.quick else "default", data=Path(args.counterfact))
+    out = analyse("quick" if args.quick else "default", data=Path(args.counterfact), probe_offers=args.probe_offers)
     for rule, by_vector in out["kept"].items():
         for vector, rows in by_vector.items():
             first = rows[0]
@@ -188,11 +277,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"{first['unrelated_offered']} unrelated; kept (related/unrelated) "
                 + "; ".join(f"α={r['alpha']}: {r['related_kept']}/{r['unrelated_kept']}" for r in rows)
             )
-    for name, auc in out["auc"].items():
+    print(
+        "probe: kept (related/unrelated) "
+        + "; ".join(f"τ={r['tau']}: {r['related_kept']}/{r['unrelated_kept']}" for r in out["probe"])
+    )
+    for labels in ("benchmark", "file"):
+        summary = out["labels"][labels]
         print(
-            f"ROC AUC of related vs unrelated by best cosine to own, {name}: best {auc['best']:.3f}, "
-            f"mean of best three {auc['best3']:.3f}"
+            f"labels from the {labels}'s groups ({summary['groups']} groups): {summary['related']} of "
+            f"{summary['offered']} offers related, {summary['related_same_template']} of them with an own template"
         )
+        for name, auc in out["auc" if labels == "benchmark" else "auc_file_groups"].items():
+            what = "the probe's largest KL on own prompts" if name == "probe" else f"best cosine to own, {name}"
+            extra = f", mean of best three {auc['best3']:.3f}" if "best3" in auc else ""
+            print(f"  ROC AUC of related vs unrelated by {what}: best {auc['best']:.3f}{extra}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))

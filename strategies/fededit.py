@@ -25,6 +25,7 @@ import logging
 import numpy as np
 
 from fededit_core.fedleke.mkv import WIRE_ARRAYS
+from fededit_core.fedleke.probe import DEFAULT_PROBE_TAU
 from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_GATE, DEFAULT_VECTOR
 
 from .base import Strategy
@@ -49,9 +50,11 @@ class FedEdit(Strategy):
         reuse: bool = True,
         vector: str = DEFAULT_VECTOR,
         seal: bool = True,
+        tau: float = DEFAULT_PROBE_TAU,
     ):
         super().__init__(spec, run, store)
         self.alpha, self.gate, self.reuse, self.vector, self.seal = alpha, gate, reuse, vector, seal
+        self.tau = tau
         if gate == "none":
             self.name = "fededit-noreedit"
         self.reused = 0
@@ -166,7 +169,7 @@ class FedEdit(Strategy):
         )
         uploads = [u for u in uploads if u.ids]
         self._same_format(uploads)
-        args = {"alpha": self.alpha, "gate": self.gate, "vector": self.vector}
+        args = {"alpha": self.alpha, "gate": self.gate, "vector": self.vector, "tau": self.tau}
         if self.seal:
             args.update(ids=[], senders=[], sources=[_source(u) for u in uploads])
             return Instruction("reedit", args, {f"sealed.{j}": u.arrays["sealed"] for j, u in enumerate(uploads)})
@@ -219,6 +222,7 @@ class FedEdit(Strategy):
             "alpha": self.alpha,
             "gate": self.gate,
             "vector": self.vector,
+            "tau": self.tau,
             "sealed": self.seal,
         }
 

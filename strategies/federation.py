@@ -38,6 +38,7 @@ def make_strategy(settings: RunSettings, spec: FederationSpec, store: MKVStore |
             reuse=settings.reuse,
             vector=settings.vector,
             seal=settings.seal_mkvs,
+            tau=settings.probe_tau,
         )
     if settings.strategy == "collabedit":
         return CollabEdit(spec, settings.run, secure=settings.secure_aggregation, store=store)

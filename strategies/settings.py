@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fededit_core.data.errors import validation_message
 from fededit_core.data.loaders import DEFAULT_ZSRE_TARGET, ZSRE_TARGETS
+from fededit_core.fedleke.probe import DEFAULT_PROBE_TAU, MAX_PROBE_TAU
 from fededit_core.fedleke.reedit import (
     DEFAULT_ALPHA,
     DEFAULT_GATE,
@@ -53,6 +54,9 @@ class RunSettings(BaseModel):
     alpha: float = Field(DEFAULT_ALPHA, description="FedEdit Eq. 8 threshold")
     gate: str = Field(DEFAULT_GATE, description="FedEdit's re-edit condition: " + " | ".join(GATES))
     vector: str = Field(DEFAULT_VECTOR, alias="reedit-vector", description="what Eq. 8 compares: delta or z")
+    probe_tau: float = Field(
+        DEFAULT_PROBE_TAU, alias="probe-tau", ge=0, le=MAX_PROBE_TAU, description="gate probe: KL threshold, nats"
+    )
     reuse: bool = Field(True, description="reuse stored z for repeated requests (keyed tags)")
     seal_mkvs: bool = Field(
         True, alias="seal-mkvs", description="fededit: MKVs sealed for the members (the server sees ciphertext)"

@@ -9,6 +9,7 @@ from fededit_core.client.instructions import StepError
 from fededit_core.client.participant import Participant
 from fededit_core.data.requests import EditRequest
 from fededit_core.data.slots import split_into_slots
+from fededit_core.fedleke.probe import probe_divergence
 from fededit_core.memit.covariance import CovarianceStore
 from fededit_core.memit.editor import MemitEditor
 from fededit_core.memit.hparams import MEMITHyperParams
@@ -143,6 +144,28 @@ def test_the_authors_gate_applies_single_mkvs_against_this_slots_own(shared):
     assert a.refused_ids == [b_mkvs.ids[1 if keep_first else 0]]
     a.edit_slot(1)  # slot 1's own vector is a's second request: the rule compares with it alone
     assert a._own_rows_of_slot(1) == [1] and a._own_rows_of_slot(0) == [0]
+
+
+def test_the_probe_gate_applies_the_mkvs_whose_effect_on_own_prompts_passes_tau(shared):
+    """Each incoming MKV alone: kept when max over own prompts of KL(p(z) || p(h)) > tau, computed on
+    the receiver's own model and prompts (one per template)."""
+    a = Participant("a", shared, [req("1", "Anna", "Rome")], n_slots=1)
+    b = Participant("b", shared, [req("2", "Boris", "Oslo"), req("3", "Cleo", "Lima")], n_slots=1)
+    a.edit_slot(0)
+    b_mkvs, _ = b.edit_slot(0)
+    a.activate()
+    s = probe_divergence(shared.model, shared.tok, a.edited_requests(), b_mkvs.z, b_mkvs.delta, shared.hp.z_layer)[0]
+    assert s.shape == (2,) and s[0] != s[1]
+    tau = float(s.mean())  # between the two: one passes
+    first = bool(s[0] > tau)
+    before = {l: w.clone() for l, w in a.layers.items()}
+    report = a.reedit([b_mkvs], gate="probe", tau=tau)
+    assert (report.kept_sets, report.applied) == (1, 1)
+    assert a.reedited_ids == [b_mkvs.ids[0 if first else 1]] and a.refused_ids == [b_mkvs.ids[1 if first else 0]]
+    assert any(not torch.equal(before[l], a.layers[l]) for l in before)
+    c = Participant("c", shared, [req("4", "Dora", "Kyiv")], n_slots=1)
+    c.edit_slot(0)
+    assert c.reedit([b_mkvs], gate="probe", tau=1e6).applied == 0  # nothing moves an answer that much
 
 
 def test_a_restarted_participant_resumes_from_its_checkpoint(shared, tmp_path):

@@ -230,6 +230,25 @@ def test_the_gate_replay_counts_what_each_rule_keeps_of_related_and_unrelated_mk
     assert whole_set["precision"] == pytest.approx(6 / 7)
 
 
+def test_the_probe_replay_keeps_offers_by_their_largest_kl_and_labels_are_summarised():
+    from bench.gate_analysis import label_summary, offers, replay_probe
+
+    slots = {"a": [[0, 1]], "b": [[2, 3, 4]]}
+    served = offers(slots, groups=[0, 1, 0, 2, 1])  # a is offered b's rows 2 (group 0), 3 (2), 4 (1)
+    scores = [torch.tensor([3.0, 0.5, 1.5]), torch.tensor([0.1, 2.0])]  # a's offer, then b's
+    rows = {r["tau"]: r for r in replay_probe(scores, served, taus=(1.0, 2.5))}
+    assert [o.receiver for o in served] == ["a", "b"]
+    # tau 1: a keeps 2 and 4 (both related), b keeps a's row 1 (group 1: related to b's row 4)
+    assert (rows[1.0]["related_kept"], rows[1.0]["unrelated_kept"], rows[1.0]["related_offered"]) == (3, 0, 4)
+    assert (rows[2.5]["related_kept"], rows[2.5]["recall"]) == (1, 0.25)
+    requests = [
+        EditRequest(case_id=str(i), subject=f"S{i}", prompt=p, target_new="X")
+        for i, p in enumerate(["{} is", "{} was", "{} is", "{} has", "{} had"])
+    ]
+    summary = label_summary(requests, served, [0, 1, 0, 2, 1])
+    assert summary == {"groups": 3, "offered": 5, "related": 4, "related_same_template": 2}
+
+
 def test_factor_average_is_the_product_of_the_means_with_short_clients_padded():
     """MEMITAvg: mean(R) mean(A)^T, column i of every client paired; a client with fewer edits gets
     zero columns; a client without edits is left out."""

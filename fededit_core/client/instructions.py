@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from fededit_core.data.errors import validation_message
+from fededit_core.fedleke.probe import MAX_PROBE_TAU
 from fededit_core.fedleke.reedit import GATES, VECTORS
 from fededit_core.fedleke.sealing import sealed_length
 from fededit_core.fedleke.tags import Tag
@@ -92,6 +93,7 @@ class Reedit(_Instruction):
     alpha: Annotated[Number, Field(ge=0, le=1)]
     gate: Literal[GATES]  # type: ignore[valid-type]
     vector: Literal[VECTORS]  # type: ignore[valid-type]
+    tau: Annotated[Number, Field(ge=0, le=MAX_PROBE_TAU)]
     ids: Annotated[list[RequestId], Field(max_length=MAX_ITEMS)]
     senders: Annotated[list[Name], Field(max_length=MAX_ITEMS)]
     sources: Sources = []

@@ -36,6 +36,7 @@ from fededit_core.data.slots import split_into_slots
 from fededit_core.eval.metrics import target_nll
 from fededit_core.fedleke.bounds import out_of_bounds
 from fededit_core.fedleke.mkv import WIRE_ARRAYS, MKVSet, apply_mkvs, compute_mkvs
+from fededit_core.fedleke.probe import DEFAULT_PROBE_TAU, probe_divergence, probe_keep, probe_requests
 from fededit_core.fedleke.reedit import (
     DEFAULT_ALPHA,
     DEFAULT_GATE,
@@ -212,9 +213,11 @@ class Participant:
         vector: str = DEFAULT_VECTOR,
         margin: float | None = DEFAULT_ROLLBACK_MARGIN,
         check_bounds: bool = True,
+        tau: float = DEFAULT_PROBE_TAU,
     ) -> SlotReport:
         """FedEdit's re-edit: apply the received MKVs that the rule ``gate`` keeps (fedleke/reedit.py:
-        ``paper`` per vector against this slot's own, ``set`` per sender's set, ``none`` all).
+        ``paper`` per vector against this slot's own, ``set`` per sender's set, ``probe`` per vector by
+        its effect on this client's own prompts above ``tau`` nats (fedleke/probe.py), ``none`` all).
 
         ``vector``: what Eq. 8 compares, ``"z"`` (the paper) or ``"delta"`` (z - h_L(base), the edit's
         direction without the subject's own hidden state; see fedleke/reedit.py). Defences: a set out
@@ -241,8 +244,16 @@ class Participant:
                 in_bounds.append(s)
         own_slot = own[self._own_rows_of_slot(self.next_slot - 1)] if len(own) else own
         gated = []
+        probes = probe_requests(self.edited_requests()) if gate == "probe" else []
+        if probes:
+            self.activate()
         for s in in_bounds:
-            rows = kept_rows(gate, own, own_slot, getattr(s, vector), alpha).nonzero().flatten()
+            if gate == "probe":
+                model, tok, layer = self.editor.model, self.editor.tok, self.editor.hp.z_layer
+                keep = probe_keep(probe_divergence(model, tok, probes, s.z, s.delta, layer), tau)
+            else:
+                keep = kept_rows(gate, own, own_slot, getattr(s, vector), alpha)
+            rows = keep.nonzero().flatten()
             if len(rows):
                 gated.append(s if len(rows) == len(s) else s.select(rows))
         kept = self._apply_guarded(gated, margin) if gated else []

@@ -368,7 +368,7 @@ class EditWorker:
             self._open_for_reedit(spec, participant, args["sources"], arrays, received)
         gate = args["gate"] if spec.reedit_gate == "server" else spec.reedit_gate
         report = participant.reedit(
-            received, args["alpha"], gate=gate, vector=args["vector"], margin=spec.rollback_margin
+            received, args["alpha"], gate=gate, vector=args["vector"], tau=args["tau"], margin=spec.rollback_margin
         )
         return {"report": asdict(report), "suspects": sorted(set(participant.suspects) - known)}, {}
 

@@ -13,6 +13,10 @@ receiver's *cumulative* own vectors O have their best match in S above alpha,
 
     keep(S) = |{ i in O : max_{j in S} cos(v_i, v_j) > alpha }|  >=  |O| / 2
 
+``probe``: each incoming MKV is kept on its own when writing it at the last subject token of one of
+the receiver's own prompts moves that prompt's answer by more than tau nats (``fedleke/probe.py``;
+it needs the model and the receiver's own requests, so ``Participant.reedit`` decides it).
+
 ``none``: every received MKV is applied (the paper's ablation, strategy ``fededit-noreedit``).
 
 Own {a, b, c, d} of one relation (similar to each other), a sender's {b', c', e} with b', c' of
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-GATES = ("paper", "set", "none")
+GATES = ("paper", "set", "probe", "none")
 DEFAULT_GATE = "paper"
 VECTORS = ("z", "delta")
 DEFAULT_VECTOR = "z"
@@ -90,4 +94,6 @@ def kept_rows(
         return torch.full((len(incoming),), reedit_decision(own, incoming, alpha)[0], dtype=torch.bool)
     if gate == "none":
         return torch.ones(len(incoming), dtype=torch.bool)
+    if gate == "probe":
+        raise ValueError("the probe gate reads the model and the receiver's own prompts: fedleke/probe.py")
     raise ValueError(f"the re-edit condition is one of {list(GATES)}, got {gate!r}")
