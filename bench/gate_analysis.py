@@ -35,7 +35,10 @@ from fededit_core.fedleke.probe import probe_divergence, probe_requests
 from fededit_core.fedleke.reedit import kept_rows
 from fededit_core.memit.editor import make_editor
 from fededit_core.memit.keys import compute_keys, hidden_at_subject
+from fededit_core.model.families import family_for
+from fededit_core.model.hooks import capture_outputs, run_until
 from fededit_core.model.loading import DEFAULT_MODEL, configure_threads
+from fededit_core.model.tokens import pad_right
 from fededit_core.paths import cache_dir
 
 from .experiments import select_requests, workload
@@ -157,6 +160,20 @@ def _auc(scores: list[float], labels: list[bool]) -> float | None:
     return float((pos[:, None] > neg[None, :]).double().mean() + 0.5 * (pos[:, None] == neg[None, :]).double().mean())
 
 
+def last_token_hidden(model, tok, requests: list, layer: int) -> torch.Tensor:
+    """(n, d) block ``layer``'s output at the last token of each plain prompt: where the model has read
+    the relation's words (the keys, at the subject, have not always)."""
+    name = f"{family_for(model).layers_path}.{layer}"
+    out = []
+    for first in range(0, len(requests), 64):
+        batch = pad_right([tok(r.text)["input_ids"] for r in requests[first : first + 64]], tok.pad_token_id)
+        with capture_outputs(model, [name], stop_after=name) as seen:
+            run_until(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        last = batch.attention_mask.sum(1) - 1
+        out.append(seen[name][torch.arange(len(last)), last].float())
+    return torch.cat(out)
+
+
 def label_summary(union: list, served: list[Offer], groups: list[int]) -> dict:
     """How the relatedness labels fall: groups, related offers, and related offers whose template is
     one of the receiver's own (the only ones a relation-identity signal could match exactly)."""
@@ -173,6 +190,22 @@ def label_summary(union: list, served: list[Offer], groups: list[int]) -> dict:
         "related": related,
         "related_same_template": same_template,
     }
+
+
+def oracles(union: list, served: list[Offer], file_groups: list[int]) -> dict:
+    """What two rules that knew the relation would keep, counted against the benchmark's labels:
+    ``template`` keeps an MKV whose template is one of the receiver's own, ``answer_kind`` one whose
+    group in the whole file (its kind of answer) is among the receiver's own requests' groups."""
+
+    def same_template(k, o):
+        own = {union[i].prompt for i in o.own}
+        return torch.tensor([union[j].prompt in own for j in o.sent])
+
+    def same_kind(k, o):
+        own = {file_groups[i] for i in o.own}
+        return torch.tensor([file_groups[j] in own for j in o.sent])
+
+    return {"template": _counts(served, same_template), "answer_kind": _counts(served, same_kind)}
 
 
 def analyse(
@@ -203,7 +236,14 @@ def analyse(
     file_group_of = {t: g for g, ts in enumerate(template_groups(load_requests(data))) for t in ts}
     file_groups = [file_group_of[r.prompt] for r in union]
     last = compute_keys(editor.model, editor.tok, union, editor.hp.z_layer, editor.templates)
-    vectors = {"z": z, "delta": z - h, "keys_L": last}
+    n_layers = editor.model.config.num_hidden_layers
+    vectors = {
+        "z": z,
+        "delta": z - h,
+        "keys_L": last,
+        "last_token_L": last_token_hidden(editor.model, editor.tok, union, editor.hp.z_layer),
+        "last_token_final": last_token_hidden(editor.model, editor.tok, union, n_layers - 1),
+    }
     served = offers(slots, groups)
     sample = sorted(random.Random(0).sample(range(len(served)), min(probe_offers, len(served))))
     scores = probe_scores(editor, union, z, z - h, [served[k] for k in sample])
@@ -225,6 +265,7 @@ def analyse(
             "benchmark": label_summary(union, served, groups),
             "file": label_summary(union, offers(slots, file_groups), file_groups),
         },
+        "oracles": oracles(union, served, file_groups),
         "auc": {**separability(vectors, slots, groups), "probe": probe_auc["benchmark"]},
         "auc_file_groups": {**separability(vectors, slots, file_groups), "probe": probe_auc["file"]},
     }
@@ -281,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         "probe: kept (related/unrelated) "
         + "; ".join(f"τ={r['tau']}: {r['related_kept']}/{r['unrelated_kept']}" for r in out["probe"])
     )
+    for name, o in out["oracles"].items():
+        print(f"oracle {name}: kept (related/unrelated) {o['related_kept']}/{o['unrelated_kept']}")
     for labels in ("benchmark", "file"):
         summary = out["labels"][labels]
         print(

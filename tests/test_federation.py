@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from fededit_core.data.partition import load_partitions
 from fededit_core.fedleke.reedit import paper_keep
@@ -99,6 +100,18 @@ def test_the_run_configs_gate_reaches_the_clients_and_the_authors_rule_decides_p
     assert [c["applied"] for c in nothing["clients"]] == [0, 0]
     with pytest.raises(FederationError, match="gate must be one of"):
         RunSettings(run="x", gate="sets")
+
+
+def test_the_probe_gates_threshold_reaches_the_clients_through_the_run_config(world, tmp_path):
+    """gate 'probe': at tau 0 what moves an own prompt's answer at all is kept (on the tiny world's
+    saturated head some MKVs give KL 0 in float32), at 100 nats nothing."""
+    some, _ = run(world, tmp_path / "a", "fededit", gate="probe", probe_tau=0.0)
+    assert some["server"]["gate"] == "probe" and some["server"]["tau"] == 0.0
+    assert all(0 < c["applied"] <= 4 for c in some["clients"])
+    nothing, _ = run(world, tmp_path / "b", "fededit", gate="probe", probe_tau=100.0)
+    assert [c["applied"] for c in nothing["clients"]] == [0, 0]
+    with pytest.raises(ValidationError):
+        RunSettings(run="x", gate="probe", probe_tau=-1.0)
 
 
 @pytest.mark.parametrize("seal", [True, False], ids=["sealed", "plaintext"])

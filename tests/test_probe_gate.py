@@ -63,3 +63,14 @@ def test_the_probe_keeps_what_moves_any_own_answer_and_one_prompt_per_template()
     assert probe_keep(torch.zeros(0, 3), tau=0.0).tolist() == [False, False, False]  # nothing of its own
     again = EditRequest(case_id="2", subject="Berlin", prompt="The capital of {} is", target_new="Oslo")
     assert [r.case_id for r in probe_requests([OWN[0], again, OWN[1]])] == ["0", "1"]
+
+
+def test_the_gate_analysis_reads_block_outputs_at_each_prompts_last_token(lm):
+    from bench.gate_analysis import last_token_hidden
+
+    model, tok = lm
+    got = last_token_hidden(model, tok, OWN, LAYER)  # prompts of different lengths, padded together
+    for row, r in zip(got, OWN):
+        with torch.no_grad():
+            states = model(**tok(r.text, return_tensors="pt"), output_hidden_states=True).hidden_states
+        torch.testing.assert_close(row, states[LAYER + 1][0, -1].float(), atol=1e-5, rtol=1e-5)

@@ -231,7 +231,7 @@ def test_the_gate_replay_counts_what_each_rule_keeps_of_related_and_unrelated_mk
 
 
 def test_the_probe_replay_keeps_offers_by_their_largest_kl_and_labels_are_summarised():
-    from bench.gate_analysis import label_summary, offers, replay_probe
+    from bench.gate_analysis import label_summary, offers, oracles, replay_probe
 
     slots = {"a": [[0, 1]], "b": [[2, 3, 4]]}
     served = offers(slots, groups=[0, 1, 0, 2, 1])  # a is offered b's rows 2 (group 0), 3 (2), 4 (1)
@@ -247,6 +247,9 @@ def test_the_probe_replay_keeps_offers_by_their_largest_kl_and_labels_are_summar
     ]
     summary = label_summary(requests, served, [0, 1, 0, 2, 1])
     assert summary == {"groups": 3, "offered": 5, "related": 4, "related_same_template": 2}
+    kinds = oracles(requests, served, file_groups=[0, 0, 0, 0, 0])  # one answer kind in the whole file
+    assert (kinds["answer_kind"]["related_kept"], kinds["answer_kind"]["unrelated_kept"]) == (4, 1)
+    assert (kinds["template"]["related_kept"], kinds["template"]["unrelated_kept"]) == (2, 0)
 
 
 def test_factor_average_is_the_product_of_the_means_with_short_clients_padded():
