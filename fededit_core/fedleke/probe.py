@@ -28,7 +28,7 @@ from fededit_core.data.requests import EditRequest
 from fededit_core.model.families import family_for
 from fededit_core.model.tokens import encode_with_subject, pad_right
 
-DEFAULT_PROBE_TAU = 1.0  # nats; replaced by the value chosen from bench.gate_analysis
+DEFAULT_PROBE_TAU = 1.0  # nats; no tau separates on the benchmark (README, "Why the gate keeps nothing here")
 MAX_PROBE_TAU = 100.0  # the largest threshold a run config or an instruction may carry
 PROBE_BATCH = 64  # rows (prompt, vector) per forward pass
 
