@@ -78,8 +78,15 @@ def _selectivity(result: dict, central: dict | None, data_files: dict) -> dict:
     files = tuple(sorted((name, str(path)) for name, path in data_files.items()))
     parts = _workload(json.dumps(inputs, sort_keys=True, default=str), files)
     found = selectivity(inputs["kind"], parts, inputs["n_slots"], result["report"], central)
-    rule = "none" if inputs["method"] == "fededit-noreedit" else inputs.get("gate", DEFAULT_GATE)
-    found["gate"] = {"rule": rule, "vector": inputs.get("vector"), "alpha": inputs.get("alpha"), **found["gate"]}
+    # only FedEdit gates; the merging strategies absorb everything and their clients re-edit nothing
+    rule = {"fededit": inputs.get("gate", DEFAULT_GATE), "fededit-noreedit": "none"}.get(inputs["method"])
+    gated = inputs["method"] == "fededit"
+    found["gate"] = {
+        "rule": rule,
+        "vector": inputs.get("vector") if gated else None,
+        "alpha": inputs.get("alpha") if gated else None,
+        **found["gate"],
+    }
     return found
 
 
@@ -227,7 +234,8 @@ def selectivity_table(js: dict) -> str:
         rows.append(
             {
                 "method": method,
-                "rule, vector, α": f"{g['rule']}, {g['vector']}, {g['alpha']}",
+                "rule, vector, α": ", ".join(str(v) for v in (g["rule"], g["vector"], g["alpha"]) if v is not None)
+                or "-",
                 "related kept/offered": f"{g['related_kept']}/{g['related_offered']}",
                 "unrelated kept/offered": f"{g['unrelated_kept']}/{g['unrelated_offered']}",
                 "own Score": _pct(m.get("score"), m.get("retention")),

@@ -247,6 +247,7 @@ def test_selectivity_of_the_benchmark_runs(bench_run):
     every, gated = methods["fededit-noreedit"], methods["fededit"]
     g = every["gate"]
     assert g["rule"] == "none" and gated["gate"]["rule"] == reproduce.DEFAULT_GATE
+    assert methods["collabedit"]["gate"]["rule"] is None  # merged, not gated: absorbs everything
     assert g["related_kept"] == g["related_offered"] and g["unrelated_kept"] == g["unrelated_offered"]
     assert g["related_offered"] + g["unrelated_offered"] == every["applied"] > 0
     f = gated["gate"]
