@@ -34,11 +34,8 @@ from fededit_core.data.slots import split_into_slots
 from fededit_core.fedleke.probe import probe_divergence, probe_requests
 from fededit_core.fedleke.reedit import kept_rows
 from fededit_core.memit.editor import make_editor
-from fededit_core.memit.keys import compute_keys, hidden_at_subject
-from fededit_core.model.families import family_for
-from fededit_core.model.hooks import capture_outputs, run_until
+from fededit_core.memit.keys import compute_keys, hidden_at_last_token, hidden_at_subject
 from fededit_core.model.loading import DEFAULT_MODEL, configure_threads
-from fededit_core.model.tokens import pad_right
 from fededit_core.paths import cache_dir
 
 from .experiments import select_requests, workload
@@ -160,20 +157,6 @@ def _auc(scores: list[float], labels: list[bool]) -> float | None:
     return float((pos[:, None] > neg[None, :]).double().mean() + 0.5 * (pos[:, None] == neg[None, :]).double().mean())
 
 
-def last_token_hidden(model, tok, requests: list, layer: int) -> torch.Tensor:
-    """(n, d) block ``layer``'s output at the last token of each plain prompt: where the model has read
-    the relation's words (the keys, at the subject, have not always)."""
-    name = f"{family_for(model).layers_path}.{layer}"
-    out = []
-    for first in range(0, len(requests), 64):
-        batch = pad_right([tok(r.text)["input_ids"] for r in requests[first : first + 64]], tok.pad_token_id)
-        with capture_outputs(model, [name], stop_after=name) as seen:
-            run_until(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        last = batch.attention_mask.sum(1) - 1
-        out.append(seen[name][torch.arange(len(last)), last].float())
-    return torch.cat(out)
-
-
 def label_summary(union: list, served: list[Offer], groups: list[int]) -> dict:
     """How the relatedness labels fall: groups, related offers, and related offers whose template is
     one of the receiver's own (the only ones a relation-identity signal could match exactly)."""
@@ -241,8 +224,8 @@ def analyse(
         "z": z,
         "delta": z - h,
         "keys_L": last,
-        "last_token_L": last_token_hidden(editor.model, editor.tok, union, editor.hp.z_layer),
-        "last_token_final": last_token_hidden(editor.model, editor.tok, union, n_layers - 1),
+        "last_token_L": hidden_at_last_token(editor.model, editor.tok, union, editor.hp.z_layer),
+        "last_token_final": hidden_at_last_token(editor.model, editor.tok, union, n_layers - 1),
     }
     served = offers(slots, groups)
     sample = sorted(random.Random(0).sample(range(len(served)), min(probe_offers, len(served))))

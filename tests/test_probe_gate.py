@@ -5,7 +5,7 @@ import torch
 
 from fededit_core.data.requests import EditRequest
 from fededit_core.fedleke.probe import _next_token_logp, probe_divergence, probe_keep, probe_requests
-from fededit_core.memit.keys import hidden_at_subject
+from fededit_core.memit.keys import hidden_at_last_token, hidden_at_subject
 from fededit_core.model.tokens import encode_with_subject
 from tests.tiny import tiny_model_and_tokenizer
 
@@ -65,11 +65,9 @@ def test_the_probe_keeps_what_moves_any_own_answer_and_one_prompt_per_template()
     assert [r.case_id for r in probe_requests([OWN[0], again, OWN[1]])] == ["0", "1"]
 
 
-def test_the_gate_analysis_reads_block_outputs_at_each_prompts_last_token(lm):
-    from bench.gate_analysis import last_token_hidden
-
+def test_block_outputs_are_read_at_each_prompts_last_token(lm):
     model, tok = lm
-    got = last_token_hidden(model, tok, OWN, LAYER)  # prompts of different lengths, padded together
+    got = hidden_at_last_token(model, tok, OWN, LAYER)  # prompts of different lengths, padded together
     for row, r in zip(got, OWN):
         with torch.no_grad():
             states = model(**tok(r.text, return_tensors="pt"), output_hidden_states=True).hidden_states

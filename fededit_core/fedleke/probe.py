@@ -10,9 +10,11 @@ prompt's end:
 
     s_ij = KL( p(. | prompt_i, z_j at p_i) || p(. | prompt_i, h_j at p_i) )           (nats)
 
-Only the edit j's delta differs between the two runs, seen through the receiver's relation. An
-edit of that relation moves the answer (s_ij large); an edit of another relation mostly leaves it
-(s_ij small). The rule keeps MKV j on its own when
+Only the edit j's delta differs between the two runs, seen through the receiver's relation. The
+rule rests on the hope that an edit of that relation moves the answer (s_ij large) and an edit of
+another relation mostly leaves it (s_ij small); on SmolLM2-135M and the benchmark's CounterFact
+workload it does not hold: delta moves every answer about the subject by about a nat or more
+(README, "Why the gate keeps nothing here"). The rule keeps MKV j on its own when
 
     keep(j) = max_i s_ij > tau                    (i over the receiver's own relation prompts so far)
 

@@ -44,6 +44,15 @@ def compute_keys(model, tok, requests: list[EditRequest], layer: int, templates:
     return (keys.view(len(requests), len(weights), -1) * weights[None, :, None]).sum(1)
 
 
+def hidden_at_last_token(model, tok, requests: list[EditRequest], layer: int) -> torch.Tensor:
+    """(n, d): output of block ``layer`` at the last token of each plain prompt, where the model has
+    read the relation's words (the subject's last token, before them in many templates, has not)."""
+    family = family_for(model)
+    seqs = [tok(r.text)["input_ids"] for r in requests]
+    lookup = torch.tensor([len(s) - 1 for s in seqs])
+    return _read_at_subject(model, tok, seqs, lookup, f"{family.layers_path}.{layer}", inputs=False)
+
+
 def hidden_at_subject(model, tok, requests: list[EditRequest], layer: int) -> torch.Tensor:
     """h_L (n, d): output of block ``layer`` at the last subject token of each plain prompt."""
     family = family_for(model)
