@@ -44,7 +44,7 @@ from .reproduce import DEFAULT_DATA, PRESETS, base_exp
 log = logging.getLogger("fededit.bench")
 ALPHAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.22, 0.3, 0.4, 0.5, 0.6, 0.7)
 RULES = ("paper", "set")
-PROBE_OFFERS = 240  # offers the probe replays (seeded sample): ~2 s each on 2 CPU cores
+PROBE_OFFERS = 240  # offers the probe replays (seeded sample): ~2 s each on 2 idle CPU cores, more late in a run
 TAUS = (0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0)  # probe thresholds, nats
 
 
