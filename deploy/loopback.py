@@ -49,22 +49,32 @@ def _ephemeral_start() -> int:
         return 49152
 
 
+_HANDED_OUT: set[int] = set()  # ports this process has given out: their servers may not listen yet
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on now, below the ephemeral range: a port the OS hands out (bind to
-    0) can be taken as the source port of an outgoing connection before its server binds it."""
+    """A TCP port nothing listens on now, below the ephemeral range, and never one this process gave
+    out before: a federation's ports are all drawn before its first server binds, so a second draw of
+    the same free port would give two servers one port. (A port the OS hands out, bind to 0, can be
+    taken as the source port of an outgoing connection before its server binds it.)"""
     start = _ephemeral_start()
     pick = random.SystemRandom()
     for _ in range(200):
         port = pick.randrange(max(1024, start - 12000), start)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # a crowded host: let the OS pick
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port = sock.getsockname()[1]
+    _HANDED_OUT.add(port)
+    return port
 
 
 def interpreter_tools_first(env: dict[str, str]) -> dict[str, str]:

@@ -212,3 +212,20 @@ def test_clientapp_step_reports_a_down_worker(monkeypatch):
         body, _ = unpack(reply.content, Limits(max_message_bytes=1 << 20))
         assert time.monotonic() - started < 10
         assert body["error"].startswith("WorkerUnavailable: edit worker at unix:/nonexistent.sock is not answering")
+
+
+def test_free_port_never_hands_out_one_port_twice(monkeypatch):
+    """A federation draws all its ports before any server binds: the same free port drawn twice would
+    give the SuperLink and a SuperNode one port (seen in CI: 'address already in use')."""
+    import deploy.loopback as loopback
+
+    draws = iter([23001, 23001, 23002])  # the second draw repeats the first
+
+    class Draws:
+        def randrange(self, low, high):
+            return next(draws)
+
+    monkeypatch.setattr(loopback, "_HANDED_OUT", set())
+    monkeypatch.setattr(loopback.random, "SystemRandom", Draws)
+    monkeypatch.setattr(loopback, "_ephemeral_start", lambda: 32768)
+    assert [loopback.free_port(), loopback.free_port()] == [23001, 23002]
