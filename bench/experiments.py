@@ -29,6 +29,7 @@ from fededit_core.eval.metrics import evaluate
 from fededit_core.fedleke.probe import DEFAULT_PROBE_TAU
 from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_GATE, DEFAULT_VECTOR
 from fededit_core.io import atomic_write
+from fededit_core.memit.update import DEFAULT_STATISTICS_FORM
 from strategies.federation import run_federation
 from strategies.report import weighted
 from strategies.settings import RunSettings
@@ -223,6 +224,7 @@ class Runner:
             gate=exp.get("gate", DEFAULT_GATE),
             vector=exp.get("vector", DEFAULT_VECTOR),
             probe_tau=exp.get("tau", DEFAULT_PROBE_TAU),
+            collab_transport=exp.get("collab_transport", DEFAULT_STATISTICS_FORM),
             reuse=exp.get("reuse", True),
             fluency=exp.get("fluency", False),
             baseline=False,

@@ -32,6 +32,7 @@ from fededit_core.client.worker import ClientSpec, EditWorker
 from fededit_core.data.loaders import DEFAULT_ZSRE_TARGET
 from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_GATE, DEFAULT_VECTOR
 from fededit_core.memit.overrides import memit_overrides
+from fededit_core.memit.update import DEFAULT_STATISTICS_FORM
 from fededit_core.model.loading import DEFAULT_MODEL, configure_threads
 from fededit_core.paths import cache_dir, shared_data_dir
 
@@ -70,6 +71,7 @@ class Preset:
     gate: str = DEFAULT_GATE
     vector: str = DEFAULT_VECTOR
     zsre_target: str = DEFAULT_ZSRE_TARGET
+    collab_transport: str = DEFAULT_STATISTICS_FORM  # CollabEdit's main run; the other form is run beside it
     datasets: tuple[str, ...] = ("counterfact", "zsre")
 
 
@@ -127,6 +129,8 @@ def base_exp(preset: Preset, dataset: str, method: str, **changes) -> dict:
     }
     if dataset == "zsre":
         exp["zsre_target"] = preset.zsre_target
+    if method == "collabedit":
+        exp["collab_transport"] = preset.collab_transport
     exp.update(changes)
     if method == "centralised":  # no federation settings: identical runs share one cache entry
         for key in ("alpha", "gate", "vector", "reuse", "others_limit"):
@@ -145,6 +149,8 @@ def plan(preset: Preset, section: str, dataset: str) -> dict[str, dict]:
             out["centralised (one batch)"] = base_exp(preset, dataset, "centralised", n_slots=1, fluency=fl)
         for m in MAIN_METHODS:
             out[m] = base_exp(preset, dataset, m, fluency=fl)
+        if preset.collab_transport != "dense":  # the dense statistics' bytes beside (the same merged model)
+            out["collabedit-dense"] = base_exp(preset, dataset, "collabedit", collab_transport="dense", fluency=fl)
     elif section == "ablation":
         for n in preset.ablation_sizes:
             for m in ("centralised", "fededit-noreedit", "fededit"):

@@ -21,7 +21,7 @@ from .plots import write_plots
 from .selectivity import selectivity
 
 MAIN_METHODS = ("local", "editavg", "editavg-factors", "fededit-noreedit", "fededit", "collabedit")  # federated
-METHOD_ORDER = ("unedited", "centralised", "centralised_one_batch", *MAIN_METHODS)
+METHOD_ORDER = ("unedited", "centralised", "centralised_one_batch", *MAIN_METHODS, "collabedit-dense")
 
 
 def _parts(kind: str, with_fluency: bool = True) -> list[str]:
@@ -128,6 +128,7 @@ def dataset_json(preset, dataset: str, results: dict, env: dict, data_files: dic
             "alpha": preset.alpha,
             "gate": preset.gate,
             "reedit_vector": preset.vector,
+            "collab_transport": preset.collab_transport,
             **({"zsre_target": preset.zsre_target} if dataset == "zsre" else {}),
             "seed": preset.seed,
             "partition": {
@@ -158,11 +159,15 @@ def dataset_json(preset, dataset: str, results: dict, env: dict, data_files: dic
             **one,
             "retention": _ratio(one.get("score"), (central or {}).get("score")),
         }
-    for method in MAIN_METHODS:
+    for method in (*MAIN_METHODS, "collabedit-dense"):
         if method in main:
             out["methods"][method] = _federated(main[method], central, kind)
             if _reedits(main[method]):
                 out["methods"][method].update(_selectivity(main[method], main.get("unedited+centralised"), data_files))
+    dense = out["methods"].get("collabedit-dense")
+    if dense and "collabedit" in out["methods"]:  # what the dense statistics would have moved
+        out["methods"]["collabedit"]["dense_bytes_up_per_client"] = dense["bytes_up_per_client"]
+        out["methods"]["collabedit"]["dense_bytes_down_per_client"] = dense["bytes_down_per_client"]
     out["methods"] = {m: out["methods"][m] for m in METHOD_ORDER if m in out["methods"]}
     if "ablation" in results:
         out["ablation"] = _curve(results["ablation"], "n_edits", kind)

@@ -3,12 +3,16 @@
 - EditAvg (FedAvg-style baseline): Delta_l = sum_c n_c Delta_l^c / sum_c n_c.
 - CollabEdit (Zheng et al., ICLR 2025): per layer, sum_c R_c K_c^T and sum_c K_c K_c^T; every client
   then solves Delta = (sum R K^T)(lambda C0 + sum K K^T)^-1 with its identical C0, which equals one
-  MEMIT edit of all clients' requests together.
+  MEMIT edit of all clients' requests together. With thin factors (K_c V_c, R_c V_c) the sums are
+  K K^T = K_all K_all^T and R K^T = R_all K_all^T of the factors side by side, sent back as their own
+  thin factor (rank <= the slot's requests).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from fededit_core.memit.update import thin_factors
 
 
 def edit_average(updates: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
@@ -55,3 +59,15 @@ def sum_statistics(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if not parts:
         raise ValueError("no statistics to sum")
     return {name: sum(p[name].astype(np.float64) for p in parts) for name in ("rk", "kk")}
+
+
+def sum_factors(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The thin factor of sum_c R_c K_c^T and sum_c K_c K_c^T from the clients' factors ``kf``, ``rf``:
+    K_all = [K_1 V_1, ..., K_C V_C] and R_all likewise, then ``thin_factors(K_all, R_all)``, so that no
+    client's own columns are passed on, only a factor fixed by the sums."""
+    if not parts:
+        raise ValueError("no factors to sum")
+    k = np.concatenate([p["kf"].astype(np.float64) for p in parts], axis=1)
+    r = np.concatenate([p["rf"].astype(np.float64) for p in parts], axis=1)
+    kf, rf = thin_factors(k, r)
+    return {"kf": kf, "rf": rf}

@@ -17,20 +17,29 @@ from __future__ import annotations
 
 import numpy as np
 
-from .aggregate import sum_statistics
+from .aggregate import sum_factors, sum_statistics
 from .base import Strategy
 from .session import SECURE_SUM_RANGE, FederationError, Instruction, Session
 from .store import SlotProgress
-from .validation import FederationSpec, UploadError, validate_sealed_stats, validate_stats_upload
+from .validation import (
+    FederationSpec,
+    UploadError,
+    validate_sealed_stats,
+    validate_stats_upload,
+    validate_thin_factor_upload,
+)
 
 
 class CollabEdit(Strategy):
     name = "collabedit"
     absorbed = "all"
 
-    def __init__(self, spec: FederationSpec, run: str, secure: bool = False, store=None):
+    def __init__(self, spec: FederationSpec, run: str, transport: str, secure: bool = False, store=None):
         super().__init__(spec, run, store)
+        if secure and transport != "dense":
+            raise ValueError("secure aggregation sums the dense statistics (collab-transport 'dense')")
         self.secure = secure
+        self.transport = transport
 
     def run_slot(self, slot: int, session: Session, resume: SlotProgress | None = None) -> None:
         """Phases: ``start``, then ``apply`` with ``index`` i: the sums of layer i are recorded and
@@ -40,35 +49,38 @@ class CollabEdit(Strategy):
         if resume is not None and resume.phase == "apply":
             first, sums = int(resume.state["index"]), resume.arrays
         else:
-            replies = session.broadcast("collab", {"slot": slot, "stats": 0, "secure": self.secure}, phase="edit")
+            step = {"slot": slot, "stats": 0, "secure": self.secure, "transport": self.transport}
+            replies = session.broadcast("collab", step, phase="edit")
             first, sums = 0, self._gathered(gather, slot, 0, replies, session)
         for i in range(first, len(layers)):
             follow = i + 1 if i + 1 < len(layers) else None
-            replies = session.broadcast(
-                "collab", {"slot": slot, "apply": i, "stats": follow, "secure": self.secure}, sums, phase="merge"
-            )
+            step = {"slot": slot, "apply": i, "stats": follow, "secure": self.secure, "transport": self.transport}
+            replies = session.broadcast("collab", step, sums, phase="merge")
             if follow is not None:
                 sums = self._gathered(gather, slot, follow, replies, session)
         self.record(session, slot + 1)
 
     def _gathered(self, gather, slot: int, index: int, replies: dict, session: Session) -> dict:
         """The sums of layer ``index``, recorded before they go out."""
-        sums = {
-            k: v.astype(np.float32) for k, v in gather(slot, index, self.spec.layers[index], replies, session).items()
-        }
+        wire = np.float64 if self.transport == "lowrank" else np.float32  # the factors are small
+        sums = {k: v.astype(wire) for k, v in gather(slot, index, self.spec.layers[index], replies, session).items()}
         self.record(session, slot, "apply", arrays=sums, index=index)
         return sums
 
     def _plain_sum(self, slot: int, index: int, layer: int, replies: dict, session: Session) -> dict:
         parts = []
         for client, reply in replies.items():
+            fingerprint = str(reply.body.get("fingerprint"))
             try:
-                validate_stats_upload(client, str(reply.body.get("fingerprint")), reply.arrays, self.spec, layer)
+                if self.transport == "lowrank":
+                    validate_thin_factor_upload(client, fingerprint, reply.arrays, self.spec, layer, slot)
+                else:
+                    validate_stats_upload(client, fingerprint, reply.arrays, self.spec, layer)
             except UploadError as err:
                 session.reject(client, str(err))
                 continue
             parts.append(reply.arrays)
-        return sum_statistics(parts)
+        return sum_factors(parts) if self.transport == "lowrank" else sum_statistics(parts)
 
     def _secure_sum(self, slot: int, index: int, layer: int, replies: dict, session: Session) -> dict:
         largest = 0.0

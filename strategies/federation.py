@@ -41,7 +41,9 @@ def make_strategy(settings: RunSettings, spec: FederationSpec, store: MKVStore |
             tau=settings.probe_tau,
         )
     if settings.strategy == "collabedit":
-        return CollabEdit(spec, settings.run, secure=settings.secure_aggregation, store=store)
+        return CollabEdit(
+            spec, settings.run, settings.collab_transport, secure=settings.secure_aggregation, store=store
+        )
     return {"editavg": EditAvg, "editavg-factors": EditAvgFactors, "local": Local}[settings.strategy](
         spec, settings.run, store
     )

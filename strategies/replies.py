@@ -190,7 +190,7 @@ REPLY_ARRAYS: dict[str, re.Pattern] = {
     "edit": re.compile(r"(z|delta|keys|corrections|layers|sealed)"),
     "editavg_update": re.compile(r"delta\.[0-9]{1,4}"),
     "editavg_factors": re.compile(r"factor_[kr]\.[0-9]{1,4}"),
-    "collab": re.compile(r"(rk|kk)"),
+    "collab": re.compile(r"(rk|kk|kf|rf)"),
 }
 
 

@@ -25,6 +25,7 @@ from fededit_core.fedleke.reedit import (
     VECTORS,
 )
 from fededit_core.memit.overrides import memit_overrides
+from fededit_core.memit.update import DEFAULT_STATISTICS_FORM, STATISTICS_FORMS
 from fededit_core.model.loading import DEFAULT_MODEL
 from fededit_core.paths import safe_name
 from strategies.session import FederationError
@@ -80,6 +81,11 @@ class RunSettings(BaseModel):
     )
     centralised: bool = Field(True, description="also run centralised MEMIT on the union (needs the data file)")
     secure_aggregation: bool = Field(False, alias="secure-aggregation", description="collabedit: sums through SecAgg+")
+    collab_transport: Literal[STATISTICS_FORMS] = Field(  # type: ignore[valid-type]
+        DEFAULT_STATISTICS_FORM,
+        alias="collab-transport",
+        description="collabedit: lowrank (thin factors, n (d + d_ff) numbers) | dense (R K^T and K K^T)",
+    )
     fluency: bool = False
     run_name: str = Field("", alias="run-name", description='"" = run-<flower run id>; name a run to resume it')
     output_dir: str = Field("runs", alias="output-dir")
@@ -117,6 +123,11 @@ class RunSettings(BaseModel):
             raise FederationError(
                 f"secure-aggregation is offered for collabedit only (its uploads are plain "
                 f"sums), not for {self.strategy!r}"
+            )
+        if self.secure_aggregation and self.collab_transport != "dense":
+            raise FederationError(
+                "secure-aggregation masks fixed-size vectors and sums them, which thin factors are not: "
+                "set collab-transport = 'dense' with it"
             )
         return self
 

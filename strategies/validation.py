@@ -213,6 +213,26 @@ def validate_stats_upload(client: str, fingerprint: str, arrays: dict, spec: Fed
         raise UploadError(f"client {client}: K K^T of layer {layer} is not positive semi-definite")
 
 
+def validate_thin_factor_upload(
+    client: str, fingerprint: str, arrays: dict, spec: FederationSpec, layer: int, slot: int
+) -> None:
+    """A CollabEdit upload for one layer in thin factors: K V (d_ff, r) and R V (d, r), r at most the
+    client's requests in the slot (the rank of its K) and at most d_ff."""
+    check_fingerprint(client, fingerprint, spec)
+    if layer not in spec.layers:
+        raise UploadError(f"client {client}: layer {layer} is not edited by this federation {list(spec.layers)}")
+    _check_names(client, arrays, {"kf", "rf"})
+    _check_array(client, "kf", arrays["kf"], (spec.d_ff, None))
+    _check_array(client, "rf", arrays["rf"], (spec.d_model, None))
+    width, bound = arrays["kf"].shape[1], spec.slot_size(client, slot)
+    bound = spec.d_ff if bound is None else min(bound, spec.d_ff)
+    if arrays["rf"].shape[1] != width or width > bound:
+        raise UploadError(
+            f"client {client}: its factors of layer {layer} must have one width <= {bound}, "
+            f"got {width} and {arrays['rf'].shape[1]}"
+        )
+
+
 def validate_sealed_stats(client: str, body: dict, spec: FederationSpec) -> float:
     """A CollabEdit reply under secure aggregation: no arrays (they travel masked, through SecAgg+),
     only the model fingerprint and the largest |value| of its statistics, which sets the scale."""

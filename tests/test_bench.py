@@ -82,6 +82,12 @@ def test_every_method_reported_with_retention_against_centralised(bench_run):
         assert methods[m]["retention"] == pytest.approx(methods[m]["score"] / central)
     # CollabEdit's merged statistics are one global MEMIT edit per slot: the centralised schedule
     assert methods["collabedit"]["retention"] == pytest.approx(1.0, abs=1e-6)
+    # in thin factors (the default) as in dense statistics (run beside it), with fewer bytes
+    assert js["config"]["collab_transport"] == "lowrank"
+    assert methods["collabedit-dense"]["score"] == pytest.approx(methods["collabedit"]["score"], abs=1e-6)
+    collab = methods["collabedit"]
+    assert collab["dense_bytes_up_per_client"] == methods["collabedit-dense"]["bytes_up_per_client"]
+    assert collab["bytes_up_per_client"] < collab["dense_bytes_up_per_client"] / 4
     assert methods["local"]["bytes_up_per_client"] < methods["fededit"]["bytes_up_per_client"]
     assert methods["fededit-noreedit"]["kept_sets"] == methods["fededit-noreedit"]["received_sets"] > 0
 

@@ -164,7 +164,7 @@ def test_collabedit_with_secagg_plus_over_tls(federation):
     run_config = (
         f"model='{federation.model}' cov-source='{federation.data / 'corpus.txt'}' cov-samples=16 "
         f"v-steps=5 mom2-weight=10.0 num-slots=1 centralised=false min-clients=2 strategy='collabedit' "
-        f"secure-aggregation=true output-dir='{tmp / 'runs'}' run-name='deploysecagg'"
+        f"secure-aggregation=true collab-transport='dense' output-dir='{tmp / 'runs'}' run-name='deploysecagg'"
     )
     proc = federation.run(run_config, timeout=480)
     output = proc.stdout + proc.stderr

@@ -165,6 +165,40 @@ def test_collabedit_equals_one_global_memit_edit(world, tmp_path):
             assert (layers[layer] - weight).norm() <= 1e-3 * shift
 
 
+def test_collabedit_thin_factors_merge_the_model_the_dense_statistics_merge(world, tmp_path):
+    """Low-rank transport: the merged layers of the dense path, from uploads of the slot's rank rather
+    than d_ff columns. The dense path rounds its statistics to float32 on the wire (4e-6 of the update
+    here); the thin factors travel in float64 and match float64 statistics to 1e-6
+    (test_collabedit_engine)."""
+    layers, uploads = {}, {}
+    for transport_form in ("dense", "lowrank"):
+        specs = client_specs(world, tmp_path, f"collab-{transport_form}", num_slots=1)
+        transport = DirectTransport(specs)
+        settings = RunSettings(
+            run=f"collab-{transport_form}",
+            strategy="collabedit",
+            num_slots=1,
+            store_path=tmp_path / f"{transport_form}.sqlite",
+            collab_transport=transport_form,
+        )
+        run_federation(transport, list(specs), settings, {}, progress=False)
+        layers[transport_form] = {name: transport.worker.participant(spec).layers for name, spec in specs.items()}
+        uploads[transport_form] = [
+            r.arrays for _, i, r in transport.log if i.op == "collab" and i.args.get("stats") is not None
+        ]
+    base = transport.worker.editor(specs["client-0"]).base_weights
+    for name in layers["lowrank"]:
+        for layer, weight in layers["dense"][name].items():
+            shift = (weight.double() - base[layer].double()).norm()
+            assert shift > 0
+            assert (layers["lowrank"][name][layer].double() - weight.double()).norm() <= 2e-5 * shift
+    assert {tuple(sorted(a)) for a in uploads["lowrank"]} == {("kf", "rf")}
+    d_ff = base[next(iter(base))].shape[1]
+    assert max(a["kf"].shape[1] for a in uploads["lowrank"]) < d_ff
+    size = {form: sum(v.nbytes for a in uploads[form] for v in a.values()) for form in uploads}
+    assert size["lowrank"] < size["dense"] / 4
+
+
 def test_collabedit_secure_path_sends_no_statistics_and_edits_as_the_plain_one(world, tmp_path):
     layers = {}
     for secure in (False, True):  # DirectTransport's secure_sum adds the clients' arrays (bench/inprocess.py)
@@ -176,6 +210,7 @@ def test_collabedit_secure_path_sends_no_statistics_and_edits_as_the_plain_one(w
             num_slots=1,
             store_path=tmp_path / "s.sqlite",
             secure_aggregation=secure,
+            collab_transport="dense" if secure else "lowrank",
         )
         run_federation(transport, list(specs), settings, {}, progress=False)
         layers[secure] = {name: transport.worker.participant(spec).layers for name, spec in specs.items()}
@@ -193,7 +228,9 @@ def test_collabedit_secure_path_sends_no_statistics_and_edits_as_the_plain_one(w
 
 def test_secure_aggregation_needs_collabedit_and_a_transport_that_offers_it(world, tmp_path):
     with pytest.raises(FederationError, match="offered for collabedit only"):
-        RunSettings(run="x", strategy="fededit", secure_aggregation=True)
+        RunSettings(run="x", strategy="fededit", secure_aggregation=True, collab_transport="dense")
+    with pytest.raises(FederationError, match="set collab-transport = 'dense'"):
+        RunSettings(run="x", strategy="collabedit", secure_aggregation=True)
     with pytest.raises(FederationError, match="secure aggregation needs a transport"):
         specs = client_specs(world, tmp_path, "nosecagg")
         inner = DirectTransport(specs)
@@ -205,6 +242,7 @@ def test_secure_aggregation_needs_collabedit_and_a_transport_that_offers_it(worl
             specs=specs,
             transport=inner.__call__,
             secure_aggregation=True,
+            collab_transport="dense",
         )
 
 

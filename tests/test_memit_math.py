@@ -2,10 +2,19 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from fededit_core.memit.update import layer_statistics, memit_delta, solve_update, update_factors
+from fededit_core.memit.update import (
+    layer_statistics,
+    memit_delta,
+    solve_update,
+    statistics_from_factors,
+    thin_factors,
+    update_factors,
+)
+from strategies.aggregate import sum_factors, sum_statistics
 
 
 @pytest.fixture(autouse=True)
@@ -153,3 +162,59 @@ def test_update_factors_multiply_to_the_memit_update():
     a, r = update_factors(keys, resid, c0, 3.0)
     assert tuple(a.shape) == (12, 5) and tuple(r.shape) == (4, 5)
     torch.testing.assert_close(r @ a.T, memit_delta(keys, resid, c0, 3.0))
+
+
+@pytest.mark.parametrize("n,d,d_ff", [(4, 6, 9), (12, 6, 9), (1, 3, 5)])
+def test_thin_factors_carry_both_statistics_in_rank_columns(n, d, d_ff):
+    gen = torch.Generator().manual_seed(n)
+    keys = torch.randn(n, d_ff, generator=gen, dtype=torch.float64)
+    resid = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    kf, rf = thin_factors(keys.T.numpy(), resid.T.numpy())
+    assert kf.shape == (d_ff, min(n, d_ff)) and rf.shape == (d, min(n, d_ff))
+    rk, kk = layer_statistics(keys, resid)
+    rk_f, kk_f = statistics_from_factors(kf, rf)
+    torch.testing.assert_close(rk_f, rk, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(kk_f, kk, rtol=1e-10, atol=1e-10)
+
+
+def test_thin_factors_drop_repeated_keys_and_add_the_repeats_residuals():
+    """A request edited twice has one key: the factor has one column for it, whose residual is the
+    sum of both (what R K^T holds)."""
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(3, 9, generator=gen, dtype=torch.float64)
+    keys = torch.cat([keys, keys[:1]])  # request 0 again
+    resid = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    kf, rf = thin_factors(keys.T.numpy(), resid.T.numpy())
+    assert kf.shape[1] == 3
+    rk, kk = layer_statistics(keys, resid)
+    torch.testing.assert_close(statistics_from_factors(kf, rf), (rk, kk), rtol=1e-10, atol=1e-10)
+
+
+def test_thin_factors_of_no_requests_are_empty_and_of_zero_keys_too():
+    kf, rf = thin_factors(np.zeros((9, 0)), np.zeros((6, 0)))
+    assert kf.shape == (9, 0) and rf.shape == (6, 0)
+    kf, rf = thin_factors(np.zeros((9, 2)), np.ones((6, 2)))
+    assert kf.shape == (9, 0) and rf.shape == (6, 0)
+    with pytest.raises(ValueError, match="one column per request"):
+        thin_factors(np.zeros((9, 2)), np.zeros((6, 3)))
+
+
+def test_summed_factors_are_a_factor_of_the_summed_statistics_with_no_client_columns():
+    gen = torch.Generator().manual_seed(1)
+    parts, dense = [], []
+    for n in (3, 0, 5):
+        keys = torch.randn(n, 9, generator=gen, dtype=torch.float64)
+        resid = torch.randn(n, 6, generator=gen, dtype=torch.float64)
+        kf, rf = thin_factors(keys.T.numpy(), resid.T.numpy())
+        parts.append({"kf": kf.astype(np.float32), "rf": rf.astype(np.float32)})
+        dense.append({k: v.numpy() for k, v in zip(("rk", "kk"), layer_statistics(keys, resid))})
+    summed = sum_factors(parts)
+    assert summed["kf"].shape == (9, 8) and summed["rf"].shape == (6, 8)
+    rk, kk = statistics_from_factors(summed["kf"], summed["rf"])
+    sums = sum_statistics(dense)
+    np.testing.assert_allclose(rk.numpy(), sums["rk"], rtol=1e-5, atol=1e-5 * np.abs(sums["rk"]).max())
+    np.testing.assert_allclose(kk.numpy(), sums["kk"], rtol=1e-5, atol=1e-5 * np.abs(sums["kk"]).max())
+    # the returned columns are the sums' principal directions, not any client's own columns
+    first = parts[0]["kf"] / np.linalg.norm(parts[0]["kf"], axis=0)
+    back = summed["kf"] / np.linalg.norm(summed["kf"], axis=0)
+    assert np.abs(first.T @ back).max() < 0.999

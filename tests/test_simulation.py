@@ -109,6 +109,7 @@ def test_collabedit_with_secagg_plus_gives_the_plain_sums_model(world):
                 strategy="'collabedit'",
                 centralised="false",
                 **{"run-name": f"'{run}'", "secure-aggregation": str(secure).lower()},
+                **({"collab-transport": "'dense'"} if secure else {}),
             ),
             clients=2,
             timeout_s=600,

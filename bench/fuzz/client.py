@@ -30,7 +30,7 @@ def _instruction(op: str) -> tuple[dict, dict]:
         "reedit": ({"alpha": 0.5, "gate": "set", "vector": "delta", "tau": 1.0, "ids": [], "senders": []}, {}),
         "editavg_update": ({"slot": 0}, {}),
         "editavg_apply": ({"slot": 0}, {}),
-        "collab": ({"slot": 0, "stats": 0, "secure": False}, {}),
+        "collab": ({"slot": 0, "stats": 0, "secure": False, "transport": "dense"}, {}),
         "evaluate": ({"others": "none", "fluency": False, "baseline": True, "others_limit": 0}, {}),
         "rejected": ({"error": "x"}, {}),
     }[op]
@@ -130,6 +130,24 @@ def _client_field_mutation(op: str, args: dict, d_model: int, d_ff: int, layers:
             ("kk_not_psd", lambda: ({**args, "apply": 0}, {"rk": rk, "kk": -kk})),
             ("bad_array", lambda: ({**args, "apply": 0}, {"rk": bad_array("rk", rk, rng), "kk": kk})),
             ("secure", lambda: ({**args, "secure": "yes"}, {})),
+            ("transport", lambda: ({**args, "transport": rng.choice(["sparse", "", None, 1])}, {})),
+            ("secure_lowrank", lambda: ({**args, "secure": True, "transport": "lowrank"}, {})),
+            (
+                "factor_width",
+                lambda: (
+                    {**args, "apply": 0, "transport": "lowrank"},
+                    rng.choice(
+                        [
+                            {"kf": np.ones((d_ff, 2), np.float32), "rf": np.ones((d_model, 3), np.float32)},
+                            {
+                                "kf": np.ones((d_ff, d_ff + 1), np.float32),
+                                "rf": np.ones((d_model, d_ff + 1), np.float32),
+                            },
+                            {"kf": np.ones((d_model, 2), np.float32), "rf": np.ones((d_ff, 2), np.float32)},
+                        ]
+                    ),
+                ),
+            ),
         ]
     if op == "evaluate":
         choices += [

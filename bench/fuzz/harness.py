@@ -112,6 +112,11 @@ def honest_reply(client: str, step: dict, arrays: dict, rng: np.random.Generator
         if step.get("stats") is None:
             return body, {}
         body.update(n=PER_SLOT, fingerprint=FINGERPRINT)
+        if step.get("transport") == "lowrank":
+            return body, {
+                "kf": rng.standard_normal((D_FF, PER_SLOT)).astype(np.float32),
+                "rf": rng.standard_normal((D_MODEL, PER_SLOT)).astype(np.float32),
+            }
         return body, {
             "rk": rng.standard_normal((D_MODEL, D_FF)).astype(np.float32),
             "kk": _psd(rng, D_FF),

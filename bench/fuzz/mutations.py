@@ -285,7 +285,16 @@ def _count(client, body, arrays, rng):
     return body, arrays
 
 
-def _kk(client, body, arrays, rng):
+def _statistics(client, body, arrays, rng):
+    """Dense: K K^T not PSD or asymmetric. Thin factors: two widths, or wider than the client's slot."""
+    if "kf" in arrays:
+        key = rng.choice(["kf", "rf"])
+        extra = rng.choice([1, 40])
+        arrays[key] = np.concatenate([arrays[key], np.ones((len(arrays[key]), extra), np.float32)], axis=1)
+        if rng.random() < 0.5:  # both wider: the width exceeds the client's requests in the slot
+            other = "rf" if key == "kf" else "kf"
+            arrays[other] = np.concatenate([arrays[other], np.ones((len(arrays[other]), extra), np.float32)], axis=1)
+        return body, arrays
     kk = arrays["kk"].copy()
     if rng.random() < 0.5:
         kk -= (np.abs(kk).max() + 1.0) * np.eye(len(kk), dtype=np.float32)  # negative definite
@@ -394,7 +403,7 @@ SPECIFIC = {
     "collab": [
         ("bad_array", _mutate_array),
         ("missing_array", _drop_array),
-        ("kk_not_psd", _kk),
+        ("bad_statistics", _statistics),
         ("fingerprint", _fingerprint),
         ("max_abs", _max_abs),
     ],

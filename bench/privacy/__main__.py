@@ -36,6 +36,7 @@ from fededit_core.data.clients import client_name
 from fededit_core.data.loaders import dataset_kind, load_requests
 from fededit_core.data.slots import split_into_slots
 from fededit_core.fedleke.sealing import HEADER, TAG_BYTES
+from fededit_core.memit.update import DEFAULT_STATISTICS_FORM, statistics_from_factors
 from fededit_core.model.loading import DEFAULT_MODEL
 from fededit_core.paths import cache_dir
 from strategies.federation import run_federation
@@ -99,6 +100,7 @@ def run_one(name: str, parts: dict, work: Path, worker: EditWorker, model: str, 
         num_slots=N_SLOTS,
         seal_mkvs=seal,
         secure_aggregation=secure,
+        collab_transport="dense" if secure else DEFAULT_STATISTICS_FORM,
         centralised=False,
         baseline=False,
         store_path=folder / "mkv_store.sqlite",
@@ -136,8 +138,8 @@ def set_views(name: str, transport: InProcessTransport, layer: int):
     """(client or 'sum', slot, m, kind, arrays) of every statistic the server saw at the first layer."""
     if name == "collabedit":
         for client, ins, reply in transport.log:
-            if ins.op == "collab" and ins.args.get("stats") == 0 and "kk" in reply.arrays:
-                yield client, ins.args["slot"], reply.body["n"], "collab", reply.arrays
+            if ins.op == "collab" and ins.args.get("stats") == 0 and reply.arrays:
+                yield client, ins.args["slot"], reply.body["n"], "collab", dense_statistics(reply.arrays)
     elif name == "collabedit_secagg":
         for args, sums in transport.sums:
             if args["stats"] == 0:
@@ -147,6 +149,14 @@ def set_views(name: str, transport: InProcessTransport, layer: int):
         for client, ins, reply in transport.log:
             if ins.op == "editavg_update" and f"delta.{layer}" in reply.arrays:
                 yield client, ins.args["slot"], reply.body["n"], "editavg", {"delta": reply.arrays[f"delta.{layer}"]}
+
+
+def dense_statistics(arrays: dict) -> dict:
+    """R K^T and K K^T as the server can form them from either transport (thin factors or dense)."""
+    if "kf" not in arrays:
+        return arrays
+    rk, kk = statistics_from_factors(arrays["kf"], arrays["rf"])
+    return {"rk": rk.numpy(), "kk": kk.numpy()}
 
 
 def attack_keys(attacker: Attacker, parts: dict, view, objects: dict, h_norm: float) -> dict:

@@ -28,6 +28,7 @@ from fededit_core.fedleke.probe import MAX_PROBE_TAU
 from fededit_core.fedleke.reedit import GATES, VECTORS
 from fededit_core.fedleke.sealing import sealed_length
 from fededit_core.fedleke.tags import Tag
+from fededit_core.memit.update import STATISTICS_FORMS
 from fededit_core.paths import SAFE_NAME, SafeName
 
 
@@ -104,6 +105,7 @@ class Collab(_Instruction):
     apply: LayerIndex | None = None
     stats: LayerIndex | None = None
     secure: StrictBool = False
+    transport: Literal[STATISTICS_FORMS]  # type: ignore[valid-type]
 
 
 class CollabMasked(_Instruction):
@@ -169,6 +171,8 @@ def expected_arrays(op: str, args: _Instruction, d_model: int, d_ff: int, layers
     if op == "editavg_apply":
         return {f"delta.{l}": (d_model, d_ff) for l in layers}
     if op == "collab" and args.apply is not None:
+        if args.transport == "lowrank":  # thin factors: any number of columns, the same in both
+            return {"kf": (d_ff, None), "rf": (d_model, None)}
         return {"rk": (d_model, d_ff), "kk": (d_ff, d_ff)}
     return {}
 
@@ -183,7 +187,7 @@ def check_arrays(op: str, args: _Instruction, arrays: dict, d_model: int, d_ff: 
         raise StepError(f"the {op!r} instruction carries arrays {sorted(arrays)[:6]}, expected {sorted(expected)}")
     for name, shape in expected.items():
         array = arrays[name]
-        if not isinstance(array, np.ndarray) or tuple(array.shape) != shape:
+        if not isinstance(array, np.ndarray) or not _fits(array.shape, shape):
             got = tuple(array.shape) if isinstance(array, np.ndarray) else type(array).__name__
             raise StepError(f"array {name!r} of the {op!r} instruction has shape {got}, expected {shape}")
         if name.startswith("sealed."):
@@ -199,6 +203,10 @@ def check_arrays(op: str, args: _Instruction, arrays: dict, d_model: int, d_ff: 
         with np.errstate(over="ignore"):
             if not np.isfinite(array.astype(np.float32, copy=False)).all():
                 raise StepError(f"array {name!r} of the {op!r} instruction holds values not finite in float32")
+
+
+def _fits(got: tuple, shape: tuple) -> bool:
+    return len(got) == len(shape) and all(e is None or e == g for e, g in zip(shape, got))
 
 
 def check_sources(op: str, args: Edit | Reedit, own_name: str) -> None:

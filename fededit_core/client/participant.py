@@ -52,7 +52,7 @@ from fededit_core.io import atomic_folder, last_good, recover_folder
 from fededit_core.memit.editor import MemitEditor
 from fededit_core.memit.keys import hidden_at_subject
 from fededit_core.memit.target import ZResult
-from fededit_core.memit.update import layer_statistics, update_factors
+from fededit_core.memit.update import layer_statistics, thin_factors, update_factors
 
 
 @dataclass
@@ -346,9 +346,11 @@ class Participant:
         self.checkpoint()
 
     # --- CollabEdit: per layer, statistics out, summed statistics in ------------------------------
-    def collab_statistics(self, slot: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """R K^T (d, d_ff) and K K^T (d_ff, d_ff) of this slot's requests at the ``index``-th edited
-        layer, read on the current (shared, partly edited) model; z is optimised at index 0."""
+    def collab_statistics(self, slot: int, index: int, lowrank: bool) -> dict[str, np.ndarray]:
+        """This slot's statistics at the ``index``-th edited layer, read on the current (shared, partly
+        edited) model, float64: R K^T (d, d_ff) and K K^T (d_ff, d_ff) as ``rk``, ``kk``, or with
+        ``lowrank`` their thin factors K V (d_ff, r) and R V (d, r), r <= the slot's requests, as
+        ``kf``, ``rf`` (``thin_factors``). z is optimised at index 0."""
         if slot != self.next_slot:
             raise StepError(f"{self.name}: slot {slot} asked for, but the next slot to edit is {self.next_slot}")
         requests = self.slots[slot]
@@ -361,11 +363,16 @@ class Participant:
             self.pending = {"z": z.float(), "slot": torch.tensor(slot), "applied": torch.tensor(0)}
             self.reports.append(report)
             self.checkpoint()
-        if not requests:
-            d, d_ff = self.editor.d_model, self.editor.d_ff
-            return torch.zeros(d, d_ff, dtype=torch.float64), torch.zeros(d_ff, d_ff, dtype=torch.float64)
-        keys, resid = self.editor.layer_inputs(requests, self.pending["z"].to(self.editor.device), index)
-        return layer_statistics(keys.to(self.editor.device), resid.to(self.editor.device))
+        if requests:
+            keys, resid = self.editor.layer_inputs(requests, self.pending["z"].to(self.editor.device), index)
+        else:
+            keys = torch.zeros(0, self.editor.d_ff, dtype=torch.float64)
+            resid = torch.zeros(0, self.editor.d_model, dtype=torch.float64)
+        if lowrank:
+            kf, rf = thin_factors(keys.double().T.cpu().numpy(), resid.double().T.cpu().numpy())
+            return {"kf": kf, "rf": rf}
+        rk, kk = layer_statistics(keys, resid)
+        return {"rk": rk.cpu().numpy(), "kk": kk.cpu().numpy()}
 
     def collab_apply(self, slot: int, index: int, rk: torch.Tensor, kk: torch.Tensor) -> None:
         """W += (sum R K^T)(lambda C0 + sum K K^T)^-1 at the ``index``-th layer; the slot ends after the

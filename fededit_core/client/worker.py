@@ -45,7 +45,7 @@ from fededit_core.fedleke.mkv import MKVError, MKVSet
 from fededit_core.fedleke.reedit import DEFAULT_REUSE_MIN_PROB, DEFAULT_ROLLBACK_MARGIN, GATES
 from fededit_core.fedleke.sealing import KeyRing, SealContext, SealError, key_id, key_proof, set_ids
 from fededit_core.memit.editor import MemitEditor, hparams_for, make_editor
-from fededit_core.memit.update import positive_semidefinite
+from fededit_core.memit.update import positive_semidefinite, statistics_from_factors
 from fededit_core.model.loading import DEFAULT_MODEL
 from fededit_core.paths import generations_path, safe_name
 
@@ -433,8 +433,9 @@ class EditWorker:
         return {}, {}
 
     def op_collab(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
-        """CollabEdit: apply the summed statistics of layer ``apply`` (if given), then return this
-        client's statistics of layer ``stats`` (if given), read on the updated model."""
+        """CollabEdit: apply the summed statistics of layer ``apply`` (if given; dense, or the thin
+        factor of the sums with ``transport='lowrank'``), then return this client's statistics of layer
+        ``stats`` (if given), read on the updated model, in the same form."""
         participant = self.participant(spec)
         slot = self._slot(args, participant)
         for key in ("apply", "stats"):
@@ -442,29 +443,36 @@ class EditWorker:
                 raise WorkerError(
                     f"{key} names layer index {args[key]}; {len(participant.editor.hp.layers)} are edited"
                 )
+        lowrank = args["transport"] == "lowrank"
+        if lowrank and args.get("secure"):
+            raise WorkerError("secure aggregation sums the dense statistics; thin factors cannot be masked and summed")
         reply: dict = {}
         if args.get("apply") is not None:
-            if not positive_semidefinite(arrays["kk"]):
-                raise WorkerError("the summed K K^T is not positive semi-definite")
-            participant.collab_apply(
-                slot,
-                int(args["apply"]),
-                torch.from_numpy(np.asarray(arrays["rk"])),
-                torch.from_numpy(np.asarray(arrays["kk"])),
-            )
+            if lowrank:
+                width = arrays["kf"].shape[1]
+                if width != arrays["rf"].shape[1] or width > participant.editor.d_ff:
+                    raise WorkerError(
+                        f"the factors of the summed statistics must have one width <= d_ff "
+                        f"{participant.editor.d_ff}, got {width} and {arrays['rf'].shape[1]}"
+                    )
+                rk, kk = statistics_from_factors(arrays["kf"], arrays["rf"])
+            else:
+                if not positive_semidefinite(arrays["kk"]):
+                    raise WorkerError("the summed K K^T is not positive semi-definite")
+                rk, kk = torch.from_numpy(np.asarray(arrays["rk"])), torch.from_numpy(np.asarray(arrays["kk"]))
+            participant.collab_apply(slot, int(args["apply"]), rk, kk)
             reply["report"] = asdict(participant.reports[-1])
         out: dict = {}
         if args.get("stats") is not None:
             index = int(args["stats"])
-            rk, kk = participant.collab_statistics(slot, index)
+            stats = participant.collab_statistics(slot, index, lowrank=lowrank)
             reply["n"] = len(participant.slots[slot])
             reply["fingerprint"] = participant.editor.covariance.fingerprint
             if args.get("secure"):  # kept here until SecAgg+ asks for them (op_collab_masked)
-                rk64, kk64 = rk.double().cpu().numpy(), kk.double().cpu().numpy()
-                self._sealed[(spec.run, spec.name)] = (slot, index, rk64, kk64)
-                reply["max_abs"] = float(max(np.abs(rk64).max(initial=0.0), np.abs(kk64).max(initial=0.0)))
-            else:
-                out = {"rk": rk.float().cpu().numpy(), "kk": kk.float().cpu().numpy()}
+                self._sealed[(spec.run, spec.name)] = (slot, index, stats["rk"], stats["kk"])
+                reply["max_abs"] = float(max(np.abs(a).max(initial=0.0) for a in stats.values()))
+            else:  # thin factors travel in float64: they are small, and the sums they carry keep exact
+                out = {name: a.astype(np.float64 if lowrank else np.float32) for name, a in stats.items()}
         return reply, out
 
     def op_collab_masked(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
