@@ -152,7 +152,9 @@ def discover(grid: Grid, min_clients: int, wait_s: float, timeout: float | None)
 
 
 def _centralised(settings: RunSettings, names: list[str]):
-    """The centralised upper bound (simulation: the server may read the shared data file)."""
+    """The centralised reference (simulation: the server may read the shared data file): MEMIT of the
+    union in the run's time slots, slot t editing every client's slot-t requests together, so the
+    same edits in the same order as the federation."""
 
     def run(hellos: dict[str, dict]) -> dict[str, dict]:
         from fededit_core.data.partition import load_partitions
@@ -165,8 +167,9 @@ def _centralised(settings: RunSettings, names: list[str]):
         parts = {name: parts[name] for name in names if name in parts}
         editor = make_editor(settings.model, settings.device, settings.dtype, **settings.memit_overrides())
         kind = next(iter(hellos.values()))["kind"]
-        log.info("centralised MEMIT of all %d requests", sum(len(r) for r in parts.values()))
-        metrics, _ = centralised_metrics(editor, parts, kind, fluency=settings.fluency)
+        n = sum(len(r) for r in parts.values())
+        log.info("centralised MEMIT of all %d requests in %d time slots", n, settings.num_slots)
+        metrics, _ = centralised_metrics(editor, parts, kind, fluency=settings.fluency, n_slots=settings.num_slots)
         return metrics
 
     return run

@@ -159,7 +159,9 @@ def summary_line(report: dict) -> str:
     w, c = report.get("weighted") or {}, report.get("centralised") or {}
     line = f"{report['strategy']}: weighted Score {w.get('score', float('nan')):.3f}"
     if c:
-        line += f", centralised {c['score']:.3f}, retention {100 * report['retention']:.1f}%"
+        slots = (report.get("config") or {}).get("num-slots")
+        schedule = f" (the union in the same {slots} time slots)" if slots else ""
+        line += f", centralised{schedule} {c['score']:.3f}, retention {100 * report['retention']:.1f}%"
     return line
 
 

@@ -71,6 +71,9 @@ def test_every_strategy_completes_under_flwr_run(world, strategy):
     if strategy.startswith("fededit"):
         assert {"tags", "edit", "reedit"} <= steps
         assert sum(c["applied"] for c in report["clients"]) == 8  # alpha 0 (or no gate): all re-edited
+    if strategy == "collabedit":  # one global edit per slot: the centralised reference's own schedule
+        assert report["retention"] == pytest.approx(1.0, abs=1e-3)
+        assert "in the same" in (folder / "report.md").read_text()
 
 
 def test_no_request_text_in_any_message(world):
