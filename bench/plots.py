@@ -2,6 +2,7 @@
 
 - ``clients_<dataset>.png`` (FedLEKE Figure 5): Score and its parts against the number of clients;
 - ``slots_<dataset>.png`` (Figure 6): the same against the number of time slots;
+- ``merging_<dataset>.png`` (CollabEdit's Figure 1): the same against the edits merged in one round;
 - ``bytes_per_edit.png``: bytes sent and received per edit, per strategy and data set.
 """
 
@@ -52,7 +53,7 @@ def _curve_plot(plt, rows: list[dict], key: str, kind: str, title: str, path: Pa
 
 
 def _bytes_plot(plt, all_js: dict[str, dict], path: Path) -> None:
-    methods = ["local", "editavg", "editavg-factors", "fededit-noreedit", "fededit", "collabedit"]
+    methods = ["local", "editavg", "editavg-factors", "sa", "ta", "ties", "fededit-noreedit", "fededit", "collabedit"]
     datasets = [d for d, js in all_js.items() if js["methods"]]
     fig, ax = plt.subplots(figsize=(7, 3.2))
     width = 0.8 / max(1, len(datasets))
@@ -79,10 +80,14 @@ def write_plots(out: Path, all_js: dict[str, dict]) -> list[Path]:
         return []
     written = []
     for dataset, js in all_js.items():
-        for key, title in (("clients", "Figure 5: Score vs clients"), ("slots", "Figure 6: Score vs time slots")):
+        for key, x, title in (
+            ("clients", "n_clients", "Figure 5: Score vs clients"),
+            ("slots", "n_slots", "Figure 6: Score vs time slots"),
+            ("merging", "n_edits", "CollabEdit Figure 1: Score vs edits, one round"),
+        ):
             if js.get(key):
                 path = out / f"{key}_{dataset}.png"
-                _curve_plot(plt, js[key], f"n_{key}", js["dataset"], f"{title} ({dataset})", path)
+                _curve_plot(plt, js[key], x, js["dataset"], f"{title} ({dataset})", path)
                 written.append(path)
     if any(js["methods"] for js in all_js.values()):
         _bytes_plot(plt, all_js, out / "bytes_per_edit.png")

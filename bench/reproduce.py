@@ -14,6 +14,7 @@ from the cache):
   clients   Figure 5: Score against the number of clients
   overlap   ~30% of requests repeated at another client: share of z reused, time saved (real z)
   iid       the IID split, for contrast
+  merging   CollabEdit's Figure 1: global MEMIT, SA, TA, TIES and CollabEdit in one round, against edits
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ DEFAULT_DATA = {
     "zsre": SHARED / "zsre" / "zsre_mend_eval-600.json",
 }
 PARTITION = {"counterfact": "relation", "zsre": "cluster"}  # the FedLEKE paper's schemes
-SECTIONS = ("main", "ablation", "slots", "clients", "overlap", "iid")
+SECTIONS = ("main", "ablation", "slots", "clients", "overlap", "iid", "merging")
+MERGING_METHODS = ("centralised", "sa", "ta", "ties", "collabedit")  # CollabEdit's Figure 1
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Preset:
     overlap_edits: int
     overlap_clients: int
     overlap_slots: int
+    merging_edits: tuple[int, ...] = (25, 50, 100, 200, 400)  # CollabEdit's Figure 1, one round
     curve_methods: tuple[str, ...] = ("fededit",)
     one_batch: bool = True  # also the one-batch centralised edit of the union (main table)
     others_limit: int = 25  # other clients' absorbed requests evaluated per client
@@ -89,6 +92,7 @@ PRESETS = {
         overlap_edits=8,
         overlap_clients=2,
         overlap_slots=2,
+        merging_edits=(12, 24),
         others_limit=6,
         fluency=False,
     ),
@@ -175,6 +179,10 @@ def plan(preset: Preset, section: str, dataset: str) -> dict[str, dict]:
         }
         out["reuse"] = base_exp(preset, dataset, "fededit", **common)
         out["no reuse"] = base_exp(preset, dataset, "fededit", **{**common, "reuse": False})
+    elif section == "merging" and dataset == "counterfact":
+        for n in preset.merging_edits:
+            for m in MERGING_METHODS:
+                out[f"{n}/{m}"] = base_exp(preset, dataset, m, n_edits=n, n_slots=1)
     elif section == "iid" and dataset == "counterfact":
         for m in ("centralised", "fededit", "editavg"):
             out[m] = base_exp(preset, dataset, m, partition="iid", **curve)

@@ -20,7 +20,17 @@ from .experiments import workload
 from .plots import write_plots
 from .selectivity import selectivity
 
-MAIN_METHODS = ("local", "editavg", "editavg-factors", "fededit-noreedit", "fededit", "collabedit")  # federated
+MAIN_METHODS = (  # federated
+    "local",
+    "editavg",
+    "editavg-factors",
+    "sa",
+    "ta",
+    "ties",
+    "fededit-noreedit",
+    "fededit",
+    "collabedit",
+)
 METHOD_ORDER = ("unedited", "centralised", "centralised_one_batch", *MAIN_METHODS, "collabedit-dense")
 
 
@@ -175,6 +185,8 @@ def dataset_json(preset, dataset: str, results: dict, env: dict, data_files: dic
         out["clients"] = _curve(results["clients"], "n_clients", kind)
     if "slots" in results:
         out["slots"] = _curve(results["slots"], "n_slots", kind)
+    if "merging" in results:
+        out["merging"] = _curve(results["merging"], "n_edits", kind)
     if "overlap" in results:
         ov = results["overlap"]
         with_reuse, without = (_federated(ov[k], None, kind) for k in ("reuse", "no reuse"))
@@ -347,6 +359,16 @@ def markdown(preset, all_js: dict[str, dict], model: str) -> str:
                     f"![{title}]({key}_{dataset}.png)",
                     "",
                 ]
+        if js.get("merging"):
+            title = "CollabEdit Figure 1: merging the clients' edits in one round"
+            parts += [
+                f"## {title}, {dataset}",
+                "",
+                curve_table(js["merging"], "n_edits", dataset),
+                "",
+                f"![{title}](merging_{dataset}.png)",
+                "",
+            ]
         if js.get("overlap"):
             parts += [
                 f"## Overlap workload, {dataset} (~30% of requests repeated at another client)",

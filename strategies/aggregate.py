@@ -1,6 +1,9 @@
 """Server-side merges on plain arrays.
 
 - EditAvg (FedAvg-style baseline): Delta_l = sum_c n_c Delta_l^c / sum_c n_c.
+- CollabEdit's destructive baselines, as its authors' code runs them (LINs-lab/CollabEdit
+  ``experiments/merging_singleRound.py``): Simple-Average, Task-Arithmetic, TIES-merging of the
+  clients' MEMIT updates (``merge_updates``).
 - CollabEdit (Zheng et al., ICLR 2025): per layer, sum_c R_c K_c^T and sum_c K_c K_c^T; every client
   then solves Delta = (sum R K^T)(lambda C0 + sum K K^T)^-1 with its identical C0, which equals one
   MEMIT edit of all clients' requests together. With thin factors (K_c V_c, R_c V_c) the sums are
@@ -71,3 +74,51 @@ def sum_factors(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     r = np.concatenate([p["rf"].astype(np.float64) for p in parts], axis=1)
     kf, rf = thin_factors(k, r)
     return {"kf": kf, "rf": rf}
+
+
+MERGES = ("sa", "ta", "ties")  # CollabEdit's baselines over the clients' updates Delta^c
+TA_SCALE = 1.0  # Task-Arithmetic's lambda: the plain sum (merging_singleRound.py lines 248-256)
+TIES_KEEP = 0.2  # TIES keeps each client's top 20% |values| per weight (reset_thresh 20, line 303)
+TIES_SCALE = 0.4  # and scales the merged vector by lambda = 0.4 (line 329)
+
+
+def ties_merge(deltas: np.ndarray, keep: float = TIES_KEEP, scale: float = TIES_SCALE) -> np.ndarray:
+    """TIES-merging (Yadav et al. 2023) of (C, ...) task vectors, as CollabEdit's
+    ``experiments/util_TIES.py`` runs it: trim each vector to its values with |x| >= its
+    (1 - keep)-quantile (``topk_values_mask``), elect each entry's sign as the sign of the trimmed sum
+    (zero: the sign of the sum of the elected signs; ``resolve_sign`` "mass"), average the trimmed
+    values that carry the elected sign (``disjoint_merge`` "mean"), times ``scale``."""
+    flat = deltas.reshape(len(deltas), -1).astype(np.float64)
+    d = flat.shape[1]
+    k = max(1, d - int(d * keep))  # the k-th smallest |x| (1-based) is the threshold
+    kth = np.partition(np.abs(flat), k - 1, axis=1)[:, k - 1 : k]
+    trimmed = np.where(np.abs(flat) >= kth, flat, 0.0)
+    sign = np.sign(trimmed.sum(axis=0))
+    sign[sign == 0] = np.sign(sign.sum())
+    agree = np.where(sign > 0, trimmed > 0, trimmed < 0)
+    picked = np.where(agree, trimmed, 0.0)
+    merged = picked.sum(axis=0) / np.maximum((picked != 0).sum(axis=0), 1)
+    return (scale * merged).reshape(deltas.shape[1:])
+
+
+def merge_updates(method: str, updates: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+    """One merged update per layer from every client's Delta^c (edits or not, as each client's edited
+    weights are merged): ``sa`` mean_c Delta^c (line 264 divides the sum by its 10 clients), ``ta``
+    TA_SCALE sum_c Delta^c, ``ties`` ``ties_merge``."""
+    if method not in MERGES:
+        raise ValueError(f"unknown merge {method!r}; expected one of {list(MERGES)}")
+    if not updates:
+        raise ValueError("no client sent an update")
+    names = set(updates[0][1])
+    if any(set(arrays) != names for _, arrays in updates):
+        raise ValueError("clients sent updates for different layers")
+    out = {}
+    for name in sorted(names):
+        stack = np.stack([arrays[name].astype(np.float64) for _, arrays in updates])
+        if method == "sa":
+            out[name] = stack.mean(axis=0)
+        elif method == "ta":
+            out[name] = TA_SCALE * stack.sum(axis=0)
+        else:
+            out[name] = ties_merge(stack)
+    return out

@@ -1,7 +1,8 @@
 """``editavg``: the FedAvg-style baseline. Each client edits its slot on the global model and sends
 Delta_l per edited layer; the server averages them weighted by edit counts,
 Delta_l = sum_c n_c Delta_l^c / sum_c n_c, and every client applies the average. ``editavg-factors``
-averages MEMIT's two factors instead (the FedLEKE authors' MEMITAvg).
+averages MEMIT's two factors instead (the FedLEKE authors' MEMITAvg). ``sa``, ``ta`` and ``ties`` are
+CollabEdit's destructive baselines over the same uploads (``aggregate.merge_updates``).
 
 Phases: ``start`` (updates in), ``apply`` (the average, recorded before it is sent, goes out)."""
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .aggregate import edit_average, factor_average
+from .aggregate import edit_average, factor_average, merge_updates
 from .base import Strategy
 from .session import Session
 from .store import SlotProgress
@@ -66,3 +67,15 @@ class EditAvgFactors(EditAvg):
 
     def _combine(self, updates: list[tuple[int, dict]]) -> dict[str, np.ndarray]:
         return factor_average(updates, self.spec.layers)
+
+
+class MergedUpdates(EditAvg):
+    """``sa`` / ``ta`` / ``ties``: the clients' updates merged as CollabEdit's baselines (Simple-Average,
+    Task-Arithmetic, TIES-merging); the client steps are EditAvg's."""
+
+    def __init__(self, method: str, spec, run: str, store=None):
+        super().__init__(spec, run, store)
+        self.name = method
+
+    def _combine(self, updates: list[tuple[int, dict]]) -> dict[str, np.ndarray]:
+        return merge_updates(self.name, updates)

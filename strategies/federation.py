@@ -12,9 +12,10 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from .aggregate import MERGES
 from .base import Strategy
 from .collabedit import CollabEdit
-from .editavg import EditAvg, EditAvgFactors
+from .editavg import EditAvg, EditAvgFactors, MergedUpdates
 from .fededit import FedEdit
 from .handshake import check_agreement
 from .local import Local
@@ -44,6 +45,8 @@ def make_strategy(settings: RunSettings, spec: FederationSpec, store: MKVStore |
         return CollabEdit(
             spec, settings.run, settings.collab_transport, secure=settings.secure_aggregation, store=store
         )
+    if settings.strategy in MERGES:
+        return MergedUpdates(settings.strategy, spec, settings.run, store)
     return {"editavg": EditAvg, "editavg-factors": EditAvgFactors, "local": Local}[settings.strategy](
         spec, settings.run, store
     )

@@ -31,7 +31,7 @@ from fededit_core.paths import safe_name
 from strategies.session import FederationError
 
 MAX_MESSAGE_MB = 256  # the largest message a party reads (README, "Limits": the formula for other models)
-STRATEGIES = ("fededit", "fededit-noreedit", "editavg", "editavg-factors", "collabedit", "local")
+STRATEGIES = ("fededit", "fededit-noreedit", "editavg", "editavg-factors", "collabedit", "sa", "ta", "ties", "local")
 
 
 class RunSettings(BaseModel):

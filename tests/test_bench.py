@@ -28,12 +28,13 @@ TINY = reproduce.Preset(
     overlap_edits=6,
     overlap_clients=2,
     overlap_slots=2,
+    merging_edits=(4, 8),
     datasets=("counterfact",),
     fluency=False,
     alpha=0.0,
     others_limit=0,
 )
-SECTIONS = ("main", "ablation", "slots", "overlap")
+SECTIONS = ("main", "ablation", "slots", "overlap", "merging")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_every_method_reported_with_retention_against_centralised(bench_run):
     js = bench_run["summary"]
     assert (js["dataset"], js["n_edits"], js["n_clients"], js["n_slots"]) == ("counterfact", 8, 2, 2)
     methods = js["methods"]
-    for m in ("unedited", "centralised", "local", "editavg", "fededit", "fededit-noreedit", "collabedit"):
+    for m in ("unedited", "centralised", "local", "editavg", "sa", "ta", "ties", "fededit", "fededit-noreedit"):
         assert methods[m]["score"] is not None, m
     central = methods["centralised"]["score"]
     for m in ("local", "editavg", "fededit", "fededit-noreedit", "collabedit"):
@@ -115,6 +116,18 @@ def test_ablation_and_slot_curves_have_every_point(bench_run):
     ]
     assert sorted({r["n_slots"] for r in js["slots"]}) == [1, 2]
     assert all(r["retention"] == pytest.approx(r["score"] / r["centralised_score"]) for r in js["slots"])
+
+
+def test_merging_figure_has_every_baseline_at_every_size_and_collabedit_is_the_global_edit(bench_run):
+    rows = bench_run["summary"]["merging"]
+    assert sorted((r["n_edits"], r["method"]) for r in rows) == [
+        (n, m) for n in (4, 8) for m in sorted(("collabedit", "sa", "ta", "ties"))
+    ]
+    for r in rows:
+        assert r["score"] is not None and r["centralised_score"] is not None
+        if r["method"] == "collabedit":  # one round: one global MEMIT edit of the union
+            assert r["retention"] == pytest.approx(1.0, abs=1e-6)
+    assert (bench_run["out"] / "merging_counterfact.png").is_file()
 
 
 def test_outputs_written_and_a_rerun_reads_everything_from_the_cache(bench_run, world, monkeypatch):

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from fededit_core.data.partition import load_partitions
 from fededit_core.fedleke.reedit import paper_keep
 from fededit_core.memit.target import ZResult
+from strategies.aggregate import MERGES, merge_updates
 from strategies.federation import run_federation
 from strategies.session import FederationError, Reply
 from strategies.settings import RunSettings
@@ -274,6 +275,26 @@ def test_editavg_factors_averages_memits_two_factors(world, tmp_path):
     mean = {x: sum(u.arrays[f"factor_{x}.{layer}"].astype(np.float64) for u in uploads) / 2 for x in "kr"}
     np.testing.assert_allclose(average.arrays[f"delta.{layer}"], mean["r"] @ mean["k"].T, rtol=1e-5, atol=1e-7)
     assert report["strategy"] == "editavg-factors" and [c["n_others"] for c in report["clients"]] == [4, 4]
+
+
+@pytest.mark.parametrize("method", MERGES)
+def test_collabedits_baselines_merge_the_clients_own_updates(world, tmp_path, method):
+    report, transport = run(world, tmp_path, method)
+    specs = transport.specs
+    editor = transport.worker.editor(specs["client-0"])
+    layers = [transport.worker.participant(spec).layers for spec in specs.values()]
+    for slot in range(2):
+        updates = [
+            (r.body["n"], r.arrays) for _, i, r in transport.log if i.op == "editavg_update" and i.args["slot"] == slot
+        ]
+        sent = next(i for _, i, _ in transport.log if i.op == "editavg_apply" and i.args["slot"] == slot)
+        assert len(updates) == 2
+        for name, merged in merge_updates(method, updates).items():
+            np.testing.assert_allclose(sent.arrays[name], merged, rtol=1e-6, atol=1e-7)
+    for layer in editor.hp.layers:
+        torch.testing.assert_close(layers[0][layer], layers[1][layer])
+        assert not torch.equal(layers[0][layer], editor.base_weights[layer])
+    assert report["strategy"] == method and [c["n_others"] for c in report["clients"]] == [4, 4]
 
 
 def test_local_shares_nothing(world, tmp_path):

@@ -11,7 +11,16 @@ import torch
 from fededit_core.data.requests import EditRequest
 from fededit_core.fedleke.reedit import best_match_similarity, kept_rows, paper_keep, reedit_decision
 from fededit_core.fedleke.tags import normalise, request_tag
-from strategies.aggregate import edit_average, factor_average, sum_statistics
+from strategies.aggregate import (
+    TA_SCALE,
+    TIES_KEEP,
+    TIES_SCALE,
+    edit_average,
+    factor_average,
+    merge_updates,
+    sum_statistics,
+    ties_merge,
+)
 from strategies.store import MKVStore
 from strategies.validation import (
     FederationSpec,
@@ -269,3 +278,37 @@ def test_factor_average_is_the_product_of_the_means_with_short_clients_padded():
     assert not np.allclose(out["delta.7"], (r1 @ a1.T + r2p @ a2p.T) / 2)
     with pytest.raises(ValueError, match="no client sent factors"):
         factor_average([(0, empty)], (7,))
+
+
+def test_simple_average_and_task_arithmetic_of_constructed_updates():
+    a, b = np.array([[1.0, -2.0]]), np.array([[3.0, 4.0]])
+    updates = [(2, {"delta.1": a}), (0, {"delta.1": b})]  # a client without edits still counts
+    np.testing.assert_allclose(merge_updates("sa", updates)["delta.1"], [[2.0, 1.0]])
+    np.testing.assert_allclose(merge_updates("ta", updates)["delta.1"], TA_SCALE * np.array([[4.0, 2.0]]))
+    with pytest.raises(ValueError, match="unknown merge"):
+        merge_updates("median", updates)
+    with pytest.raises(ValueError, match="different layers"):
+        merge_updates("sa", [(1, {"delta.1": a}), (1, {"delta.2": b})])
+
+
+def test_ties_trims_elects_the_sign_by_mass_and_averages_the_agreeing_values():
+    deltas = np.array(
+        [
+            [10.0, -1.0, 0.5, 0.1, -6.0],
+            [-4.0, 2.0, 0.2, -0.3, -5.0],
+            [3.0, 0.1, 0.4, 8.0, 0.0],
+        ]
+    )
+    # keep 0.4 of 5: |x| >= the 3rd smallest |x| of each row (the reference's kthvalue, 5 - int(2)),
+    # trimmed rows [10, -1, 0, 0, -6], [-4, 2, 0, 0, -5], [3, 0, 0.4, 8, 0]; column sums 9, 1, 0.4,
+    # 8, -11 elect + + + + -; the agreeing values' means 6.5, 2, 0.4, 8, -5.5
+    merged = ties_merge(deltas, keep=0.4, scale=0.5)
+    np.testing.assert_allclose(merged, 0.5 * np.array([6.5, 2.0, 0.4, 8.0, -5.5]))
+    # CollabEdit's setting: top 20%, lambda 0.4
+    assert (TIES_KEEP, TIES_SCALE) == (0.2, 0.4)
+    one = np.array([[1.0, -2.0, 3.0, -4.0, 5.0]])
+    np.testing.assert_allclose(ties_merge(one), TIES_SCALE * np.array([0, 0, 0, -4.0, 5.0]))
+    # an entry whose trimmed values cancel takes the sign of the majority of the elected signs
+    tie = np.array([[2.0, 1.0, 3.0], [-2.0, 1.0, 3.0]])
+    np.testing.assert_allclose(ties_merge(tie, keep=1.0, scale=1.0), [2.0, 1.0, 3.0])
+    assert ties_merge(np.zeros((2, 3, 4))).shape == (3, 4)
