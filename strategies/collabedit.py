@@ -6,6 +6,14 @@ Delta_l = (sum_c R_c K_c^T)(lambda C0 + sum_c K_c K_c^T)^-1 with its identical C
 layer's statistics on the updated model. The merged model equals one MEMIT edit of all the clients'
 requests together. One exchange carries "apply layer i, then send layer i+1".
 
+``transport='lowrank'`` (the default) carries the same statistics as thin factors (K_c V_c, R_c V_c)
+of rank <= the client's requests (``memit.update.thin_factors``): n (d + d_ff) numbers instead of
+d d_ff + d_ff^2; the server returns the thin factor of the sums (``aggregate.sum_factors``). The
+merged model is the same.
+
+``betas`` (beta0, beta1) other than (1, 0): CollabEdit's dynamic covariance against forgetting
+(``fededit_core.memit.dynamic_covariance``): every client adds each slot's merged K K^T to its C0.
+
 With ``secure=True`` the server never sees a client's statistics, only their sum: each client keeps
 them and reports the largest |value|; the server sets one scale s = max_c max|stats_c| / clip so
 that every scaled value lies in SecAgg+'s clipping range, and the transport's ``secure_sum`` (Flower's
@@ -16,6 +24,8 @@ clip / 2^22 of s per value (a relative error near 1e-6 of the largest entry).
 from __future__ import annotations
 
 import numpy as np
+
+from fededit_core.memit.dynamic_covariance import DEFAULT_BETA0, DEFAULT_BETA1
 
 from .aggregate import sum_factors, sum_statistics
 from .base import Strategy
@@ -34,8 +44,17 @@ class CollabEdit(Strategy):
     name = "collabedit"
     absorbed = "all"
 
-    def __init__(self, spec: FederationSpec, run: str, transport: str, secure: bool = False, store=None):
+    def __init__(
+        self,
+        spec: FederationSpec,
+        run: str,
+        transport: str,
+        secure: bool = False,
+        store=None,
+        betas: tuple[float, float] = (DEFAULT_BETA0, DEFAULT_BETA1),
+    ):
         super().__init__(spec, run, store)
+        self.betas = betas
         if secure and transport != "dense":
             raise ValueError("secure aggregation sums the dense statistics (collab-transport 'dense')")
         self.secure = secure
@@ -49,16 +68,21 @@ class CollabEdit(Strategy):
         if resume is not None and resume.phase == "apply":
             first, sums = int(resume.state["index"]), resume.arrays
         else:
-            step = {"slot": slot, "stats": 0, "secure": self.secure, "transport": self.transport}
+            step = {"slot": slot, "stats": 0, **self._form()}
             replies = session.broadcast("collab", step, phase="edit")
             first, sums = 0, self._gathered(gather, slot, 0, replies, session)
         for i in range(first, len(layers)):
             follow = i + 1 if i + 1 < len(layers) else None
-            step = {"slot": slot, "apply": i, "stats": follow, "secure": self.secure, "transport": self.transport}
+            step = {"slot": slot, "apply": i, "stats": follow, **self._form()}
             replies = session.broadcast("collab", step, sums, phase="merge")
             if follow is not None:
                 sums = self._gathered(gather, slot, follow, replies, session)
         self.record(session, slot + 1)
+
+    def _form(self) -> dict:
+        """How statistics travel and how clients solve with them (the same for every step)."""
+        beta0, beta1 = self.betas
+        return {"secure": self.secure, "transport": self.transport, "beta0": beta0, "beta1": beta1}
 
     def _gathered(self, gather, slot: int, index: int, replies: dict, session: Session) -> dict:
         """The sums of layer ``index``, recorded before they go out."""

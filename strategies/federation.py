@@ -43,7 +43,12 @@ def make_strategy(settings: RunSettings, spec: FederationSpec, store: MKVStore |
         )
     if settings.strategy == "collabedit":
         return CollabEdit(
-            spec, settings.run, settings.collab_transport, secure=settings.secure_aggregation, store=store
+            spec,
+            settings.run,
+            settings.collab_transport,
+            secure=settings.secure_aggregation,
+            store=store,
+            betas=(settings.collab_beta0, settings.collab_beta1),
         )
     if settings.strategy in MERGES:
         return MergedUpdates(settings.strategy, spec, settings.run, store)

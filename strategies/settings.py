@@ -24,6 +24,7 @@ from fededit_core.fedleke.reedit import (
     GATES,
     VECTORS,
 )
+from fededit_core.memit.dynamic_covariance import DEFAULT_BETA0, DEFAULT_BETA1, MAX_BETA
 from fededit_core.memit.overrides import memit_overrides
 from fededit_core.memit.update import DEFAULT_STATISTICS_FORM, STATISTICS_FORMS
 from fededit_core.model.loading import DEFAULT_MODEL
@@ -81,6 +82,20 @@ class RunSettings(BaseModel):
     )
     centralised: bool = Field(True, description="also run centralised MEMIT on the union (needs the data file)")
     secure_aggregation: bool = Field(False, alias="secure-aggregation", description="collabedit: sums through SecAgg+")
+    collab_beta0: float = Field(
+        DEFAULT_BETA0,
+        alias="collab-beta0",
+        ge=0,
+        le=MAX_BETA,
+        description="collabedit: dynamic covariance, C0's weight",
+    )
+    collab_beta1: float = Field(
+        DEFAULT_BETA1,
+        alias="collab-beta1",
+        ge=0,
+        le=MAX_BETA,
+        description="collabedit: dynamic covariance, the weight of earlier slots' K K^T (0: plain MEMIT)",
+    )
     collab_transport: Literal[STATISTICS_FORMS] = Field(  # type: ignore[valid-type]
         DEFAULT_STATISTICS_FORM,
         alias="collab-transport",

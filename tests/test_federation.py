@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from fededit_core.data.partition import load_partitions
 from fededit_core.fedleke.reedit import paper_keep
 from fededit_core.memit.target import ZResult
+from fededit_core.memit.update import solve_update, statistics_from_factors
 from strategies.aggregate import MERGES, merge_updates
 from strategies.federation import run_federation
 from strategies.session import FederationError, Reply
@@ -198,6 +199,37 @@ def test_collabedit_thin_factors_merge_the_model_the_dense_statistics_merge(worl
     assert max(a["kf"].shape[1] for a in uploads["lowrank"]) < d_ff
     size = {form: sum(v.nbytes for a in uploads[form] for v in a.values()) for form in uploads}
     assert size["lowrank"] < size["dense"] / 4
+
+
+def test_collabedit_dynamic_covariance_solves_later_slots_against_earlier_keys(world, tmp_path):
+    """beta1 > 0: slot 1 is solved with lambda (beta0 C0 + beta1 K0 K0^T) + K1 K1^T, K0 K0^T the merged
+    keys of slot 0 at that layer; the last layer shows both slots' updates, rebuilt from what the
+    server sent, in the final weights."""
+    beta0, beta1 = 0.5, 2.0
+    report, transport = run(world, tmp_path, "collabedit", collab_beta0=beta0, collab_beta1=beta1)
+    specs = transport.specs
+    editor = transport.worker.editor(specs["client-0"])
+    last = len(editor.hp.layers) - 1
+    layer = editor.hp.layers[last]
+    sums = {
+        ins.args["slot"]: statistics_from_factors(ins.arrays["kf"], ins.arrays["rf"])
+        for _, ins, _ in transport.log
+        if ins.op == "collab" and ins.args.get("apply") == last and ins.args["beta1"] == beta1
+    }
+    lam, c0 = editor.hp.mom2_weight, editor.c0()[layer].double()
+    first = solve_update(*sums[0], c0, lam, prior=lam * beta0 * c0)
+    second = solve_update(*sums[1], c0, lam, prior=lam * (beta0 * c0 + beta1 * sums[0][1]))
+    plain = solve_update(*sums[1], c0, lam)
+    final = transport.worker.participant(specs["client-0"]).layers[layer].double()
+    expected = editor.base_weights[layer].double() + first + second
+    assert (final - expected).norm() <= 1e-4 * (first + second).norm()
+    assert (second - plain).norm() > 1e-3 * plain.norm()  # the memory changed slot 1's solve
+    # every client remembers both slots' keys, and a restarted client reads them back
+    memory = transport.worker.participant(specs["client-1"]).key_memory[layer]
+    torch.testing.assert_close(memory @ memory.T, sums[0][1] + sums[1][1], rtol=1e-6, atol=1e-6)
+    transport.worker.forget("r")
+    restored = transport.worker.participant(specs["client-1"]).key_memory[layer]
+    torch.testing.assert_close(restored, memory)
 
 
 def test_collabedit_secure_path_sends_no_statistics_and_edits_as_the_plain_one(world, tmp_path):

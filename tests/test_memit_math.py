@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from fededit_core.memit.dynamic_covariance import dynamic_prior, psd_factor
 from fededit_core.memit.update import (
     layer_statistics,
     memit_delta,
@@ -218,3 +219,19 @@ def test_summed_factors_are_a_factor_of_the_summed_statistics_with_no_client_col
     first = parts[0]["kf"] / np.linalg.norm(parts[0]["kf"], axis=0)
     back = summed["kf"] / np.linalg.norm(summed["kf"], axis=0)
     assert np.abs(first.T @ back).max() < 0.999
+
+
+def test_psd_factor_and_the_dynamic_covariance_prior():
+    gen = torch.Generator().manual_seed(2)
+    keys = torch.randn(3, 7, generator=gen, dtype=torch.float64)
+    kk = (keys.T @ keys).numpy()
+    f = psd_factor(kk)
+    assert f.shape == (7, 3)
+    np.testing.assert_allclose(f @ f.T, kk, atol=1e-10)
+    assert psd_factor(np.zeros((4, 4))).shape == (4, 0)
+    c0 = random_spd(7, gen)
+    memory = torch.from_numpy(f)
+    expected = 2.0 * (0.5 * c0 + 3.0 * torch.from_numpy(kk))
+    torch.testing.assert_close(dynamic_prior(c0, memory, 2.0, 0.5, 3.0), expected)
+    torch.testing.assert_close(dynamic_prior(c0, None, 2.0, 1.0, 3.0), 2.0 * c0)  # no earlier keys yet
+    torch.testing.assert_close(dynamic_prior(c0, memory, 2.0, 1.0, 0.0), 2.0 * c0)  # beta1 0: plain MEMIT

@@ -30,7 +30,7 @@ def _instruction(op: str) -> tuple[dict, dict]:
         "reedit": ({"alpha": 0.5, "gate": "set", "vector": "delta", "tau": 1.0, "ids": [], "senders": []}, {}),
         "editavg_update": ({"slot": 0}, {}),
         "editavg_apply": ({"slot": 0}, {}),
-        "collab": ({"slot": 0, "stats": 0, "secure": False, "transport": "dense"}, {}),
+        "collab": ({"slot": 0, "stats": 0, "secure": False, "transport": "dense", "beta0": 1.0, "beta1": 0.0}, {}),
         "evaluate": ({"others": "none", "fluency": False, "baseline": True, "others_limit": 0}, {}),
         "rejected": ({"error": "x"}, {}),
     }[op]
@@ -131,6 +131,7 @@ def _client_field_mutation(op: str, args: dict, d_model: int, d_ff: int, layers:
             ("bad_array", lambda: ({**args, "apply": 0}, {"rk": bad_array("rk", rk, rng), "kk": kk})),
             ("secure", lambda: ({**args, "secure": "yes"}, {})),
             ("transport", lambda: ({**args, "transport": rng.choice(["sparse", "", None, 1])}, {})),
+            ("beta", lambda: ({**args, rng.choice(["beta0", "beta1"]): rng.choice([-1.0, 1e9, "1", None])}, {})),
             ("secure_lowrank", lambda: ({**args, "secure": True, "transport": "lowrank"}, {})),
             (
                 "factor_width",

@@ -28,6 +28,7 @@ from fededit_core.fedleke.probe import MAX_PROBE_TAU
 from fededit_core.fedleke.reedit import GATES, VECTORS
 from fededit_core.fedleke.sealing import sealed_length
 from fededit_core.fedleke.tags import Tag
+from fededit_core.memit.dynamic_covariance import MAX_BETA
 from fededit_core.memit.update import STATISTICS_FORMS
 from fededit_core.paths import SAFE_NAME, SafeName
 
@@ -106,6 +107,8 @@ class Collab(_Instruction):
     stats: LayerIndex | None = None
     secure: StrictBool = False
     transport: Literal[STATISTICS_FORMS]  # type: ignore[valid-type]
+    beta0: Annotated[Number, Field(ge=0, le=MAX_BETA)]  # dynamic covariance (memit.dynamic_covariance)
+    beta1: Annotated[Number, Field(ge=0, le=MAX_BETA)]
 
 
 class CollabMasked(_Instruction):

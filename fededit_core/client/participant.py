@@ -49,6 +49,7 @@ from fededit_core.fedleke.reedit import (
 )
 from fededit_core.fedleke.tags import request_tag
 from fededit_core.io import atomic_folder, last_good, recover_folder
+from fededit_core.memit.dynamic_covariance import DEFAULT_BETA0, DEFAULT_BETA1, dynamic_prior, psd_factor
 from fededit_core.memit.editor import MemitEditor
 from fededit_core.memit.keys import hidden_at_subject
 from fededit_core.memit.target import ZResult
@@ -106,6 +107,7 @@ class Participant:
         self.refused_reuse: list[str] = []  # tags whose served z failed verification (reported)
         self.suspects: dict[str, str] = {}  # sender -> why its set was refused (reported to the server)
         self.pending: dict[str, torch.Tensor] = {}  # mid-slot state of EditAvg / CollabEdit
+        self.key_memory: dict[int, torch.Tensor] = {}  # CollabEdit's dynamic covariance: F, F F^T = sum K K^T
         self.version = 0  # bumped by every checkpoint (a cached copy compares it to the disk's)
         if self.checkpoint_dir:
             recover_folder(self.checkpoint_dir, "state.json")  # a crash between checkpoint()'s renames
@@ -374,9 +376,20 @@ class Participant:
         rk, kk = layer_statistics(keys, resid)
         return {"rk": rk.cpu().numpy(), "kk": kk.cpu().numpy()}
 
-    def collab_apply(self, slot: int, index: int, rk: torch.Tensor, kk: torch.Tensor) -> None:
+    def collab_apply(
+        self,
+        slot: int,
+        index: int,
+        rk: torch.Tensor,
+        kk: torch.Tensor,
+        beta0: float = DEFAULT_BETA0,
+        beta1: float = DEFAULT_BETA1,
+    ) -> None:
         """W += (sum R K^T)(lambda C0 + sum K K^T)^-1 at the ``index``-th layer; the slot ends after the
-        last. Layers are applied in order; one already applied (asked again) is not applied twice."""
+        last. Layers are applied in order; one already applied (asked again) is not applied twice.
+        With ``beta0``, ``beta1`` other than (1, 0), lambda C0 becomes the dynamic covariance
+        lambda (beta0 C0 + beta1 sum_old K K^T) of the earlier slots' merged keys, and this slot's
+        K K^T joins that memory when the slot ends."""
         last = len(self.editor.hp.layers) - 1
         if slot in self.merged_slots or (self._pending_slot() == slot and index < int(self.pending["applied"])):
             return
@@ -384,16 +397,34 @@ class Participant:
             raise StepError(f"{self.name}: no CollabEdit step of slot {slot} at layer index {index} is open")
         started = time.perf_counter()
         self.activate()
-        self.editor.apply_statistics(self.editor.hp.layers[index], rk, kk)
+        layer = self.editor.hp.layers[index]
+        prior = None
+        if (beta0, beta1) != (1.0, 0.0):
+            memory = self.key_memory.get(layer)
+            prior = dynamic_prior(self.editor.c0()[layer], memory, self.editor.hp.mom2_weight, beta0, beta1)
+        self.editor.apply_statistics(layer, rk, kk, prior)
+        if beta1:
+            self.pending[f"memory.{layer}"] = torch.from_numpy(psd_factor(kk.double().cpu().numpy()))
         self._capture()
         report = self.reports[-1]
         report.seconds["edit"] = report.seconds.get("edit", 0.0) + time.perf_counter() - started
         self.pending["applied"] = torch.tensor(index + 1)
         if index == last:
+            for name, factor in self.pending.items():
+                if name.startswith("memory."):
+                    self._remember(int(name.split(".")[1]), factor)
             self.pending = {}
             self.next_slot = slot + 1
             self.merged_slots.append(slot)
         self.checkpoint()
+
+    def _remember(self, layer: int, factor: torch.Tensor) -> None:
+        """sum_old K K^T += F F^T, kept as a thin factor of at most d_ff columns."""
+        old = self.key_memory.get(layer)
+        memory = factor.double() if old is None else torch.cat([old, factor.double()], dim=1)
+        if memory.shape[1] > memory.shape[0]:
+            memory = torch.from_numpy(psd_factor((memory @ memory.T).numpy()))
+        self.key_memory[layer] = memory
 
     # --- checkpoints ----------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -411,6 +442,9 @@ class Participant:
             np.savez(staging / "own_mkvs.npz", ids=np.asarray(self.own.ids), **self.own.to_arrays())
         if self.pending:
             save_file({k: v.contiguous().cpu() for k, v in self.pending.items()}, str(staging / "pending.safetensors"))
+        if self.key_memory:
+            memory = {f"memory.{l}": f.contiguous().cpu() for l, f in self.key_memory.items()}
+            save_file(memory, str(staging / "key_memory.safetensors"))
         self.version += 1
         state = {
             "name": self.name,
@@ -467,6 +501,9 @@ class Participant:
             self.own = MKVSet.from_arrays([str(i) for i in data["ids"]], arrays)
         pending = folder / "pending.safetensors"
         self.pending = load_file(str(pending)) if pending.is_file() else {}
+        memory = folder / "key_memory.safetensors"
+        loaded = load_file(str(memory)) if memory.is_file() else {}
+        self.key_memory = {int(k.split(".")[1]): v for k, v in loaded.items()}
         self.next_slot = state["next_slot"]
         self.version = state.get("version", 0)
         self.reports = [SlotReport(**r) for r in state["reports"]]

@@ -460,7 +460,7 @@ class EditWorker:
                 if not positive_semidefinite(arrays["kk"]):
                     raise WorkerError("the summed K K^T is not positive semi-definite")
                 rk, kk = torch.from_numpy(np.asarray(arrays["rk"])), torch.from_numpy(np.asarray(arrays["kk"]))
-            participant.collab_apply(slot, int(args["apply"]), rk, kk)
+            participant.collab_apply(slot, int(args["apply"]), rk, kk, float(args["beta0"]), float(args["beta1"]))
             reply["report"] = asdict(participant.reports[-1])
         out: dict = {}
         if args.get("stats") is not None:

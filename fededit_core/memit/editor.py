@@ -130,9 +130,13 @@ class MemitEditor:
         keys = compute_keys(self.model, self.tok, requests, self.hp.layers[i], self.templates)
         return keys, hidden_at_subject(self.model, self.tok, requests, self.hp.z_layer)
 
-    def apply_statistics(self, layer: int, rk: torch.Tensor, kk: torch.Tensor) -> torch.Tensor:
-        """W_layer += (R K^T)(lambda C0 + K K^T)^-1; the statistics may be sums over clients (CollabEdit)."""
-        delta = solve_update(rk.to(self.device), kk.to(self.device), self.c0()[layer], self.hp.mom2_weight)
+    def apply_statistics(
+        self, layer: int, rk: torch.Tensor, kk: torch.Tensor, prior: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """W_layer += (R K^T)(lambda C0 + K K^T)^-1; the statistics may be sums over clients (CollabEdit);
+        ``prior`` replaces lambda C0 (CollabEdit's dynamic covariance)."""
+        prior = None if prior is None else prior.to(self.device)
+        delta = solve_update(rk.to(self.device), kk.to(self.device), self.c0()[layer], self.hp.mom2_weight, prior)
         self.family.add_update(self.model, layer, delta)
         return delta
 

@@ -47,9 +47,14 @@ def statistics_from_factors(kf: np.ndarray, rf: np.ndarray) -> tuple[torch.Tenso
     return rf @ kf.T, kf @ kf.T
 
 
-def solve_update(rk: torch.Tensor, kk: torch.Tensor, c0: torch.Tensor, mom2_weight: float) -> torch.Tensor:
-    """Delta = (R K^T)(lambda C0 + K K^T)^-1, (d, d_ff), float64."""
-    a = mom2_weight * c0.to(device=kk.device, dtype=torch.float64) + kk.double()
+def solve_update(
+    rk: torch.Tensor, kk: torch.Tensor, c0: torch.Tensor, mom2_weight: float, prior: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Delta = (R K^T)(lambda C0 + K K^T)^-1, (d, d_ff), float64; ``prior`` replaces lambda C0 when given
+    (CollabEdit's dynamic covariance)."""
+    if prior is None:
+        prior = mom2_weight * c0.to(device=kk.device, dtype=torch.float64)
+    a = prior.to(device=kk.device, dtype=torch.float64) + kk.double()
     if not torch.isfinite(a).all() or not torch.isfinite(rk).all():
         raise ValueError("MEMIT statistics hold NaN or infinite values")
     return torch.linalg.solve(a, rk.double().T).T  # a is symmetric
