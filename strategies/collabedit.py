@@ -11,6 +11,13 @@ of rank <= the client's requests (``memit.update.thin_factors``): n (d + d_ff) n
 d d_ff + d_ff^2; the server returns the thin factor of the sums (``aggregate.sum_factors``). The
 merged model is the same.
 
+``dedup``: before a slot's first statistics the clients send the keyed tags of their slot's
+requests (``fedleke.tags``: equal requests, equal tags, no text); a tag sent by several clients is
+counted once, by the first of them in name order, and the others leave that request out of their
+statistics (``skip``). Each client also reports the mean residual norm |R| of its requests at the
+first layer, CollabEdit's overlap signal (an edit the model already holds has a small residual),
+reported per slot.
+
 ``betas`` (beta0, beta1) other than (1, 0): CollabEdit's dynamic covariance against forgetting
 (``fededit_core.memit.dynamic_covariance``): every client adds each slot's merged K K^T to its C0.
 
@@ -52,9 +59,13 @@ class CollabEdit(Strategy):
         secure: bool = False,
         store=None,
         betas: tuple[float, float] = (DEFAULT_BETA0, DEFAULT_BETA1),
+        dedup: bool = True,
     ):
         super().__init__(spec, run, store)
         self.betas = betas
+        self.dedup = dedup
+        self.duplicates = 0  # requests left out of a slot's sums because another client sent them
+        self.residual_norms: dict[str, float] = {}  # slot -> mean |R| at the first layer over all requests
         if secure and transport != "dense":
             raise ValueError("secure aggregation sums the dense statistics (collab-transport 'dense')")
         self.secure = secure
@@ -68,8 +79,13 @@ class CollabEdit(Strategy):
         if resume is not None and resume.phase == "apply":
             first, sums = int(resume.state["index"]), resume.arrays
         else:
-            step = {"slot": slot, "stats": 0, **self._form()}
-            replies = session.broadcast("collab", step, phase="edit")
+            skips = self._duplicates(slot, session)
+            steps = {
+                c: Instruction("collab", {"slot": slot, "stats": 0, "skip": skips.get(c, []), **self._form()})
+                for c in session.active
+            }
+            replies = session.exchange(steps, phase="edit")
+            self._residual_norm(slot, replies)
             first, sums = 0, self._gathered(gather, slot, 0, replies, session)
         for i in range(first, len(layers)):
             follow = i + 1 if i + 1 < len(layers) else None
@@ -78,6 +94,44 @@ class CollabEdit(Strategy):
             if follow is not None:
                 sums = self._gathered(gather, slot, follow, replies, session)
         self.record(session, slot + 1)
+
+    def _duplicates(self, slot: int, session: Session) -> dict[str, list[int]]:
+        """client -> rows of its slot that another client (first in name order) also sent."""
+        if not self.dedup:
+            return {}
+        replies = session.exchange({c: Instruction("tags", {"slot": slot}) for c in session.active}, phase="edit")
+        owner: dict[str, str] = {}
+        skips: dict[str, list[int]] = {}
+        for client in sorted(replies):
+            tags = replies[client].body["tags"]
+            if len(tags) != self.spec.slot_size(client, slot):
+                session.reject(client, f"client {client}: {len(tags)} tags for the requests of slot {slot}")
+                continue
+            for row, tag in enumerate(tags):
+                if tag is None:
+                    continue
+                if tag in owner:
+                    skips.setdefault(client, []).append(row)
+                else:
+                    owner[tag] = client
+        self.duplicates += sum(len(rows) for rows in skips.values())
+        return skips
+
+    def _residual_norm(self, slot: int, replies: dict) -> None:
+        pairs = [(r.body.get("n_used", 0), r.body.get("resid_norm")) for r in replies.values()]
+        pairs = [(n, v) for n, v in pairs if n and v is not None]
+        if pairs:
+            self.residual_norms[str(slot)] = sum(n * v for n, v in pairs) / sum(n for n, _ in pairs)
+
+    def summary(self) -> dict:
+        return {"duplicates_counted_once": self.duplicates, "residual_norm_by_slot": dict(self.residual_norms)}
+
+    def saved_state(self) -> dict:
+        return {"duplicates": self.duplicates, "residual_norms": self.residual_norms}
+
+    def restore(self, state: dict) -> None:
+        self.duplicates = int(state.get("duplicates", 0))
+        self.residual_norms = {str(k): float(v) for k, v in dict(state.get("residual_norms", {})).items()}
 
     def _form(self) -> dict:
         """How statistics travel and how clients solve with them (the same for every step)."""

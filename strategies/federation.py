@@ -49,6 +49,7 @@ def make_strategy(settings: RunSettings, spec: FederationSpec, store: MKVStore |
             secure=settings.secure_aggregation,
             store=store,
             betas=(settings.collab_beta0, settings.collab_beta1),
+            dedup=settings.collab_dedup,
         )
     if settings.strategy in MERGES:
         return MergedUpdates(settings.strategy, spec, settings.run, store)

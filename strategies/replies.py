@@ -127,6 +127,8 @@ class CollabReply(_Reply):
     n: Count | None = None
     fingerprint: Text | None = None
     max_abs: Annotated[Number, Field(ge=0)] | None = None
+    n_used: Count | None = None  # the requests in the statistics (the slot's, less those skipped)
+    resid_norm: Annotated[Number, Field(ge=0)] | None = None  # their mean |R| at this layer
 
     @model_validator(mode="after")
     def _statistics_whole(self):

@@ -96,6 +96,9 @@ class RunSettings(BaseModel):
         le=MAX_BETA,
         description="collabedit: dynamic covariance, the weight of earlier slots' K K^T (0: plain MEMIT)",
     )
+    collab_dedup: bool = Field(
+        True, alias="collab-dedup", description="collabedit: a request several clients send in one slot counts once"
+    )
     collab_transport: Literal[STATISTICS_FORMS] = Field(  # type: ignore[valid-type]
         DEFAULT_STATISTICS_FORM,
         alias="collab-transport",

@@ -17,7 +17,14 @@ from strategies.federation import run_federation
 from strategies.session import FederationError, Reply
 from strategies.settings import RunSettings
 from strategies.store import MKVStore
-from tests.federation_kit import DirectTransport, client_specs, isolated_tiny_world, request_record, write_jsonl
+from tests.federation_kit import (
+    SUBJECTS,
+    DirectTransport,
+    client_specs,
+    isolated_tiny_world,
+    request_record,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +237,45 @@ def test_collabedit_dynamic_covariance_solves_later_slots_against_earlier_keys(w
     transport.worker.forget("r")
     restored = transport.worker.participant(specs["client-1"]).key_memory[layer]
     torch.testing.assert_close(restored, memory)
+
+
+def test_collabedit_counts_a_request_two_clients_send_once(world, tmp_path):
+    """client-1 also holds client-0's first request, in the same slot: with collab-dedup the merged
+    model is the one of a federation without the copy; without it, the copy weighs twice."""
+    records = [request_record(i, s, f"client-{i % 2}") for i, s in enumerate(SUBJECTS)]
+    copy = {**records[0], "case_id": "copy", "client": "client-1"}
+    files = {
+        "copy": write_jsonl(tmp_path / "copy.jsonl", [*records, copy]),
+        "plain": write_jsonl(tmp_path / "plain.jsonl", records),
+    }
+    layers, logs = {}, {}
+    for name, data, dedup in (("dedup", "copy", True), ("twice", "copy", False), ("plain", "plain", True)):
+        specs = client_specs(world, tmp_path, f"dup-{name}", num_slots=1, data=str(files[data]))
+        transport = DirectTransport(specs)
+        settings = RunSettings(
+            run=f"dup-{name}",
+            strategy="collabedit",
+            num_slots=1,
+            store_path=tmp_path / f"{name}.sqlite",
+            collab_dedup=dedup,
+            centralised=False,
+        )
+        report = run_federation(transport, list(specs), settings, {}, progress=False)
+        layers[name] = transport.worker.participant(specs["client-0"]).layers
+        logs[name] = (report, transport.log)
+    report, log = logs["dedup"]
+    first = [(c, i) for c, i, _ in log if i.op == "collab" and i.args.get("stats") == 0]
+    assert {c: i.args["skip"] for c, i in first} == {"client-0": [], "client-1": [4]}
+    used = {c: r.body["n_used"] for c, i, r in log if i.op == "collab" and i.args.get("stats") == 0}
+    assert used == {"client-0": 4, "client-1": 4}
+    assert report["server"]["duplicates_counted_once"] == 1
+    assert report["server"]["residual_norm_by_slot"]["0"] > 0
+    base = transport.worker.editor(transport.specs["client-0"]).base_weights
+    for layer, weight in layers["plain"].items():
+        shift = (weight.double() - base[layer].double()).norm()
+        assert (layers["dedup"][layer].double() - weight.double()).norm() <= 1e-5 * shift
+        assert (layers["twice"][layer].double() - weight.double()).norm() > 1e-3 * shift
+    assert logs["twice"][0]["server"]["duplicates_counted_once"] == 0
 
 
 def test_collabedit_secure_path_sends_no_statistics_and_edits_as_the_plain_one(world, tmp_path):

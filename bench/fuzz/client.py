@@ -131,6 +131,7 @@ def _client_field_mutation(op: str, args: dict, d_model: int, d_ff: int, layers:
             ("bad_array", lambda: ({**args, "apply": 0}, {"rk": bad_array("rk", rk, rng), "kk": kk})),
             ("secure", lambda: ({**args, "secure": "yes"}, {})),
             ("transport", lambda: ({**args, "transport": rng.choice(["sparse", "", None, 1])}, {})),
+            ("skip", lambda: ({**args, "skip": rng.choice([[-1], [10**6], [0, 0], ["0"], 3])}, {})),
             ("beta", lambda: ({**args, rng.choice(["beta0", "beta1"]): rng.choice([-1.0, 1e9, "1", None])}, {})),
             ("secure_lowrank", lambda: ({**args, "secure": True, "transport": "lowrank"}, {})),
             (

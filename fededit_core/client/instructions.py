@@ -107,6 +107,7 @@ class Collab(_Instruction):
     stats: LayerIndex | None = None
     secure: StrictBool = False
     transport: Literal[STATISTICS_FORMS]  # type: ignore[valid-type]
+    skip: Annotated[list[Index], Field(max_length=MAX_ITEMS)] = []  # rows another client sent (stats 0)
     beta0: Annotated[Number, Field(ge=0, le=MAX_BETA)]  # dynamic covariance (memit.dynamic_covariance)
     beta1: Annotated[Number, Field(ge=0, le=MAX_BETA)]
 

@@ -348,33 +348,47 @@ class Participant:
         self.checkpoint()
 
     # --- CollabEdit: per layer, statistics out, summed statistics in ------------------------------
-    def collab_statistics(self, slot: int, index: int, lowrank: bool) -> dict[str, np.ndarray]:
-        """This slot's statistics at the ``index``-th edited layer, read on the current (shared, partly
-        edited) model, float64: R K^T (d, d_ff) and K K^T (d_ff, d_ff) as ``rk``, ``kk``, or with
-        ``lowrank`` their thin factors K V (d_ff, r) and R V (d, r), r <= the slot's requests, as
-        ``kf``, ``rf`` (``thin_factors``). z is optimised at index 0."""
+    def collab_statistics(
+        self, slot: int, index: int, lowrank: bool, skip: tuple[int, ...] = ()
+    ) -> tuple[dict[str, np.ndarray], float | None]:
+        """(statistics, mean |R|) of this slot's requests at the ``index``-th edited layer, read on the
+        current (shared, partly edited) model, float64: R K^T (d, d_ff) and K K^T (d_ff, d_ff) as
+        ``rk``, ``kk``, or with ``lowrank`` their thin factors K V (d_ff, r) and R V (d, r), r <= the
+        requests, as ``kf``, ``rf`` (``thin_factors``). z is optimised at index 0, where ``skip`` (rows
+        another client sends) leaves requests out for the whole slot."""
         if slot != self.next_slot:
             raise StepError(f"{self.name}: slot {slot} asked for, but the next slot to edit is {self.next_slot}")
-        requests = self.slots[slot]
+        if any(row >= len(self.slots[slot]) for row in skip) or len(set(skip)) != len(skip):
+            raise StepError(f"{self.name}: the rows to skip must be distinct rows of slot {slot}")
         self.activate()
         if index == 0 and self._pending_slot() != slot:  # (asked again, the slot's z is kept)
-            report = SlotReport(slot=slot, edited=len(requests), optimised=len(requests))
+            used = torch.tensor([i for i in range(len(self.slots[slot])) if i not in set(skip)], dtype=torch.long)
+            requests = [self.slots[slot][i] for i in used.tolist()]
+            report = SlotReport(slot=slot, edited=len(self.slots[slot]), optimised=len(requests))
             started = time.perf_counter()
             z = self.editor.compute_z(requests, progress=False).z if requests else torch.zeros(0, self.editor.d_model)
             report.seconds["z"] = time.perf_counter() - started
-            self.pending = {"z": z.float(), "slot": torch.tensor(slot), "applied": torch.tensor(0)}
+            self.pending = {"z": z.float(), "slot": torch.tensor(slot), "applied": torch.tensor(0), "used": used}
             self.reports.append(report)
             self.checkpoint()
+        requests = [self.slots[slot][i] for i in self.used_rows(slot)]
         if requests:
             keys, resid = self.editor.layer_inputs(requests, self.pending["z"].to(self.editor.device), index)
         else:
             keys = torch.zeros(0, self.editor.d_ff, dtype=torch.float64)
             resid = torch.zeros(0, self.editor.d_model, dtype=torch.float64)
+        norm = float(resid.double().norm(dim=1).mean()) if requests else None
         if lowrank:
             kf, rf = thin_factors(keys.double().T.cpu().numpy(), resid.double().T.cpu().numpy())
-            return {"kf": kf, "rf": rf}
+            return {"kf": kf, "rf": rf}, norm
         rk, kk = layer_statistics(keys, resid)
-        return {"rk": rk.cpu().numpy(), "kk": kk.cpu().numpy()}
+        return {"rk": rk.cpu().numpy(), "kk": kk.cpu().numpy()}, norm
+
+    def used_rows(self, slot: int) -> list[int]:
+        """The rows of ``slot`` in this client's CollabEdit statistics (all but those skipped)."""
+        if "used" in self.pending:
+            return [int(i) for i in self.pending["used"].tolist()]
+        return list(range(len(self.slots[slot])))
 
     def collab_apply(
         self,

@@ -465,8 +465,11 @@ class EditWorker:
         out: dict = {}
         if args.get("stats") is not None:
             index = int(args["stats"])
-            stats = participant.collab_statistics(slot, index, lowrank=lowrank)
+            stats, norm = participant.collab_statistics(slot, index, lowrank=lowrank, skip=tuple(args.get("skip", [])))
             reply["n"] = len(participant.slots[slot])
+            reply["n_used"] = len(participant.used_rows(slot))
+            if norm is not None:
+                reply["resid_norm"] = norm
             reply["fingerprint"] = participant.editor.covariance.fingerprint
             if args.get("secure"):  # kept here until SecAgg+ asks for them (op_collab_masked)
                 self._sealed[(spec.run, spec.name)] = (slot, index, stats["rk"], stats["kk"])
