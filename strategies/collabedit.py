@@ -18,6 +18,10 @@ statistics (``skip``). Each client also reports the mean residual norm |R| of it
 first layer, CollabEdit's overlap signal (an edit the model already holds has a small residual),
 reported per slot.
 
+``conflict``: the same fact (subject and relation template) edited to different objects, found from
+keyed fact tags without the object (``fedleke.tags.fact_tag``); ``_plan`` says what each policy
+merges. The clients are told which of their rows were refused.
+
 ``betas`` (beta0, beta1) other than (1, 0): CollabEdit's dynamic covariance against forgetting
 (``fededit_core.memit.dynamic_covariance``): every client adds each slot's merged K K^T to its C0.
 
@@ -46,6 +50,9 @@ from .validation import (
     validate_thin_factor_upload,
 )
 
+CONFLICT_POLICIES = ("last-writer", "reject", "keep-both")
+DEFAULT_CONFLICT_POLICY = "last-writer"  # the CollabEdit paper's footnote: the later edit wins
+
 
 class CollabEdit(Strategy):
     name = "collabedit"
@@ -60,11 +67,17 @@ class CollabEdit(Strategy):
         store=None,
         betas: tuple[float, float] = (DEFAULT_BETA0, DEFAULT_BETA1),
         dedup: bool = True,
+        conflict: str = DEFAULT_CONFLICT_POLICY,
     ):
         super().__init__(spec, run, store)
         self.betas = betas
         self.dedup = dedup
+        if conflict not in CONFLICT_POLICIES:
+            raise ValueError(f"conflict policy must be one of {list(CONFLICT_POLICIES)}, got {conflict!r}")
+        self.conflict = conflict
         self.duplicates = 0  # requests left out of a slot's sums because another client sent them
+        self.conflicts = 0  # facts edited to different objects (in one slot, or against an earlier one)
+        self.fact_objects: dict[str, str] = {}  # fact tag -> request tag of the object last merged
         self.residual_norms: dict[str, float] = {}  # slot -> mean |R| at the first layer over all requests
         if secure and transport != "dense":
             raise ValueError("secure aggregation sums the dense statistics (collab-transport 'dense')")
@@ -79,9 +92,18 @@ class CollabEdit(Strategy):
         if resume is not None and resume.phase == "apply":
             first, sums = int(resume.state["index"]), resume.arrays
         else:
-            skips = self._duplicates(slot, session)
+            skips, conflicts = self._plan(slot, session)
             steps = {
-                c: Instruction("collab", {"slot": slot, "stats": 0, "skip": skips.get(c, []), **self._form()})
+                c: Instruction(
+                    "collab",
+                    {
+                        "slot": slot,
+                        "stats": 0,
+                        "skip": skips.get(c, []),
+                        "conflicts": conflicts.get(c, []),
+                        **self._form(),
+                    },
+                )
                 for c in session.active
             }
             replies = session.exchange(steps, phase="edit")
@@ -95,27 +117,52 @@ class CollabEdit(Strategy):
                 sums = self._gathered(gather, slot, follow, replies, session)
         self.record(session, slot + 1)
 
-    def _duplicates(self, slot: int, session: Session) -> dict[str, list[int]]:
-        """client -> rows of its slot that another client (first in name order) also sent."""
-        if not self.dedup:
-            return {}
-        replies = session.exchange({c: Instruction("tags", {"slot": slot}) for c in session.active}, phase="edit")
-        owner: dict[str, str] = {}
+    def _plan(self, slot: int, session: Session) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+        """(rows each client leaves out of the slot, of them those refused as conflicts).
+
+        Duplicates (``dedup``): a request tag several clients send counts once, for the first of them
+        in name order. Conflicts (``conflict`` other than keep-both): requests with one fact tag and
+        different request tags, in this slot or against the object an earlier slot merged.
+        ``last-writer``: the request of the last client in name order is merged and the others in the
+        slot are refused (against an earlier slot the new edit simply writes over it: the later slot
+        wins). ``reject``: every request of the slot on that fact is refused (an earlier slot's edit
+        stays; it is merged already)."""
+        facts = self.conflict != "keep-both"
+        if not self.dedup and not facts:
+            return {}, {}
+        step = {"slot": slot, "facts": facts}
+        replies = session.exchange({c: Instruction("tags", step) for c in session.active}, phase="edit")
+        owner: set[str] = set()
         skips: dict[str, list[int]] = {}
+        by_fact: dict[str, list[tuple[str, int, str]]] = {}
         for client in sorted(replies):
-            tags = replies[client].body["tags"]
-            if len(tags) != self.spec.slot_size(client, slot):
-                session.reject(client, f"client {client}: {len(tags)} tags for the requests of slot {slot}")
+            tags, fact_tags = replies[client].body["tags"], replies[client].body.get("facts")
+            n = self.spec.slot_size(client, slot)
+            if len(tags) != n or (facts and (fact_tags is None or len(fact_tags) != n)):
+                session.reject(client, f"client {client}: its tags do not match the {n} requests of slot {slot}")
                 continue
             for row, tag in enumerate(tags):
-                if tag is None:
-                    continue
-                if tag in owner:
+                if tag is not None and self.dedup and tag in owner:
                     skips.setdefault(client, []).append(row)
-                else:
-                    owner[tag] = client
-        self.duplicates += sum(len(rows) for rows in skips.values())
-        return skips
+                    self.duplicates += 1
+                    continue
+                if tag is not None:
+                    owner.add(tag)
+                if facts and tag is not None and fact_tags[row] is not None:
+                    by_fact.setdefault(fact_tags[row], []).append((client, row, tag))
+        conflicts: dict[str, list[int]] = {}
+        for fact, entries in by_fact.items():
+            earlier = self.fact_objects.get(fact)
+            objects = {tag for _, _, tag in entries} | ({earlier} if earlier else set())
+            if len(objects) > 1:
+                self.conflicts += 1
+                refused = entries if self.conflict == "reject" else [e for e in entries if e[2] != entries[-1][2]]
+                for client, row, _ in refused:
+                    skips.setdefault(client, []).append(row)
+                    conflicts.setdefault(client, []).append(row)
+            if self.conflict != "reject" or len(objects) == 1:
+                self.fact_objects[fact] = entries[-1][2]
+        return {c: sorted(rows) for c, rows in skips.items()}, {c: sorted(rows) for c, rows in conflicts.items()}
 
     def _residual_norm(self, slot: int, replies: dict) -> None:
         pairs = [(r.body.get("n_used", 0), r.body.get("resid_norm")) for r in replies.values()]
@@ -124,13 +171,25 @@ class CollabEdit(Strategy):
             self.residual_norms[str(slot)] = sum(n * v for n, v in pairs) / sum(n for n, _ in pairs)
 
     def summary(self) -> dict:
-        return {"duplicates_counted_once": self.duplicates, "residual_norm_by_slot": dict(self.residual_norms)}
+        return {
+            "duplicates_counted_once": self.duplicates,
+            "conflicts": self.conflicts,
+            "conflict_policy": self.conflict,
+            "residual_norm_by_slot": dict(self.residual_norms),
+        }
 
     def saved_state(self) -> dict:
-        return {"duplicates": self.duplicates, "residual_norms": self.residual_norms}
+        return {
+            "duplicates": self.duplicates,
+            "conflicts": self.conflicts,
+            "fact_objects": self.fact_objects,
+            "residual_norms": self.residual_norms,
+        }
 
     def restore(self, state: dict) -> None:
         self.duplicates = int(state.get("duplicates", 0))
+        self.conflicts = int(state.get("conflicts", 0))
+        self.fact_objects = {str(k): str(v) for k, v in dict(state.get("fact_objects", {})).items()}
         self.residual_norms = {str(k): float(v) for k, v in dict(state.get("residual_norms", {})).items()}
 
     def _form(self) -> dict:

@@ -50,6 +50,7 @@ def make_strategy(settings: RunSettings, spec: FederationSpec, store: MKVStore |
             store=store,
             betas=(settings.collab_beta0, settings.collab_beta1),
             dedup=settings.collab_dedup,
+            conflict=settings.collab_conflict,
         )
     if settings.strategy in MERGES:
         return MergedUpdates(settings.strategy, spec, settings.run, store)

@@ -84,6 +84,7 @@ class HelloReply(_Reply):
 
 class TagsReply(_Reply):
     tags: Annotated[list[Tag | None], Field(max_length=MAX_ITEMS)]
+    facts: Annotated[list[Tag | None], Field(max_length=MAX_ITEMS)] | None = None
 
 
 class EditReply(_Reply):

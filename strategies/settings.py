@@ -29,6 +29,7 @@ from fededit_core.memit.overrides import memit_overrides
 from fededit_core.memit.update import DEFAULT_STATISTICS_FORM, STATISTICS_FORMS
 from fededit_core.model.loading import DEFAULT_MODEL
 from fededit_core.paths import safe_name
+from strategies.collabedit import CONFLICT_POLICIES, DEFAULT_CONFLICT_POLICY
 from strategies.session import FederationError
 
 MAX_MESSAGE_MB = 256  # the largest message a party reads (README, "Limits": the formula for other models)
@@ -98,6 +99,11 @@ class RunSettings(BaseModel):
     )
     collab_dedup: bool = Field(
         True, alias="collab-dedup", description="collabedit: a request several clients send in one slot counts once"
+    )
+    collab_conflict: Literal[CONFLICT_POLICIES] = Field(  # type: ignore[valid-type]
+        DEFAULT_CONFLICT_POLICY,
+        alias="collab-conflict",
+        description="collabedit: one fact edited to different objects: last-writer | reject | keep-both",
     )
     collab_transport: Literal[STATISTICS_FORMS] = Field(  # type: ignore[valid-type]
         DEFAULT_STATISTICS_FORM,

@@ -278,6 +278,64 @@ def test_collabedit_counts_a_request_two_clients_send_once(world, tmp_path):
     assert logs["twice"][0]["server"]["duplicates_counted_once"] == 0
 
 
+@pytest.mark.parametrize("num_slots", [1, 2])
+def test_collabedit_conflict_policies(world, tmp_path, num_slots):
+    """client-1 edits client-0's first fact (same subject and prompt) to another object. One slot:
+    keep-both merges both, last-writer refuses client-0's (first in name order), reject refuses both;
+    the merged model is then the federation's without the refused requests. Two slots (client-0's in
+    slot 0, client-1's in slot 1): last-writer lets the later slot write over it, reject refuses it."""
+    records = [request_record(i, s, f"client-{i % 2}") for i, s in enumerate(SUBJECTS)]
+    rival = {**records[0], "case_id": "rival", "client": "client-1", "target_new": records[1]["target_new"]}
+    assert rival["target_new"] != records[0]["target_new"]
+    data = str(write_jsonl(tmp_path / f"rival{num_slots}.jsonl", [*records, rival]))
+    seen = {}
+    for policy in ("keep-both", "last-writer", "reject"):
+        specs = client_specs(world, tmp_path, f"c{num_slots}-{policy}", num_slots=num_slots, data=data)
+        transport = DirectTransport(specs)
+        settings = RunSettings(
+            run=f"c{num_slots}-{policy}",
+            strategy="collabedit",
+            num_slots=num_slots,
+            store_path=tmp_path / f"c{num_slots}-{policy}.sqlite",
+            collab_conflict=policy,
+            centralised=False,
+        )
+        report = run_federation(transport, list(specs), settings, {}, progress=False)
+        refused = {
+            (c, i.args["slot"], row)
+            for c, i, _ in transport.log
+            if i.op == "collab" and i.args.get("stats") == 0
+            for row in i.args["conflicts"]
+        }
+        seen[policy] = (report["server"]["conflicts"], refused, transport, specs)
+    last_slot = num_slots - 1  # client-1's rival is its last request: the last slot's last row
+    rival_row = 4 if num_slots == 1 else 2
+    assert seen["keep-both"][:2] == (0, set())
+    if num_slots == 1:
+        assert seen["last-writer"][:2] == (1, {("client-0", 0, 0)})
+        assert seen["reject"][:2] == (1, {("client-0", 0, 0), ("client-1", 0, rival_row)})
+        # last-writer's model is a federation's without client-0's request of that fact
+        plain = [r for r in records if r["case_id"] != "c0"] + [rival]
+        specs = client_specs(
+            world, tmp_path, "c1-plain", num_slots=1, data=str(write_jsonl(tmp_path / "p.jsonl", plain))
+        )
+        transport = DirectTransport(specs)
+        settings = RunSettings(run="c1-plain", strategy="collabedit", num_slots=1, store_path=tmp_path / "p.sqlite")
+        run_federation(transport, list(specs), settings.model_copy(update={"centralised": False}), {}, progress=False)
+        expected = transport.worker.participant(specs["client-1"]).layers
+        _, _, writer, writer_specs = seen["last-writer"]
+        got = writer.worker.participant(writer_specs["client-1"]).layers
+        base = writer.worker.editor(writer_specs["client-0"]).base_weights
+        for layer, weight in expected.items():
+            shift = (weight.double() - base[layer].double()).norm()
+            assert (got[layer].double() - weight.double()).norm() <= 1e-5 * shift
+    else:
+        assert seen["last-writer"][:2] == (1, set())  # the later slot writes over the earlier edit
+        assert seen["reject"][:2] == (1, {("client-1", last_slot, rival_row)})
+    participant = seen["reject"][2].worker.participant(seen["reject"][3]["client-1"])
+    assert participant.conflicted_ids == [f"client-1/{last_slot}/{rival_row}"]
+
+
 def test_collabedit_secure_path_sends_no_statistics_and_edits_as_the_plain_one(world, tmp_path):
     layers = {}
     for secure in (False, True):  # DirectTransport's secure_sum adds the clients' arrays (bench/inprocess.py)

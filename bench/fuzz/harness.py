@@ -76,7 +76,10 @@ def honest_reply(client: str, step: dict, arrays: dict, rng: np.random.Generator
             "key_proof": key_proof(SECRET, "fuzz", step["nonce"]),
         }, {}
     if op == "tags":
-        return {"tags": [_tag(client, step["slot"], i) for i in range(PER_SLOT)]}, {}
+        body = {"tags": [_tag(client, step["slot"], i) for i in range(PER_SLOT)]}
+        if step.get("facts"):  # CollabEdit's conflict policy: one fact per request, none shared
+            body["facts"] = [_tag(f"{client}/fact", step["slot"], i) for i in range(PER_SLOT)]
+        return body, {}
     if op == "edit":
         if not step.get("upload", True):
             return {"report": report}, {}

@@ -63,6 +63,10 @@ class SlotStep(_Instruction):
     slot: Slot
 
 
+class Tags(SlotStep):
+    facts: StrictBool = False  # also the fact tags (CollabEdit's conflict policy)
+
+
 class SealedSource(_Instruction):
     """A sealed set the instruction carries (array ``sealed.<j>``): its sender, slot and count."""
 
@@ -107,7 +111,8 @@ class Collab(_Instruction):
     stats: LayerIndex | None = None
     secure: StrictBool = False
     transport: Literal[STATISTICS_FORMS]  # type: ignore[valid-type]
-    skip: Annotated[list[Index], Field(max_length=MAX_ITEMS)] = []  # rows another client sent (stats 0)
+    skip: Annotated[list[Index], Field(max_length=MAX_ITEMS)] = []  # rows left out of the slot (stats 0)
+    conflicts: Annotated[list[Index], Field(max_length=MAX_ITEMS)] = []  # of them, those refused as conflicts
     beta0: Annotated[Number, Field(ge=0, le=MAX_BETA)]  # dynamic covariance (memit.dynamic_covariance)
     beta1: Annotated[Number, Field(ge=0, le=MAX_BETA)]
 
@@ -132,7 +137,7 @@ class Evaluate(_Instruction):
 
 INSTRUCTIONS: dict[str, type[_Instruction]] = {
     "hello": Hello,
-    "tags": SlotStep,
+    "tags": Tags,
     "edit": Edit,
     "reedit": Reedit,
     "editavg_update": SlotStep,

@@ -47,7 +47,7 @@ from fededit_core.fedleke.reedit import (
     VECTORS,
     kept_rows,
 )
-from fededit_core.fedleke.tags import request_tag
+from fededit_core.fedleke.tags import fact_tag, request_tag
 from fededit_core.io import atomic_folder, last_good, recover_folder
 from fededit_core.memit.dynamic_covariance import DEFAULT_BETA0, DEFAULT_BETA1, dynamic_prior, psd_factor
 from fededit_core.memit.editor import MemitEditor
@@ -106,6 +106,7 @@ class Participant:
         self.reuse_min_prob = reuse_min_prob
         self.refused_reuse: list[str] = []  # tags whose served z failed verification (reported)
         self.suspects: dict[str, str] = {}  # sender -> why its set was refused (reported to the server)
+        self.conflicted_ids: list[str] = []  # own requests CollabEdit's conflict policy left out
         self.pending: dict[str, torch.Tensor] = {}  # mid-slot state of EditAvg / CollabEdit
         self.key_memory: dict[int, torch.Tensor] = {}  # CollabEdit's dynamic covariance: F, F F^T = sum K K^T
         self.version = 0  # bumped by every checkpoint (a cached copy compares it to the disk's)
@@ -121,10 +122,12 @@ class Participant:
     def _capture(self) -> None:
         self.layers = self.editor.edited_layers()
 
-    def tags_of(self, slot: int) -> list[str | None]:
+    def tags_of(self, slot: int, facts: bool = False) -> list[str | None]:
+        """The keyed request tags of a slot's requests (``facts``: their fact tags, without the object)."""
         if self.secret is None:
             return [None] * len(self.slots[slot])
-        return [request_tag(r, self.secret) for r in self.slots[slot]]
+        tag = fact_tag if facts else request_tag
+        return [tag(r, self.secret) for r in self.slots[slot]]
 
     def edited_requests(self) -> list[EditRequest]:
         """Every request of the slots edited so far."""
@@ -349,17 +352,20 @@ class Participant:
 
     # --- CollabEdit: per layer, statistics out, summed statistics in ------------------------------
     def collab_statistics(
-        self, slot: int, index: int, lowrank: bool, skip: tuple[int, ...] = ()
+        self, slot: int, index: int, lowrank: bool, skip: tuple[int, ...] = (), conflicts: tuple[int, ...] = ()
     ) -> tuple[dict[str, np.ndarray], float | None]:
         """(statistics, mean |R|) of this slot's requests at the ``index``-th edited layer, read on the
         current (shared, partly edited) model, float64: R K^T (d, d_ff) and K K^T (d_ff, d_ff) as
         ``rk``, ``kk``, or with ``lowrank`` their thin factors K V (d_ff, r) and R V (d, r), r <= the
         requests, as ``kf``, ``rf`` (``thin_factors``). z is optimised at index 0, where ``skip`` (rows
-        another client sends) leaves requests out for the whole slot."""
+        another client sends, or ``conflicts``: rows the run's conflict policy refused) leaves requests
+        out for the whole slot."""
         if slot != self.next_slot:
             raise StepError(f"{self.name}: slot {slot} asked for, but the next slot to edit is {self.next_slot}")
         if any(row >= len(self.slots[slot]) for row in skip) or len(set(skip)) != len(skip):
             raise StepError(f"{self.name}: the rows to skip must be distinct rows of slot {slot}")
+        if not set(conflicts) <= set(skip):
+            raise StepError(f"{self.name}: rows refused as conflicts must be among the rows to skip")
         self.activate()
         if index == 0 and self._pending_slot() != slot:  # (asked again, the slot's z is kept)
             used = torch.tensor([i for i in range(len(self.slots[slot])) if i not in set(skip)], dtype=torch.long)
@@ -370,6 +376,17 @@ class Participant:
             report.seconds["z"] = time.perf_counter() - started
             self.pending = {"z": z.float(), "slot": torch.tensor(slot), "applied": torch.tensor(0), "used": used}
             self.reports.append(report)
+            refused = [f"{self.name}/{slot}/{row}" for row in conflicts]
+            self.conflicted_ids += [i for i in refused if i not in self.conflicted_ids]
+            if conflicts:
+                log.warning(
+                    "%s: %d request(s) of slot %d conflict with other clients' edits of the same facts and "
+                    "were refused by the run's conflict policy: %s",
+                    self.name,
+                    len(conflicts),
+                    slot,
+                    ", ".join(refused),
+                )
             self.checkpoint()
         requests = [self.slots[slot][i] for i in self.used_rows(slot)]
         if requests:
@@ -469,6 +486,7 @@ class Participant:
             "merged_slots": self.merged_slots,
             "refused_reuse": self.refused_reuse,
             "suspects": self.suspects,
+            "conflicted_ids": self.conflicted_ids,
             "version": self.version,
             "files": {f.name: _sha256(f) for f in sorted(staging.iterdir())},
         }
@@ -526,6 +544,7 @@ class Participant:
         self.merged_slots = state.get("merged_slots", [])
         self.refused_reuse = state.get("refused_reuse", [])
         self.suspects = state.get("suspects", {})
+        self.conflicted_ids = state.get("conflicted_ids", [])
 
 
 def checkpoint_version(folder: str | Path) -> int | None:

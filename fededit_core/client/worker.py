@@ -265,7 +265,11 @@ class EditWorker:
 
     def op_tags(self, spec: ClientSpec, args: dict, arrays: dict) -> tuple[dict, dict]:
         participant = self.participant(spec)
-        return {"tags": participant.tags_of(self._slot(args, participant))}, {}
+        slot = self._slot(args, participant)
+        reply = {"tags": participant.tags_of(slot)}
+        if args.get("facts"):
+            reply["facts"] = participant.tags_of(slot, facts=True)
+        return reply, {}
 
     # --- sealed MKV sets (fedleke/sealing.py) --------------------------------------------------
     @staticmethod
@@ -465,7 +469,13 @@ class EditWorker:
         out: dict = {}
         if args.get("stats") is not None:
             index = int(args["stats"])
-            stats, norm = participant.collab_statistics(slot, index, lowrank=lowrank, skip=tuple(args.get("skip", [])))
+            stats, norm = participant.collab_statistics(
+                slot,
+                index,
+                lowrank=lowrank,
+                skip=tuple(args.get("skip", [])),
+                conflicts=tuple(args.get("conflicts", [])),
+            )
             reply["n"] = len(participant.slots[slot])
             reply["n_used"] = len(participant.used_rows(slot))
             if norm is not None:

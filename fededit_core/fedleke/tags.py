@@ -5,6 +5,10 @@ tag = HMAC-SHA256(secret, normalise(subject) | normalise(relation template) | no
 The federation secret is shared by the clients and never sent to the server, so the server can
 tell that two clients asked for the same edit (and serve a stored z instead of a new optimisation)
 but cannot test guesses of the text.
+
+fact tag = HMAC-SHA256(secret, "fact" | normalise(subject) | normalise(relation template)), without the
+object: equal fact tags under different request tags are two edits of one fact to different objects
+(a conflict, CollabEdit's second challenge). Sent only when the run resolves conflicts.
 """
 
 from __future__ import annotations
@@ -28,7 +32,15 @@ def normalise(text: str) -> str:
 
 
 def request_tag(request: EditRequest, secret: bytes) -> str:
+    return _keyed(secret, request.subject, request.prompt, request.target_new)
+
+
+def fact_tag(request: EditRequest, secret: bytes) -> str:
+    return _keyed(secret, "fact", request.subject, request.prompt)
+
+
+def _keyed(secret: bytes, *parts: str) -> str:
     if len(secret) < 16:
         raise ValueError("the federation secret must be at least 16 bytes")
-    message = "\x1f".join(normalise(x) for x in (request.subject, request.prompt, request.target_new))
+    message = "\x1f".join(normalise(x) for x in parts)
     return hmac.new(secret, message.encode("utf-8"), hashlib.sha256).hexdigest()
