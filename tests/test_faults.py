@@ -12,7 +12,7 @@ from bench.faults.kills import prepare_world, run_strategy
 POINTS = {
     "fededit": ["reedit#6:mid", "reedit#6:inside"],
     "editavg": ["editavg_apply#4:mid"],
-    "collabedit": ["collab#5:mid"],
+    "collabedit": ["tags#5:mid", "collab#7:mid"],
 }
 
 

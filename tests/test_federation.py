@@ -174,6 +174,22 @@ def test_collabedit_equals_one_global_memit_edit(world, tmp_path):
             assert (layers[layer] - weight).norm() <= 1e-3 * shift
 
 
+def collab_run(world, tmp_path, run: str, data: str | None = None, num_slots: int = 1, **settings):
+    """A CollabEdit federation of the two tiny clients, no centralised run: (report, transport, specs)."""
+    specs = client_specs(world, tmp_path, run, num_slots=num_slots, data=data)
+    transport = DirectTransport(specs)
+    config = RunSettings(
+        run=run,
+        strategy="collabedit",
+        num_slots=num_slots,
+        store_path=tmp_path / f"{run}.sqlite",
+        centralised=False,
+        **settings,
+    )
+    report = run_federation(transport, list(specs), config, {}, progress=False)
+    return report, transport, specs
+
+
 def test_collabedit_thin_factors_merge_the_model_the_dense_statistics_merge(world, tmp_path):
     """Low-rank transport: the merged layers of the dense path, from uploads of the slot's rank rather
     than d_ff columns. The dense path rounds its statistics to float32 on the wire (4e-6 of the update
@@ -181,16 +197,7 @@ def test_collabedit_thin_factors_merge_the_model_the_dense_statistics_merge(worl
     (test_collabedit_engine)."""
     layers, uploads = {}, {}
     for transport_form in ("dense", "lowrank"):
-        specs = client_specs(world, tmp_path, f"collab-{transport_form}", num_slots=1)
-        transport = DirectTransport(specs)
-        settings = RunSettings(
-            run=f"collab-{transport_form}",
-            strategy="collabedit",
-            num_slots=1,
-            store_path=tmp_path / f"{transport_form}.sqlite",
-            collab_transport=transport_form,
-        )
-        run_federation(transport, list(specs), settings, {}, progress=False)
+        _, transport, specs = collab_run(world, tmp_path, f"collab-{transport_form}", collab_transport=transport_form)
         layers[transport_form] = {name: transport.worker.participant(spec).layers for name, spec in specs.items()}
         uploads[transport_form] = [
             r.arrays for _, i, r in transport.log if i.op == "collab" and i.args.get("stats") is not None
@@ -250,17 +257,7 @@ def test_collabedit_counts_a_request_two_clients_send_once(world, tmp_path):
     }
     layers, logs = {}, {}
     for name, data, dedup in (("dedup", "copy", True), ("twice", "copy", False), ("plain", "plain", True)):
-        specs = client_specs(world, tmp_path, f"dup-{name}", num_slots=1, data=str(files[data]))
-        transport = DirectTransport(specs)
-        settings = RunSettings(
-            run=f"dup-{name}",
-            strategy="collabedit",
-            num_slots=1,
-            store_path=tmp_path / f"{name}.sqlite",
-            collab_dedup=dedup,
-            centralised=False,
-        )
-        report = run_federation(transport, list(specs), settings, {}, progress=False)
+        report, transport, specs = collab_run(world, tmp_path, f"dup-{name}", str(files[data]), collab_dedup=dedup)
         layers[name] = transport.worker.participant(specs["client-0"]).layers
         logs[name] = (report, transport.log)
     report, log = logs["dedup"]
@@ -290,17 +287,9 @@ def test_collabedit_conflict_policies(world, tmp_path, num_slots):
     data = str(write_jsonl(tmp_path / f"rival{num_slots}.jsonl", [*records, rival]))
     seen = {}
     for policy in ("keep-both", "last-writer", "reject"):
-        specs = client_specs(world, tmp_path, f"c{num_slots}-{policy}", num_slots=num_slots, data=data)
-        transport = DirectTransport(specs)
-        settings = RunSettings(
-            run=f"c{num_slots}-{policy}",
-            strategy="collabedit",
-            num_slots=num_slots,
-            store_path=tmp_path / f"c{num_slots}-{policy}.sqlite",
-            collab_conflict=policy,
-            centralised=False,
+        report, transport, specs = collab_run(
+            world, tmp_path, f"c{num_slots}-{policy}", data, num_slots=num_slots, collab_conflict=policy
         )
-        report = run_federation(transport, list(specs), settings, {}, progress=False)
         refused = {
             (c, i.args["slot"], row)
             for c, i, _ in transport.log
@@ -316,12 +305,7 @@ def test_collabedit_conflict_policies(world, tmp_path, num_slots):
         assert seen["reject"][:2] == (1, {("client-0", 0, 0), ("client-1", 0, rival_row)})
         # last-writer's model is a federation's without client-0's request of that fact
         plain = [r for r in records if r["case_id"] != "c0"] + [rival]
-        specs = client_specs(
-            world, tmp_path, "c1-plain", num_slots=1, data=str(write_jsonl(tmp_path / "p.jsonl", plain))
-        )
-        transport = DirectTransport(specs)
-        settings = RunSettings(run="c1-plain", strategy="collabedit", num_slots=1, store_path=tmp_path / "p.sqlite")
-        run_federation(transport, list(specs), settings.model_copy(update={"centralised": False}), {}, progress=False)
+        _, transport, specs = collab_run(world, tmp_path, "c1-plain", str(write_jsonl(tmp_path / "p.jsonl", plain)))
         expected = transport.worker.participant(specs["client-1"]).layers
         _, _, writer, writer_specs = seen["last-writer"]
         got = writer.worker.participant(writer_specs["client-1"]).layers
@@ -339,17 +323,10 @@ def test_collabedit_conflict_policies(world, tmp_path, num_slots):
 def test_collabedit_secure_path_sends_no_statistics_and_edits_as_the_plain_one(world, tmp_path):
     layers = {}
     for secure in (False, True):  # DirectTransport's secure_sum adds the clients' arrays (bench/inprocess.py)
-        specs = client_specs(world, tmp_path, f"collab-{secure}", num_slots=1)
-        transport = DirectTransport(specs)
-        settings = RunSettings(
-            run=f"collab-{secure}",
-            strategy="collabedit",
-            num_slots=1,
-            store_path=tmp_path / "s.sqlite",
-            secure_aggregation=secure,
-            collab_transport="dense" if secure else "lowrank",
+        transport_form = "dense" if secure else "lowrank"
+        _, transport, specs = collab_run(
+            world, tmp_path, f"collab-{secure}", secure_aggregation=secure, collab_transport=transport_form
         )
-        run_federation(transport, list(specs), settings, {}, progress=False)
         layers[secure] = {name: transport.worker.participant(spec).layers for name, spec in specs.items()}
     stats_replies = [r for _, i, r in transport.log if i.op == "collab" and i.args.get("stats") is not None]
     assert stats_replies and all(not r.arrays and r.body["max_abs"] > 0 for r in stats_replies)
