@@ -277,3 +277,18 @@ def test_selectivity_of_the_benchmark_runs(bench_run):
     assert union["n"] == 8 + every["applied"]
     assert union["retention"] == pytest.approx(union["score"] / union["centralised_score"])
     assert "What the re-edit condition kept" in (bench_run["out"] / "README.md").read_text()
+
+
+def test_forgetting_runs_every_round_for_each_beta_and_the_first_round_has_no_memory(world, tmp_path):
+    from bench import forgetting
+
+    out = tmp_path / "forgetting.json"
+    args = ["--data", world["data"], "--model", world["model"], "--hparams", json.dumps(world["hparams"])]
+    args += ["--clients", "2", "--per-round", "1", "--rounds", "2", "--work", str(tmp_path / "w"), "--json", str(out)]
+    result = forgetting.main(args)
+    rows = {(r["beta1"], r["rounds"]): r for r in result["rows"]}
+    assert sorted(rows) == [(0.0, 1), (0.0, 2), (1.0, 1), (1.0, 2)]
+    assert all(r["n"] == 2 and r["score"] is not None for r in rows.values())  # the two clients' old edits
+    assert rows[(0.0, 1)]["score"] == rows[(1.0, 1)]["score"]  # one round: no earlier keys to remember
+    again = forgetting.main(args)  # a rerun keeps the finished runs
+    assert again["rows"] == result["rows"]
