@@ -23,9 +23,7 @@ def edit_average(updates: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, 
     updates = [(n, arrays) for n, arrays in updates if n > 0]
     if not updates:
         raise ValueError("no client sent an update with edits")
-    names = set(updates[0][1])
-    if any(set(arrays) != names for _, arrays in updates):
-        raise ValueError("clients sent updates for different layers")
+    names = _common_layers(updates)
     total = sum(n for n, _ in updates)
     return {name: sum(n * arrays[name].astype(np.float64) for n, arrays in updates) / total for name in sorted(names)}
 
@@ -109,9 +107,7 @@ def merge_updates(method: str, updates: list[tuple[int, dict[str, np.ndarray]]])
         raise ValueError(f"unknown merge {method!r}; expected one of {list(MERGES)}")
     if not updates:
         raise ValueError("no client sent an update")
-    names = set(updates[0][1])
-    if any(set(arrays) != names for _, arrays in updates):
-        raise ValueError("clients sent updates for different layers")
+    names = _common_layers(updates)
     out = {}
     for name in sorted(names):
         stack = np.stack([arrays[name].astype(np.float64) for _, arrays in updates])
@@ -122,3 +118,10 @@ def merge_updates(method: str, updates: list[tuple[int, dict[str, np.ndarray]]])
         else:
             out[name] = ties_merge(stack)
     return out
+
+
+def _common_layers(updates: list[tuple[int, dict[str, np.ndarray]]]) -> set[str]:
+    names = set(updates[0][1])
+    if any(set(arrays) != names for _, arrays in updates):
+        raise ValueError("clients sent updates for different layers")
+    return names

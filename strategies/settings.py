@@ -36,6 +36,11 @@ MAX_MESSAGE_MB = 256  # the largest message a party reads (README, "Limits": the
 STRATEGIES = ("fededit", "fededit-noreedit", "editavg", "editavg-factors", "collabedit", "sa", "ta", "ties", "local")
 
 
+def _beta(default: float, alias: str, what: str):
+    """A weight of CollabEdit's dynamic covariance (``memit.dynamic_covariance``)."""
+    return Field(default, alias=alias, ge=0, le=MAX_BETA, description=f"collabedit: dynamic covariance, {what}")
+
+
 class RunSettings(BaseModel):
     """One federated run. Fields take their run-config names (``num-slots``) or Python names."""
 
@@ -83,20 +88,8 @@ class RunSettings(BaseModel):
     )
     centralised: bool = Field(True, description="also run centralised MEMIT on the union (needs the data file)")
     secure_aggregation: bool = Field(False, alias="secure-aggregation", description="collabedit: sums through SecAgg+")
-    collab_beta0: float = Field(
-        DEFAULT_BETA0,
-        alias="collab-beta0",
-        ge=0,
-        le=MAX_BETA,
-        description="collabedit: dynamic covariance, C0's weight",
-    )
-    collab_beta1: float = Field(
-        DEFAULT_BETA1,
-        alias="collab-beta1",
-        ge=0,
-        le=MAX_BETA,
-        description="collabedit: dynamic covariance, the weight of earlier slots' K K^T (0: plain MEMIT)",
-    )
+    collab_beta0: float = _beta(DEFAULT_BETA0, "collab-beta0", "C0's weight")
+    collab_beta1: float = _beta(DEFAULT_BETA1, "collab-beta1", "the weight of earlier slots' K K^T (0: plain MEMIT)")
     collab_dedup: bool = Field(
         True, alias="collab-dedup", description="collabedit: a request several clients send in one slot counts once"
     )

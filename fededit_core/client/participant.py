@@ -368,7 +368,8 @@ class Participant:
             raise StepError(f"{self.name}: rows refused as conflicts must be among the rows to skip")
         self.activate()
         if index == 0 and self._pending_slot() != slot:  # (asked again, the slot's z is kept)
-            used = torch.tensor([i for i in range(len(self.slots[slot])) if i not in set(skip)], dtype=torch.long)
+            skipped = set(skip)
+            used = torch.tensor([i for i in range(len(self.slots[slot])) if i not in skipped], dtype=torch.long)
             requests = [self.slots[slot][i] for i in used.tolist()]
             report = SlotReport(slot=slot, edited=len(self.slots[slot]), optimised=len(requests))
             started = time.perf_counter()
@@ -415,12 +416,14 @@ class Participant:
         kk: torch.Tensor,
         beta0: float = DEFAULT_BETA0,
         beta1: float = DEFAULT_BETA1,
+        key_factor: torch.Tensor | None = None,
     ) -> None:
         """W += (sum R K^T)(lambda C0 + sum K K^T)^-1 at the ``index``-th layer; the slot ends after the
         last. Layers are applied in order; one already applied (asked again) is not applied twice.
         With ``beta0``, ``beta1`` other than (1, 0), lambda C0 becomes the dynamic covariance
         lambda (beta0 C0 + beta1 sum_old K K^T) of the earlier slots' merged keys, and this slot's
-        K K^T joins that memory when the slot ends."""
+        K K^T joins that memory when the slot ends (as ``key_factor`` F, F F^T = K K^T, when the sums
+        came as thin factors; else factored here)."""
         last = len(self.editor.hp.layers) - 1
         if slot in self.merged_slots or (self._pending_slot() == slot and index < int(self.pending["applied"])):
             return
@@ -435,7 +438,8 @@ class Participant:
             prior = dynamic_prior(self.editor.c0()[layer], memory, self.editor.hp.mom2_weight, beta0, beta1)
         self.editor.apply_statistics(layer, rk, kk, prior)
         if beta1:
-            self.pending[f"memory.{layer}"] = torch.from_numpy(psd_factor(kk.double().cpu().numpy()))
+            factor = key_factor if key_factor is not None else torch.from_numpy(psd_factor(kk.double().cpu().numpy()))
+            self.pending[f"memory.{layer}"] = factor.double().cpu()
         self._capture()
         report = self.reports[-1]
         report.seconds["edit"] = report.seconds.get("edit", 0.0) + time.perf_counter() - started

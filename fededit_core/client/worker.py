@@ -460,11 +460,14 @@ class EditWorker:
                         f"{participant.editor.d_ff}, got {width} and {arrays['rf'].shape[1]}"
                     )
                 rk, kk = statistics_from_factors(arrays["kf"], arrays["rf"])
+                factor = torch.from_numpy(np.asarray(arrays["kf"], dtype=np.float64))
             else:
                 if not positive_semidefinite(arrays["kk"]):
                     raise WorkerError("the summed K K^T is not positive semi-definite")
                 rk, kk = torch.from_numpy(np.asarray(arrays["rk"])), torch.from_numpy(np.asarray(arrays["kk"]))
-            participant.collab_apply(slot, int(args["apply"]), rk, kk, float(args["beta0"]), float(args["beta1"]))
+                factor = None
+            betas = float(args["beta0"]), float(args["beta1"])
+            participant.collab_apply(slot, int(args["apply"]), rk, kk, *betas, key_factor=factor)
             reply["report"] = asdict(participant.reports[-1])
         out: dict = {}
         if args.get("stats") is not None:
