@@ -19,6 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
+from bench import collab_workloads
 from bench.inprocess import InProcessTransport
 from fededit_core.client.worker import ClientSpec, EditWorker
 from fededit_core.data.loaders import DEFAULT_ZSRE_TARGET, load_requests, save_requests_jsonl
@@ -29,7 +30,9 @@ from fededit_core.eval.metrics import evaluate
 from fededit_core.fedleke.probe import DEFAULT_PROBE_TAU
 from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_GATE, DEFAULT_VECTOR
 from fededit_core.io import atomic_write
+from fededit_core.memit.dynamic_covariance import DEFAULT_BETA1
 from fededit_core.memit.update import DEFAULT_STATISTICS_FORM
+from strategies.collabedit import DEFAULT_CONFLICT_POLICY, DEFAULT_DEDUP
 from strategies.federation import run_federation
 from strategies.report import weighted
 from strategies.settings import RunSettings
@@ -75,13 +78,21 @@ def add_overlap(parts: dict[str, list[EditRequest]], share: float, seed: int) ->
 
 def workload(exp: dict, data_files: dict[str, Path]) -> dict[str, list[EditRequest]]:
     """``{client: requests}`` of an experiment, from its inputs alone."""
-    requests = select_requests(
-        data_files[exp["dataset"]], exp["n_edits"], exp["seed"], exp.get("zsre_target", DEFAULT_ZSRE_TARGET)
-    )
+    return workload_and_meta(exp, data_files)[0]
+
+
+def workload_and_meta(exp: dict, data_files: dict[str, Path]) -> tuple[dict[str, list[EditRequest]], dict]:
+    """The workload and, for CollabEdit's challenge workloads (``exp["workload"]``), what the
+    inspection of the merged model needs (``bench.collab_workloads``)."""
+    path = data_files[exp["dataset"]]
+    target = exp.get("zsre_target", DEFAULT_ZSRE_TARGET)
+    requests = select_requests(path, exp["n_edits"], exp["seed"], target)
+    if exp.get("workload"):
+        return collab_workloads.build(exp, requests, load_requests(path, zsre_target=target))
     parts = partition_requests(requests, exp["n_clients"], exp["partition"], exp["seed"])
     if exp.get("overlap", 0):
         parts = add_overlap(parts, exp["overlap"], exp["seed"])
-    return parts
+    return parts, {}
 
 
 def write_workload(parts: dict[str, list[EditRequest]], path: Path, kind: str) -> Path:
@@ -210,7 +221,7 @@ class Runner:
         }
 
     def _federated(self, exp: dict) -> dict:
-        parts = workload(exp, self.data_files)
+        parts, meta = workload_and_meta(exp, self.data_files)
         work = self.cache / "work" / experiment_key(self.full_inputs(exp))
         shutil.rmtree(work, ignore_errors=True)  # an interrupted experiment starts over
         work.mkdir(parents=True)
@@ -225,6 +236,9 @@ class Runner:
             vector=exp.get("vector", DEFAULT_VECTOR),
             probe_tau=exp.get("tau", DEFAULT_PROBE_TAU),
             collab_transport=exp.get("collab_transport", DEFAULT_STATISTICS_FORM),
+            collab_dedup=exp.get("collab_dedup", DEFAULT_DEDUP),
+            collab_conflict=exp.get("collab_conflict", DEFAULT_CONFLICT_POLICY),
+            collab_beta1=exp.get("beta1", DEFAULT_BETA1),
             reuse=exp.get("reuse", True),
             fluency=exp.get("fluency", False),
             baseline=False,
@@ -240,9 +254,15 @@ class Runner:
                 config=self.full_inputs(exp),
                 progress=True,
             )
+            inspected = {}
+            if exp.get("workload"):  # CollabEdit: every client holds the merged model; read the first's
+                participant = worker.participant(next(iter(specs.values())))
+                participant.activate()
+                editor = participant.editor
+                inspected = {"inspect": collab_workloads.inspect(exp, editor.model, editor.tok, parts, meta)}
         finally:
             worker.forget("bench")
             shutil.rmtree(work, ignore_errors=True)
         for c in report["clients"]:
             c.pop("generations", None)
-        return {"report": report}
+        return {"report": report, **inspected}

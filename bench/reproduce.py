@@ -36,6 +36,7 @@ from fededit_core.memit.overrides import memit_overrides
 from fededit_core.memit.update import DEFAULT_STATISTICS_FORM
 from fededit_core.model.loading import DEFAULT_MODEL, configure_threads
 from fededit_core.paths import cache_dir, shared_data_dir
+from strategies.collabedit import CONFLICT_POLICIES
 
 from .experiments import Runner, select_requests
 from .tables import MAIN_METHODS, dataset_json, write_outputs
@@ -47,8 +48,20 @@ DEFAULT_DATA = {
     "zsre": SHARED / "zsre" / "zsre_mend_eval-600.json",
 }
 PARTITION = {"counterfact": "relation", "zsre": "cluster"}  # the FedLEKE paper's schemes
-SECTIONS = ("main", "ablation", "slots", "clients", "overlap", "iid", "merging")
+SECTIONS = (
+    "main",
+    "ablation",
+    "slots",
+    "clients",
+    "overlap",
+    "iid",
+    "merging",
+    "collab_overlap",
+    "conflict",
+    "forgetting",
+)
 MERGING_METHODS = ("centralised", "sa", "ta", "ties", "collabedit")  # CollabEdit's Figure 1
+FORGETTING_BETA1 = (0.0, 1.0)  # plain MEMIT statistics against the CollabEdit authors' dynamic covariance
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,11 @@ class Preset:
     overlap_clients: int
     overlap_slots: int
     merging_edits: tuple[int, ...] = (25, 50, 100, 200, 400)  # CollabEdit's Figure 1, one round
+    # CollabEdit's challenge workloads (bench.collab_workloads): clients x slots x requests per slot
+    challenge_grid: tuple[int, int, int] = (4, 2, 20)
+    collab_overlap_share: float = 0.3  # positions of a slot holding another client's request
+    conflict_share: float = 0.1  # requests edited again to another object by another client
+    forgetting_grid: tuple[int, int, int] = (4, 5, 10)  # clients, rounds (round 0: the old edits), per round
     curve_methods: tuple[str, ...] = ("fededit",)
     one_batch: bool = True  # also the one-batch centralised edit of the union (main table)
     others_limit: int = 25  # other clients' absorbed requests evaluated per client
@@ -93,6 +111,8 @@ PRESETS = {
         overlap_clients=2,
         overlap_slots=2,
         merging_edits=(12, 24),
+        challenge_grid=(2, 2, 5),
+        forgetting_grid=(2, 3, 2),
         others_limit=6,
         fluency=False,
     ),
@@ -183,6 +203,34 @@ def plan(preset: Preset, section: str, dataset: str) -> dict[str, dict]:
         for n in preset.merging_edits:
             for m in MERGING_METHODS:
                 out[f"{n}/{m}"] = base_exp(preset, dataset, m, n_edits=n, n_slots=1)
+    elif section in ("collab_overlap", "conflict") and dataset == "counterfact":
+        clients, slots, per = preset.challenge_grid
+        grid = {"n_edits": clients * slots * per, "n_clients": clients, "n_slots": slots, "workload": section}
+        if section == "collab_overlap":
+            for dedup in (True, False):
+                out["dedup" if dedup else "no dedup"] = base_exp(
+                    preset, dataset, "collabedit", **grid, overlap=preset.collab_overlap_share, collab_dedup=dedup
+                )
+        else:
+            for policy in CONFLICT_POLICIES:
+                out[policy] = base_exp(
+                    preset, dataset, "collabedit", **grid, conflict_share=preset.conflict_share, collab_conflict=policy
+                )
+    elif section == "forgetting" and dataset == "counterfact":
+        clients, rounds, per = preset.forgetting_grid
+        for beta1 in FORGETTING_BETA1:
+            for k in range(1, rounds + 1):
+                out[f"{beta1:g}/{k}"] = base_exp(
+                    preset,
+                    dataset,
+                    "collabedit",
+                    workload="forgetting",
+                    n_edits=clients * rounds * per,
+                    n_clients=clients,
+                    n_slots=k,
+                    per_round=per,
+                    beta1=beta1,
+                )
     elif section == "iid" and dataset == "counterfact":
         for m in ("centralised", "fededit", "editavg"):
             out[m] = base_exp(preset, dataset, m, partition="iid", **curve)

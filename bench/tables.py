@@ -125,6 +125,27 @@ def _curve(section: dict, key: str, kind: str) -> list[dict]:
     return rows
 
 
+def _inspected(result: dict, kind: str) -> dict:
+    """A CollabEdit challenge run: its figures, what the merged model did (``inspect``) and the
+    server's summary (duplicates, conflicts, residual norms)."""
+    return {**_federated(result, None, kind), **result["inspect"], "server": result["report"].get("server")}
+
+
+def _challenges(results: dict, kind: str) -> dict:
+    """The ``collab_overlap``, ``conflict`` and ``forgetting`` sections (bench.collab_workloads)."""
+    out: dict = {}
+    if "collab_overlap" in results:
+        out["collab_overlap"] = {k.replace(" ", "_"): _inspected(r, kind) for k, r in results["collab_overlap"].items()}
+    if "conflict" in results:
+        out["conflict"] = {policy: _inspected(r, kind) for policy, r in results["conflict"].items()}
+    if "forgetting" in results:
+        out["forgetting"] = [
+            {"beta1": r["inputs"]["beta1"], "rounds": r["inputs"]["n_slots"], **r["inspect"]["old"]}
+            for r in results["forgetting"].values()
+        ]
+    return out
+
+
 def dataset_json(preset, dataset: str, results: dict, env: dict, data_files: dict, model: str) -> dict:
     """Every figure of one data set, with the exact configuration and the environment."""
     kind = dataset
@@ -204,6 +225,7 @@ def dataset_json(preset, dataset: str, results: dict, env: dict, data_files: dic
         iid = results["iid"]
         c = _central(iid.get("centralised"))
         out["iid"] = {"centralised": c, **{m: _federated(r, c, kind) for m, r in iid.items() if m != "centralised"}}
+    out.update(_challenges(results, kind))
     return out
 
 
@@ -299,6 +321,52 @@ def overlap_table(ov: dict) -> str:
     )
 
 
+def _f(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def collab_overlap_table(ov: dict) -> str:
+    rows = [
+        {
+            "run": run.replace("_", " "),
+            "Score, sent once": f"{_f(m['once']['score'])} (n={m['once']['n']})",
+            "Score, repeated": f"{_f(m['repeated']['score'])} (n={m['repeated']['n']})",
+            "counted once": m["server"]["duplicates_counted_once"],
+            "residual norm by slot": ", ".join(f"{v:.2f}" for v in m["server"]["residual_norm_by_slot"].values()),
+        }
+        for run, m in ov.items()
+    ]
+    return format_table(rows, markdown=True)
+
+
+def conflict_table(conflict: dict) -> str:
+    rows = []
+    for policy, m in conflict.items():
+        for placement, a in m["answers"].items():
+            rows.append(
+                {
+                    "policy": policy,
+                    "second edit": placement,
+                    "conflicts": a["n"],
+                    "first writer's object": _f(a["first"]),
+                    "second writer's object": _f(a["second"]),
+                    "true object": _f(a["true"]),
+                    "Score, other requests": _f(m["others"]["score"]),
+                }
+            )
+    return format_table(rows, markdown=True)
+
+
+def forgetting_table(rows: list[dict]) -> str:
+    betas = sorted({r["beta1"] for r in rows})
+    by = {(r["beta1"], r["rounds"]): r for r in rows}
+    table = [
+        {"rounds": k, **{f"beta1 = {b:g}": _f(by.get((b, k), {}).get("score")) for b in betas}}
+        for k in sorted({r["rounds"] for r in rows})
+    ]
+    return format_table(table, markdown=True)
+
+
 def iid_table(iid: dict, kind: str) -> str:
     rows = []
     for method, m in iid.items():
@@ -378,6 +446,36 @@ def markdown(preset, all_js: dict[str, dict], model: str) -> str:
             ]
         if js.get("iid"):
             parts += [f"## IID split, {dataset}", "", iid_table(js["iid"], js["dataset"]), ""]
+        if js.get("collab_overlap"):
+            parts += [
+                f"## CollabEdit, overlap workload, {dataset}",
+                "",
+                collab_overlap_table(js["collab_overlap"]),
+                "",
+                "A share of each slot's positions hold another client's request of the same slot. Counted "
+                "once: rows left out of the sums; residual norm: the mean |R| at the first edited layer.",
+                "",
+            ]
+        if js.get("conflict"):
+            parts += [
+                f"## CollabEdit, conflict workload, {dataset}",
+                "",
+                conflict_table(js["conflict"]),
+                "",
+                "Share of each conflicting fact's prompts (rewrite and paraphrases) on which the merged model "
+                "prefers each object; writers in (slot, client name) order.",
+                "",
+            ]
+        if js.get("forgetting"):
+            parts += [
+                f"## CollabEdit, forgetting: the old edits' Score after each round, {dataset}",
+                "",
+                forgetting_table(js["forgetting"]),
+                "",
+                "Round 1 holds the old edits; beta1 = 0 is plain MEMIT, beta1 = 1 the dynamic covariance "
+                "(CollabEdit's Eq. 7, the authors' setting).",
+                "",
+            ]
     if any(js["methods"] for js in all_js.values()):
         parts += ["## Bytes per edit", "", "![bytes per edit](bytes_per_edit.png)", ""]
     return "\n".join(parts)

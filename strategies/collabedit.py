@@ -52,6 +52,7 @@ from .validation import (
 
 CONFLICT_POLICIES = ("last-writer", "reject", "keep-both")
 DEFAULT_CONFLICT_POLICY = "last-writer"  # the CollabEdit paper's footnote: the later edit wins
+DEFAULT_DEDUP = True  # a request several clients send in one slot counts once
 
 
 class CollabEdit(Strategy):
@@ -66,7 +67,7 @@ class CollabEdit(Strategy):
         secure: bool = False,
         store=None,
         betas: tuple[float, float] = (DEFAULT_BETA0, DEFAULT_BETA1),
-        dedup: bool = True,
+        dedup: bool = DEFAULT_DEDUP,
         conflict: str = DEFAULT_CONFLICT_POLICY,
     ):
         super().__init__(spec, run, store)

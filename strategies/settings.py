@@ -29,7 +29,7 @@ from fededit_core.memit.overrides import memit_overrides
 from fededit_core.memit.update import DEFAULT_STATISTICS_FORM, STATISTICS_FORMS
 from fededit_core.model.loading import DEFAULT_MODEL
 from fededit_core.paths import safe_name
-from strategies.collabedit import CONFLICT_POLICIES, DEFAULT_CONFLICT_POLICY
+from strategies.collabedit import CONFLICT_POLICIES, DEFAULT_CONFLICT_POLICY, DEFAULT_DEDUP
 from strategies.session import FederationError
 
 MAX_MESSAGE_MB = 256  # the largest message a party reads (README, "Limits": the formula for other models)
@@ -91,7 +91,9 @@ class RunSettings(BaseModel):
     collab_beta0: float = _beta(DEFAULT_BETA0, "collab-beta0", "C0's weight")
     collab_beta1: float = _beta(DEFAULT_BETA1, "collab-beta1", "the weight of earlier slots' K K^T (0: plain MEMIT)")
     collab_dedup: bool = Field(
-        True, alias="collab-dedup", description="collabedit: a request several clients send in one slot counts once"
+        DEFAULT_DEDUP,
+        alias="collab-dedup",
+        description="collabedit: a request several clients send in one slot counts once",
     )
     collab_conflict: Literal[CONFLICT_POLICIES] = Field(  # type: ignore[valid-type]
         DEFAULT_CONFLICT_POLICY,

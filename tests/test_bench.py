@@ -14,6 +14,7 @@ from bench.zcache import BaseZCache
 from fededit_core.memit.editor import make_editor
 from fededit_core.memit.keys import hidden_at_subject
 from fededit_core.memit.target import optimise_z
+from strategies.collabedit import CONFLICT_POLICIES
 from tests.federation_kit import isolated_tiny_world
 
 TINY = reproduce.Preset(
@@ -29,12 +30,15 @@ TINY = reproduce.Preset(
     overlap_clients=2,
     overlap_slots=2,
     merging_edits=(4, 8),
+    challenge_grid=(2, 2, 2),
+    conflict_share=0.25,
+    forgetting_grid=(2, 2, 1),
     datasets=("counterfact",),
     fluency=False,
     alpha=0.0,
     others_limit=0,
 )
-SECTIONS = ("main", "ablation", "slots", "overlap", "merging")
+SECTIONS = ("main", "ablation", "slots", "overlap", "merging", "collab_overlap", "conflict", "forgetting")
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +99,8 @@ def test_every_method_reported_with_retention_against_centralised(bench_run):
 
 def test_methods_share_z_computed_once_per_request(bench_run):
     stored = list((bench_run["cache"] / "z").rglob("*.pt"))
-    assert len(stored) == 8  # 8 distinct requests, whatever the number of methods and sections
+    conflicts = round(TINY.conflict_share * 8)  # the conflict workload's copies ask for other objects
+    assert len(stored) == 8 + conflicts  # distinct requests, whatever the number of methods and sections
 
 
 def test_overlap_workload_reuses_z_of_repeated_requests(bench_run):
@@ -279,16 +284,35 @@ def test_selectivity_of_the_benchmark_runs(bench_run):
     assert "What the re-edit condition kept" in (bench_run["out"] / "README.md").read_text()
 
 
-def test_forgetting_runs_every_round_for_each_beta_and_the_first_round_has_no_memory(world, tmp_path):
-    from bench import forgetting
+def test_collab_overlap_counts_each_copy_once_only_with_dedup(bench_run):
+    ov = bench_run["summary"]["collab_overlap"]
+    copies = ov["dedup"]["server"]["duplicates_counted_once"]
+    assert copies == round(TINY.collab_overlap_share * 2 * 2) * 2  # per slot, over both slots
+    assert ov["no_dedup"]["server"]["duplicates_counted_once"] == 0
+    for run in ov.values():
+        assert run["once"]["n"] + run["repeated"]["n"] == 8 - copies  # each copy took another request's place
+        assert run["repeated"]["n"] == copies and run["repeated"]["score"] is not None
+        assert len(run["server"]["residual_norm_by_slot"]) == 2
 
-    out = tmp_path / "forgetting.json"
-    args = ["--data", world["data"], "--model", world["model"], "--hparams", json.dumps(world["hparams"])]
-    args += ["--clients", "2", "--per-round", "1", "--rounds", "2", "--work", str(tmp_path / "w"), "--json", str(out)]
-    result = forgetting.main(args)
-    rows = {(r["beta1"], r["rounds"]): r for r in result["rows"]}
+
+def test_conflict_policies_find_the_conflicts_and_say_which_object_each_answers(bench_run):
+    conflict = bench_run["summary"]["conflict"]
+    assert sorted(conflict) == sorted(CONFLICT_POLICIES)
+    n = round(TINY.conflict_share * 8)
+    for policy, run in conflict.items():
+        answers = run["answers"]
+        assert answers["same slot"]["n"] + answers["next slot"]["n"] == n
+        for a in answers.values():
+            if a["n"]:
+                assert a["first"] + a["second"] + a["true"] == pytest.approx(1.0)
+        # keep-both does not ask for fact tags; the other two see every conflict
+        assert run["server"]["conflicts"] == (0 if policy == "keep-both" else n), policy
+    md = (bench_run["out"] / "README.md").read_text()
+    assert "conflict workload" in md and "overlap workload" in md
+
+
+def test_forgetting_runs_every_round_for_each_beta_and_the_first_round_has_no_memory(bench_run):
+    rows = {(r["beta1"], r["rounds"]): r for r in bench_run["summary"]["forgetting"]}
     assert sorted(rows) == [(0.0, 1), (0.0, 2), (1.0, 1), (1.0, 2)]
     assert all(r["n"] == 2 and r["score"] is not None for r in rows.values())  # the two clients' old edits
     assert rows[(0.0, 1)]["score"] == rows[(1.0, 1)]["score"]  # one round: no earlier keys to remember
-    again = forgetting.main(args)  # a rerun keeps the finished runs
-    assert again["rows"] == result["rows"]
