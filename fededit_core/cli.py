@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from fededit_core.data.errors import validation_message
 from fededit_core.eval.tables import KIND_COLUMNS
 from fededit_core.io import atomic_folder
+from fededit_core.memit.hparams import DEFAULT_EDITOR, EDITORS
 from fededit_core.memit.overrides import memit_overrides, parse_layers
 from fededit_core.model.loading import DEFAULT_MODEL
 
@@ -44,6 +45,9 @@ def add_hparam_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cov-source", help="'self', a text file, or hf:<dataset>")
     p.add_argument("--cov-samples", type=int)
     p.add_argument("--autocast", choices=["bf16", "fp16"], help="autocast the z optimisation")
+    p.add_argument("--editor", choices=EDITORS, help=f"the layer update (default {DEFAULT_EDITOR})")
+    p.add_argument("--nullspace-threshold", type=float, help="alphaedit: C0's eigenvalues below it span the null space")
+    p.add_argument("--alphaedit-l2", type=float, help="alphaedit: L2 of its update")
 
 
 def _add_templates_arg(p: argparse.ArgumentParser) -> None:

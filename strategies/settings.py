@@ -25,6 +25,7 @@ from fededit_core.fedleke.reedit import (
     VECTORS,
 )
 from fededit_core.memit.dynamic_covariance import DEFAULT_BETA0, DEFAULT_BETA1, MAX_BETA
+from fededit_core.memit.hparams import DEFAULT_EDITOR, EDITORS
 from fededit_core.memit.overrides import memit_overrides
 from fededit_core.memit.update import DEFAULT_STATISTICS_FORM, STATISTICS_FORMS
 from fededit_core.model.loading import DEFAULT_MODEL
@@ -114,6 +115,9 @@ class RunSettings(BaseModel):
     v_steps: int = Field(0, alias="v-steps")
     cov_samples: int = Field(0, alias="cov-samples")
     cov_source: str = Field("", alias="cov-source", description='"" = self (sampled from the model), a file, hf:NAME')
+    editor: Literal[EDITORS] = Field(DEFAULT_EDITOR, description="the layer update: memit | alphaedit")  # type: ignore[valid-type]
+    nullspace_threshold: float = Field(0.0, alias="nullspace-threshold", description="alphaedit; 0 = its default")
+    alphaedit_l2: float = Field(0.0, alias="alphaedit-l2", description="alphaedit; 0 = its default")
     # set by the caller, not in the run config
     baseline: bool = Field(True, exclude=True, description="clients also evaluate the unedited model")
     others_limit: int = Field(0, exclude=True, description="absorbed requests evaluated per client (0: all)")
@@ -147,6 +151,13 @@ class RunSettings(BaseModel):
             raise FederationError(
                 "secure-aggregation masks fixed-size vectors and sums them, which thin factors are not: "
                 "set collab-transport = 'dense' with it"
+            )
+        if self.editor != "memit" and self.strategy == "editavg-factors":
+            raise FederationError("editavg-factors averages MEMIT's two factors: it needs editor = 'memit'")
+        if self.editor != "memit" and (self.collab_beta0, self.collab_beta1) != (DEFAULT_BETA0, DEFAULT_BETA1):
+            raise FederationError(
+                "collab-beta0/collab-beta1 (CollabEdit's dynamic covariance) change MEMIT's prior; "
+                f"editor = {self.editor!r} keeps its own memory of earlier keys: leave them at their defaults"
             )
         return self
 

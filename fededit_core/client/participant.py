@@ -109,6 +109,7 @@ class Participant:
         self.conflicted_ids: list[str] = []  # own requests CollabEdit's conflict policy left out
         self.pending: dict[str, torch.Tensor] = {}  # mid-slot state of EditAvg / CollabEdit
         self.key_memory: dict[int, torch.Tensor] = {}  # CollabEdit's dynamic covariance: F, F F^T = sum K K^T
+        self.edited_keys: dict[int, torch.Tensor] = {}  # AlphaEdit: the editor's sum K K^T of keys written
         self.version = 0  # bumped by every checkpoint (a cached copy compares it to the disk's)
         if self.checkpoint_dir:
             recover_folder(self.checkpoint_dir, "state.json")  # a crash between checkpoint()'s renames
@@ -116,11 +117,14 @@ class Participant:
 
     # --- model state ----------------------------------------------------------------------------
     def activate(self) -> None:
-        """Put this participant's edited layers into the (possibly shared) model."""
+        """Put this participant's edited layers (and AlphaEdit's memory of their keys) into the
+        (possibly shared) editor."""
         self.editor.load_layers(self.layers)
+        self.editor.key_memory = dict(self.edited_keys)
 
     def _capture(self) -> None:
         self.layers = self.editor.edited_layers()
+        self.edited_keys = dict(self.editor.key_memory)  # replaced, never changed in place, by the editor
 
     def tags_of(self, slot: int, facts: bool = False) -> list[str | None]:
         """The keyed request tags of a slot's requests (``facts``: their fact tags, without the object)."""
@@ -286,8 +290,7 @@ class Participant:
         by more than ``margin`` nats (its target probability falls by more than e^margin), roll back
         and re-apply without the sets that do so alone:  max_i NLL_i(after) - NLL_i(before) > margin."""
         own_requests = self.edited_requests()
-        start = self.layers
-        self.activate()
+        self.activate()  # self.layers stays the start until _capture: activate() rolls back to it
         before = self.own_nll(own_requests) if margin is not None and own_requests else None
 
         def rise() -> float:
@@ -299,14 +302,14 @@ class Participant:
             return kept
         passing = []
         for s in kept:  # which sets do it: each alone, from the model before the re-edit
-            self.editor.load_layers(start)
+            self.activate()
             apply_mkvs(self.editor, s)
             alone = rise()
             if alone > margin:
                 self.suspects[sender_of(s)] = f"its set raises the target NLL of an own edit by {alone:.2f} nats"
             else:
                 passing.append(s)
-        self.editor.load_layers(start)
+        self.activate()
         if passing:
             apply_mkvs(self.editor, MKVSet.concat(passing))
         self._capture()
@@ -480,6 +483,11 @@ class Participant:
         if self.key_memory:
             memory = {f"memory.{l}": f.contiguous().cpu() for l, f in self.key_memory.items()}
             save_file(memory, str(staging / "key_memory.safetensors"))
+        if self.edited_keys:  # as thin factors F, F F^T = sum K K^T: rank <= the edits, not d_ff
+            factors = {
+                f"keys.{l}": torch.from_numpy(psd_factor(m.numpy())).contiguous() for l, m in self.edited_keys.items()
+            }
+            save_file(factors, str(staging / "edited_keys.safetensors"))
         self.version += 1
         state = {
             "name": self.name,
@@ -540,6 +548,9 @@ class Participant:
         memory = folder / "key_memory.safetensors"
         loaded = load_file(str(memory)) if memory.is_file() else {}
         self.key_memory = {int(k.split(".")[1]): v for k, v in loaded.items()}
+        edited = folder / "edited_keys.safetensors"
+        loaded = load_file(str(edited)) if edited.is_file() else {}
+        self.edited_keys = {int(k.split(".")[1]): f @ f.T for k, f in loaded.items()}
         self.next_slot = state["next_slot"]
         self.version = state.get("version", 0)
         self.reports = [SlotReport(**r) for r in state["reports"]]

@@ -28,7 +28,7 @@ from fededit_core.data.requests import EditRequest
 from fededit_core.memit.editor import EditResult, MemitEditor
 from fededit_core.memit.keys import compute_keys, hidden_at_subject
 from fededit_core.memit.target import ZResult
-from fededit_core.memit.update import memit_delta
+from fededit_core.memit.update import layer_statistics
 
 
 class MKVError(ValueError):
@@ -197,7 +197,6 @@ def apply_mkvs(editor: MemitEditor, mkvs: MKVSet) -> dict[int, torch.Tensor]:
     keys = mkvs.keys.to(device).double()
     at = (mkvs.plain_keys if mkvs.plain_keys is not None else mkvs.keys).to(device).double()  # where shifts are read
     delta = mkvs.delta.to(device).double()
-    c0 = editor.c0()
     updates = {}
     n_layers = len(editor.hp.layers)
     for i, layer in enumerate(editor.hp.layers):
@@ -205,7 +204,6 @@ def apply_mkvs(editor: MemitEditor, mkvs: MKVSet) -> dict[int, torch.Tensor]:
         if mkvs.corrections is not None:
             written = written + mkvs.corrections[:, i].to(device).double()
         resid = (delta - written) / (n_layers - i)
-        update = memit_delta(keys[:, i], resid, c0[layer], editor.hp.mom2_weight)
-        editor.family.add_update(editor.model, layer, update)
+        update = editor.apply_statistics(layer, *layer_statistics(keys[:, i], resid))
         updates[layer] = update.float().cpu()
     return updates

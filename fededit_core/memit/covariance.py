@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fededit_core.io import atomic_file, atomic_write
+from fededit_core.memit.nullspace import null_space_basis
 from fededit_core.model.families import family_for
 from fededit_core.model.fingerprint import model_fingerprint
 from fededit_core.model.hooks import capture_inputs, run_until
@@ -178,6 +179,7 @@ class CovarianceStore:
         self._chunks: list[list[int]] | None = None
         self.corpus_id: str | None = None
         self._memory: dict[int, torch.Tensor] = {}
+        self._null: dict[tuple[int, float], torch.Tensor] = {}
 
     def _path(self, layer: int) -> Path:
         key = self.source
@@ -241,3 +243,17 @@ class CovarianceStore:
             if layer not in self._memory:
                 self._memory[layer] = load_file(str(self._path(layer)))["mom2"]
         return {layer: self._memory[layer] for layer in layers}
+
+    def null_space(self, layer: int, threshold: float) -> torch.Tensor:
+        """AlphaEdit's basis U0 (d_ff, r) of C0's eigenvectors below ``threshold`` (``nullspace``),
+        computed once and cached beside C0 under C0's key and the threshold."""
+        key = (layer, float(threshold))
+        if key not in self._null:
+            path = self._path(layer).with_suffix(f".null{threshold:g}.safetensors")
+            if path.is_file():
+                self._null[key] = load_file(str(path))["basis"]
+            else:
+                self._null[key] = null_space_basis(self.get(layer), threshold)
+                with atomic_file(path) as tmp:
+                    save_file({"basis": self._null[key]}, str(tmp))
+        return self._null[key]

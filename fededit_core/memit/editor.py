@@ -5,6 +5,10 @@ For each layer l in R, in order, on the partly edited model:
     R = (z - h_L) / (number of layers left)                  (Eq. 18-20)
     Delta = R K^T (lambda C0 + K K^T)^-1                     (Eq. 14), solved in float64
     W_out += Delta
+
+With ``hparams.editor = "alphaedit"`` the last step is AlphaEdit's null-space-projected update
+(``memit.nullspace``), solved against the keys of every edit this model received before
+(``key_memory``), whatever wrote them: a text edit, MKVs, or CollabEdit's summed statistics.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from fededit_core.data.requests import EditRequest
 from fededit_core.memit.covariance import CovarianceStore
 from fededit_core.memit.hparams import MEMITHyperParams, default_hparams
 from fededit_core.memit.keys import compute_keys, hidden_at_subject
+from fededit_core.memit.nullspace import alphaedit_update
 from fededit_core.memit.target import ZResult, optimise_z, optimise_z_reference, target_prob_with_z
 from fededit_core.memit.templates import ContextTemplates, sample_context_templates
 from fededit_core.memit.update import layer_statistics, solve_update
@@ -65,6 +70,8 @@ class MemitEditor:
             model, tok, hparams.cov_source, hparams.cov_samples, hparams.cov_seq_len
         )
         self.z_cache = None  # an object with z_for(editor, requests): z shared across runs (bench.zcache)
+        # AlphaEdit: per layer, the sum of K K^T of the keys written so far (float64, d_ff x d_ff, CPU)
+        self.key_memory: dict[int, torch.Tensor] = {}
 
     # --- state of the edited layers -------------------------------------------------------------
     def edited_layers(self) -> dict[int, torch.Tensor]:
@@ -83,18 +90,21 @@ class MemitEditor:
                 current.copy_(w.to(current.dtype))
 
     def reset(self) -> None:
-        """Back to the base model."""
+        """Back to the base model (and no memory of edited keys)."""
         self.load_layers(self.base_weights)
+        self.key_memory = {}
 
     @contextmanager
     def at_base(self) -> Iterator[MemitEditor]:
-        """The base model inside the block, the edited layers as they were after it (also on error)."""
-        current = self.edited_layers()
+        """The base model inside the block, the edited layers and their key memory as they were after
+        it (also on error)."""
+        current, memory = self.edited_layers(), self.key_memory
         self.reset()
         try:
             yield self
         finally:
             self.load_layers(current)
+            self.key_memory = memory
 
     def weight_shift(self, layer: int) -> torch.Tensor:
         """W_l - W_l(base), float64."""
@@ -133,10 +143,20 @@ class MemitEditor:
     def apply_statistics(
         self, layer: int, rk: torch.Tensor, kk: torch.Tensor, prior: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """W_layer += (R K^T)(lambda C0 + K K^T)^-1; the statistics may be sums over clients (CollabEdit);
-        ``prior`` replaces lambda C0 (CollabEdit's dynamic covariance)."""
-        prior = None if prior is None else prior.to(self.device)
-        delta = solve_update(rk.to(self.device), kk.to(self.device), self.c0()[layer], self.hp.mom2_weight, prior)
+        """W_layer += (R K^T)(lambda C0 + K K^T)^-1, or AlphaEdit's update; the statistics may be sums
+        over clients (CollabEdit); ``prior`` replaces lambda C0 (CollabEdit's dynamic covariance, MEMIT only)."""
+        c0 = self.c0()[layer]  # on the base model, before the null space is read from it
+        rk, kk = rk.to(self.device), kk.to(self.device)
+        if self.hp.editor == "alphaedit":
+            if prior is not None:
+                raise ValueError("CollabEdit's dynamic covariance applies to MEMIT; AlphaEdit keeps its own key memory")
+            basis = self.covariance.null_space(layer, self.hp.nullspace_threshold)
+            delta = alphaedit_update(rk, kk, basis, self.key_memory.get(layer), self.hp.alphaedit_l2)
+            old = self.key_memory.get(layer)
+            self.key_memory[layer] = kk.double().cpu() if old is None else old + kk.double().cpu()
+        else:
+            prior = None if prior is None else prior.to(self.device)
+            delta = solve_update(rk, kk, c0, self.hp.mom2_weight, prior)
         self.family.add_update(self.model, layer, delta)
         return delta
 

@@ -6,11 +6,25 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fededit_core.memit.nullspace import DEFAULT_ALPHAEDIT_L2, DEFAULT_NULLSPACE_THRESHOLD
+
+EDITORS = ("memit", "alphaedit")
+DEFAULT_EDITOR = "memit"
+
 
 class MEMITHyperParams(BaseModel):
-    """Settings of Meng et al. (2023), Eq. 14-16, and of the z optimisation (Sec. 4.2)."""
+    """Settings of Meng et al. (2023), Eq. 14-16, and of the z optimisation (Sec. 4.2); ``editor``
+    picks the closed-form layer update: MEMIT's, or AlphaEdit's (``memit.nullspace``) with its own two."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    editor: Literal[EDITORS] = Field(DEFAULT_EDITOR, description="the layer update: memit | alphaedit")  # type: ignore[valid-type]
+    nullspace_threshold: float = Field(
+        DEFAULT_NULLSPACE_THRESHOLD, gt=0, description="alphaedit: C0's eigenvalues below it span the null space"
+    )
+    alphaedit_l2: float = Field(
+        DEFAULT_ALPHAEDIT_L2, gt=0, description="alphaedit: L2 in (P (K K^T + K_p K_p^T) + L2 I)"
+    )
 
     layers: tuple[int, ...] = Field(description="edited layers R; z lives at L = max(R)")
     mom2_weight: float = Field(15000.0, gt=0, description="lambda in (lambda C0 + K K^T)")

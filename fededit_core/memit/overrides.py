@@ -37,6 +37,9 @@ MEMIT_SETTINGS = {
     "cov-source": ("cov_source", str),
     "cov-samples": ("cov_samples", int),
     "autocast": ("autocast", str),
+    "editor": ("editor", str),
+    "nullspace-threshold": ("nullspace_threshold", float),
+    "alphaedit-l2": ("alphaedit_l2", float),
 }
 
 
