@@ -25,8 +25,18 @@ from fededit_core.memit.keys import hidden_at_subject
 from fededit_core.memit.target import ZResult, optimise_z
 from fededit_core.model.fingerprint import model_fingerprint
 
-# hyperparameters that do not change z (the layer update and C0 only)
-NOT_Z_FIELDS = ("mom2_weight", "cov_source", "cov_samples", "cov_seq_len", "batch_size")
+# hyperparameters that do not change z (the layer update and C0 only); ``editor`` changes it only
+# for PMET, whose targets are its own (``_editor_prefix``)
+NOT_Z_FIELDS = (
+    "mom2_weight",
+    "cov_source",
+    "cov_samples",
+    "cov_seq_len",
+    "batch_size",
+    "editor",
+    "nullspace_threshold",
+    "alphaedit_l2",
+)
 
 
 class BaseZCache:

@@ -74,6 +74,8 @@ def test_base_z_cache_optimises_once_on_the_base_model_and_reads_h_on_the_curren
     torch.testing.assert_close(again.z, first.z)
     changed = requests[0].model_copy(update={"target_new": "Berlin"})
     assert cache.key(editor, changed) != cache.key(editor, requests[0])
+    editor.hp = editor.hp.model_copy(update={"editor": "alphaedit", "nullspace_threshold": 0.5})
+    assert BaseZCache(tmp_path / "z2").key(editor, requests[0]) == cache.key(editor, requests[0])  # MEMIT's z
 
 
 def test_every_method_reported_with_retention_against_centralised(bench_run):
