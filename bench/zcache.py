@@ -21,8 +21,7 @@ from tqdm import tqdm
 from fededit_core.data.loaders import request_to_record
 from fededit_core.data.requests import EditRequest
 from fededit_core.io import atomic_file
-from fededit_core.memit.keys import hidden_at_subject
-from fededit_core.memit.target import ZResult, optimise_z
+from fededit_core.memit.target import ZResult
 from fededit_core.model.fingerprint import model_fingerprint
 
 # hyperparameters that do not change z (the layer update and C0 only); ``editor`` changes it only
@@ -52,6 +51,8 @@ class BaseZCache:
             with editor.at_base():
                 fingerprint = model_fingerprint(editor.model)
             hp = {k: v for k, v in editor.hp.model_dump().items() if k not in NOT_Z_FIELDS}
+            if editor.at_ffn:
+                hp["targets"] = editor.hp.editor
             self._prefix[id(editor)] = json.dumps([fingerprint, hp, editor.templates.digest()], default=str)
         return self._prefix[id(editor)]
 
@@ -63,7 +64,8 @@ class BaseZCache:
         return self.folder / key[:2] / f"{key}.pt"
 
     def z_for(self, editor, requests: list[EditRequest], progress: bool = False) -> ZResult:
-        """z (from the cache, or optimised on the base model and stored) and h_L on the current model."""
+        """z (from the cache, or optimised on the base model and stored) and, on the current model, where
+        z lives (h_L, or PMET's FFN output)."""
         started = time.perf_counter()
         keys = [self.key(editor, r) for r in requests]
         z = torch.zeros(len(requests), editor.d_model)
@@ -77,20 +79,13 @@ class BaseZCache:
         self.hits += len(requests) - len(missing)
         if missing:
             with editor.at_base():
-                fresh = optimise_z(
-                    editor.model,
-                    editor.tok,
-                    [requests[i] for i in missing],
-                    editor.hp,
-                    editor.templates,
-                    progress=progress,
-                )
+                fresh = editor.optimise_targets([requests[i] for i in missing], progress=progress)
             for row, i in enumerate(missing):
                 z[i] = fresh.z[row].float().cpu()
                 with atomic_file(self._path(keys[i])) as tmp:
                     torch.save(z[i].clone(), tmp)
             self.optimised += len(missing)
-        h = hidden_at_subject(editor.model, editor.tok, requests, editor.hp.z_layer).float().cpu()
+        h = editor.read_site(requests).float().cpu()
         return ZResult(z.to(h.dtype), h, seconds=time.perf_counter() - started)
 
     def prefill(self, editor, requests: list[EditRequest], chunk: int = 64) -> None:

@@ -115,7 +115,7 @@ class RunSettings(BaseModel):
     v_steps: int = Field(0, alias="v-steps")
     cov_samples: int = Field(0, alias="cov-samples")
     cov_source: str = Field("", alias="cov-source", description='"" = self (sampled from the model), a file, hf:NAME')
-    editor: Literal[EDITORS] = Field(DEFAULT_EDITOR, description="the layer update: memit | alphaedit")  # type: ignore[valid-type]
+    editor: Literal[EDITORS] = Field(DEFAULT_EDITOR, description="memit | alphaedit | pmet")  # type: ignore[valid-type]
     nullspace_threshold: float = Field(0.0, alias="nullspace-threshold", description="alphaedit; 0 = its default")
     alphaedit_l2: float = Field(0.0, alias="alphaedit-l2", description="alphaedit; 0 = its default")
     # set by the caller, not in the run config

@@ -1,4 +1,5 @@
-"""CollabEdit on the engine: summing clients' R K^T and K K^T per layer equals one global MEMIT edit."""
+"""CollabEdit on the engine: summing clients' R K^T and K K^T per layer equals one global edit (MEMIT,
+AlphaEdit, PMET)."""
 
 from __future__ import annotations
 
@@ -25,26 +26,34 @@ REQUESTS = [
 ]
 
 
-def _editor(model, tok, corpus):
+def _editor(model, tok, corpus, editor: str = "memit"):
     from fededit_core.memit.covariance import CovarianceStore
 
     hp = MEMITHyperParams(
-        layers=(1, 2), mom2_weight=10.0, v_steps=4, cov_source=str(corpus), cov_samples=8, cov_seq_len=16
+        layers=(1, 2),
+        mom2_weight=10.0,
+        v_steps=4,
+        cov_source=str(corpus),
+        cov_samples=8,
+        cov_seq_len=16,
+        editor=editor,
+        nullspace_threshold=1.0,
     )
     store = CovarianceStore(model, tok, hp.cov_source, hp.cov_samples, hp.cov_seq_len)
     return MemitEditor(model, tok, hp, templates=TEMPLATES, covariance=store)
 
 
-def test_summed_statistics_equal_the_global_edit(tmp_path, monkeypatch):
+@pytest.mark.parametrize("editor", ["memit", "alphaedit", "pmet"])
+def test_summed_statistics_equal_the_global_edit(tmp_path, monkeypatch, editor):
     monkeypatch.setenv("FEDEDIT_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog.\n" * 40)
     model, tok = tiny_model_and_tokenizer("llama", seed=3)
-    central = _editor(model, tok, corpus)
+    central = _editor(model, tok, corpus, editor)
     z = central.compute_z(REQUESTS, progress=False)
 
     # the federation: two clients holding identical copies of the shared model
-    clients = [_editor(copy.deepcopy(model), tok, corpus) for _ in range(2)]
+    clients = [_editor(copy.deepcopy(model), tok, corpus, editor) for _ in range(2)]
     parts = [REQUESTS[:2], REQUESTS[2:]]
     z_parts = [z.z[:2], z.z[2:]]
     for i, layer in enumerate(central.hp.layers):

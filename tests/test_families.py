@@ -57,6 +57,15 @@ def test_family_for_and_dims(family):
     assert len(adapter.layers(model)) == cfg.num_hidden_layers
     # the other paths of the adapter name real modules
     assert adapter.base_model(model) is model.base_model
+    seen = {}
+    handle = model.get_submodule(adapter.attn_out_module_name(1)).register_forward_hook(
+        lambda module, args, out: seen.setdefault("attn", out)
+    )
+    try:
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    finally:
+        handle.remove()
+    assert seen["attn"].shape == (1, 3, 64)  # PMET adds its attention delta to this output
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])

@@ -51,7 +51,6 @@ from fededit_core.fedleke.tags import fact_tag, request_tag
 from fededit_core.io import atomic_folder, last_good, recover_folder
 from fededit_core.memit.dynamic_covariance import DEFAULT_BETA0, DEFAULT_BETA1, dynamic_prior, psd_factor
 from fededit_core.memit.editor import MemitEditor
-from fededit_core.memit.keys import hidden_at_subject
 from fededit_core.memit.target import ZResult
 from fededit_core.memit.update import layer_statistics, thin_factors, update_factors
 
@@ -185,9 +184,7 @@ class Participant:
                 fresh = self.editor.compute_z([requests[i] for i in todo], progress=False)
                 z[todo], h[todo] = fresh.z, fresh.h
             if taken:  # h_L of a reused request, read here since no optimisation measured it
-                h[taken] = hidden_at_subject(
-                    self.editor.model, self.editor.tok, [requests[i] for i in taken], self.editor.hp.z_layer
-                )
+                h[taken] = self.editor.read_site([requests[i] for i in taken])
             report.optimised, report.reused = len(todo), len(taken)
             report.seconds["z"] = time.perf_counter() - started
             started = time.perf_counter()

@@ -15,6 +15,11 @@ those made so far by this apply) write into the residual stream at the request's
 This ignores how a change at layer l < L is transformed by the blocks between l and L (attention
 mixing, norms, the MLPs), which is small for the consecutive early layers MEMIT edits; the test
 suite and ``bench.memit_speed`` measure it against the text-based path.
+
+The editor's own loop (``MemitEditor``) decides the site and the spread: for PMET z is L's FFN output
+target, delta = z - FFN_L(base), only L's own weight shift moves that site to first order
+(``moves_site``), and the residual is divided by the square root of the layers left (``spread``).
+AlphaEdit shares MEMIT's MKVs; its update is solved by the editor (``apply_statistics``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 
 from fededit_core.data.requests import EditRequest
 from fededit_core.memit.editor import EditResult, MemitEditor
-from fededit_core.memit.keys import compute_keys, hidden_at_subject
+from fededit_core.memit.keys import compute_keys
 from fededit_core.memit.target import ZResult
 from fededit_core.memit.update import layer_statistics
 
@@ -172,7 +177,7 @@ def compute_mkvs(
         z = edit.z
     z = z or editor.compute_z(requests)
     with editor.at_base():
-        h_base = hidden_at_subject(editor.model, editor.tok, requests, editor.hp.z_layer)
+        h_base = editor.read_site(requests)
         if edit is not None:
             keys = torch.stack([edit.keys[l] for l in editor.hp.layers], dim=1)
         else:
@@ -198,12 +203,15 @@ def apply_mkvs(editor: MemitEditor, mkvs: MKVSet) -> dict[int, torch.Tensor]:
     at = (mkvs.plain_keys if mkvs.plain_keys is not None else mkvs.keys).to(device).double()  # where shifts are read
     delta = mkvs.delta.to(device).double()
     updates = {}
-    n_layers = len(editor.hp.layers)
     for i, layer in enumerate(editor.hp.layers):
-        written = sum(at[:, j] @ editor.weight_shift(l).to(device).T for j, l in enumerate(editor.hp.layers))
+        written = sum(
+            at[:, j] @ editor.weight_shift(l).to(device).T
+            for j, l in enumerate(editor.hp.layers)
+            if editor.moves_site(l)
+        )
         if mkvs.corrections is not None:
             written = written + mkvs.corrections[:, i].to(device).double()
-        resid = (delta - written) / (n_layers - i)
+        resid = (delta - written) / editor.spread(i)
         update = editor.apply_statistics(layer, *layer_statistics(keys[:, i], resid))
         updates[layer] = update.float().cpu()
     return updates

@@ -6,13 +6,18 @@ For each layer l in R, in order, on the partly edited model:
     Delta = R K^T (lambda C0 + K K^T)^-1                     (Eq. 14), solved in float64
     W_out += Delta
 
-With ``hparams.editor = "alphaedit"`` the last step is AlphaEdit's null-space-projected update
-(``memit.nullspace``), solved against the keys of every edit this model received before
-(``key_memory``), whatever wrote them: a text edit, MKVs, or CollabEdit's summed statistics.
+``hparams.editor`` picks the editor, each a variation of that loop:
+- ``memit``: as above;
+- ``alphaedit``: the last step is AlphaEdit's null-space-projected update (``memit.nullspace``),
+  solved against the keys of every edit this model received before (``key_memory``), whatever
+  wrote them: a text edit, MKVs, or CollabEdit's summed statistics;
+- ``pmet``: the targets are PMET's FFN outputs at L (``memit.pmet``), read at the FFN output
+  rather than the block output, and R = (z - FFN_L) / sqrt(layers left).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,8 +29,9 @@ from torch import nn
 from fededit_core.data.requests import EditRequest
 from fededit_core.memit.covariance import CovarianceStore
 from fededit_core.memit.hparams import MEMITHyperParams, default_hparams
-from fededit_core.memit.keys import compute_keys, hidden_at_subject
+from fededit_core.memit.keys import compute_keys, ffn_output_at_subject, hidden_at_subject
 from fededit_core.memit.nullspace import alphaedit_update
+from fededit_core.memit.pmet import optimise_pmet_targets
 from fededit_core.memit.target import ZResult, optimise_z, optimise_z_reference, target_prob_with_z
 from fededit_core.memit.templates import ContextTemplates, sample_context_templates
 from fededit_core.memit.update import layer_statistics, solve_update
@@ -40,8 +46,9 @@ class EditResult:
     z: ZResult
     deltas: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (d, d_ff)
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n, d_ff), as used
-    # layer i -> (n, d): c_i = (h_L before layer i - h_L before layer 0) - sum_{j<i} Delta_j k_j, the part of
-    # this edit's own effect on h_L that the first-order estimate misses (fedleke.mkv: the exact apply)
+    # layer i -> (n, d): c_i = (site before layer i - site before layer 0) - sum_{j<i} Delta_j k_j (the layers
+    # that move the site: ``moves_site``), the part of this edit's own effect on the target site (h_L, or
+    # PMET's FFN output) that the first-order estimate misses (fedleke.mkv: the exact apply)
     corrections: dict[int, torch.Tensor] = field(default_factory=dict)
     plain_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n, d_ff) at the plain prompt
     resids: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n, d): (z - h_L) / (layers left)
@@ -118,27 +125,57 @@ class MemitEditor:
         with self.at_base():
             return self.covariance.get_many(layers)
 
+    # --- what the editor changes in MEMIT's loop -------------------------------------------------
+    @property
+    def at_ffn(self) -> bool:
+        """PMET: the targets live at L's FFN output, not at its block output."""
+        return self.hp.editor == "pmet"
+
+    def read_site(self, requests: list[EditRequest]) -> torch.Tensor:
+        """(n, d) where the targets live, on the current model: h_L, or (PMET) L's FFN output."""
+        read = ffn_output_at_subject if self.at_ffn else hidden_at_subject
+        return read(self.model, self.tok, requests, self.hp.z_layer)
+
+    def spread(self, i: int) -> float:
+        """The divisor of the i-th edited layer's residual: the layers left, or (PMET) its square root."""
+        left = len(self.hp.layers) - i
+        return math.sqrt(left) if self.at_ffn else float(left)
+
+    def moves_site(self, layer: int) -> bool:
+        """Whether a shift of ``layer``'s W_out moves the target site to first order: every edited layer
+        for h_L; only L itself for L's FFN output."""
+        return layer == self.hp.z_layer if self.at_ffn else True
+
+    def optimise_targets(self, requests: list[EditRequest], progress: bool = True) -> ZResult:
+        """The targets optimised on the current model (no cache)."""
+        fn = optimise_pmet_targets if self.at_ffn else optimise_z
+        return fn(self.model, self.tok, requests, self.hp, self.templates, progress=progress)
+
     # --- MEMIT ----------------------------------------------------------------------------------
     def compute_z(self, requests: list[EditRequest], reference: bool = False, progress: bool = True) -> ZResult:
         if self.z_cache is not None and not reference:
             return self.z_cache.z_for(self, requests, progress=progress)
-        fn = optimise_z_reference if reference else optimise_z
-        return fn(self.model, self.tok, requests, self.hp, self.templates, progress=progress)
+        if reference and not self.at_ffn:
+            return optimise_z_reference(self.model, self.tok, requests, self.hp, self.templates, progress=progress)
+        return self.optimise_targets(requests, progress=progress)
 
     def target_prob(self, requests: list[EditRequest], z: torch.Tensor) -> torch.Tensor:
-        """Each request's target probability with its z written in (``target.target_prob_with_z``)."""
+        """Each request's target probability with its z written in (``target.target_prob_with_z``);
+        a PMET target moves h_L by z - FFN_L."""
+        if self.at_ffn:
+            z = hidden_at_subject(self.model, self.tok, requests, self.hp.z_layer) + (z - self.read_site(requests))
         return target_prob_with_z(self.model, self.tok, requests, z, self.hp, self.templates)
 
     def layer_inputs(self, requests: list[EditRequest], z: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys (n, d_ff) at the i-th edited layer and residuals (z - h_L) / (layers left), (n, d),
-        both read off the current (partly edited) model."""
+        """Keys (n, d_ff) at the i-th edited layer and residuals (z - site) / spread(i), (n, d), both
+        read off the current (partly edited) model."""
         keys, current = self._read_layer(requests, i)
-        return keys, (z - current.to(z)) / (len(self.hp.layers) - i)
+        return keys, (z - current.to(z)) / self.spread(i)
 
     def _read_layer(self, requests: list[EditRequest], i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Template-averaged keys at the i-th edited layer and h_L, on the current model."""
+        """Template-averaged keys at the i-th edited layer and the target site, on the current model."""
         keys = compute_keys(self.model, self.tok, requests, self.hp.layers[i], self.templates)
-        return keys, hidden_at_subject(self.model, self.tok, requests, self.hp.z_layer)
+        return keys, self.read_site(requests)
 
     def apply_statistics(
         self, layer: int, rk: torch.Tensor, kk: torch.Tensor, prior: torch.Tensor | None = None
@@ -175,18 +212,19 @@ class MemitEditor:
         seconds["z"] = z.seconds
         result = EditResult(z=z, seconds=seconds)
         started = time.perf_counter()
-        written = None  # sum_{j<i} Delta_j k_j, (n, d)
+        written = None  # sum_{j<i} Delta_j k_j over the layers that move the target site, (n, d)
         for i, layer in enumerate(self.hp.layers):
             keys, current = self._read_layer(requests, i)  # on the CPU
             if i == 0:
                 start, written = current.double(), torch.zeros_like(current, dtype=torch.float64)
             result.corrections[layer] = (current.double() - start - written).float()
-            resid = (z.z - current.to(z.z)) / (len(self.hp.layers) - i)
+            resid = (z.z - current.to(z.z)) / self.spread(i)
             if plain_keys:
                 result.plain_keys[layer] = compute_keys(self.model, self.tok, requests, layer, ContextTemplates.plain())
             delta = self.apply_statistics(layer, *layer_statistics(keys.to(self.device), resid.to(self.device)))
             result.deltas[layer], result.keys[layer], result.resids[layer] = delta.float(), keys, resid.float().cpu()
-            written = written + keys.double() @ delta.double().T.cpu()
+            if self.moves_site(layer):
+                written = written + keys.double() @ delta.double().T.cpu()
         seconds["layers"] = time.perf_counter() - started
         return result
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fededit_core.memit.nullspace import DEFAULT_ALPHAEDIT_L2, DEFAULT_NULLSPACE_THRESHOLD
 
-EDITORS = ("memit", "alphaedit")
+EDITORS = ("memit", "alphaedit", "pmet")
 DEFAULT_EDITOR = "memit"
 
 
@@ -18,7 +18,7 @@ class MEMITHyperParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    editor: Literal[EDITORS] = Field(DEFAULT_EDITOR, description="the layer update: memit | alphaedit")  # type: ignore[valid-type]
+    editor: Literal[EDITORS] = Field(DEFAULT_EDITOR, description="memit | alphaedit | pmet")  # type: ignore[valid-type]
     nullspace_threshold: float = Field(
         DEFAULT_NULLSPACE_THRESHOLD, gt=0, description="alphaedit: C0's eigenvalues below it span the null space"
     )
@@ -110,6 +110,13 @@ MODEL_DEFAULTS: dict[tuple, dict] = {
 }
 
 
+# Per editor, over the family's defaults: PMET's own z optimisation and lambda, as published
+# (xpq-tech/PMET edit/hparams/PMET/EleutherAI_gpt-j-6B.json; its nll_loss_factor 1 is memit.pmet's).
+EDITOR_DEFAULTS: dict[str, dict] = {
+    "pmet": dict(v_lr=0.2, v_steps=30, kl_factor=1.0, v_weight_decay=0.5, clamp_norm_factor=0.75, mom2_weight=6000.0),
+}
+
+
 def model_signature(config) -> tuple:
     return (
         config.model_type,
@@ -120,10 +127,12 @@ def model_signature(config) -> tuple:
 
 
 def default_hparams(family: str, config=None, n_layers: int | None = None, **overrides) -> MEMITHyperParams:
-    """Defaults for a family (and a known model, given its config), scaled down for models with few layers."""
+    """Defaults for a family (and a known model, given its config), then for the editor named in
+    ``overrides``, scaled down for models with few layers."""
     settings = dict(FAMILY_DEFAULTS.get(family, FAMILY_DEFAULTS["llama"]))
     if config is not None:
         settings.update(MODEL_DEFAULTS.get(model_signature(config), {}))
+    settings.update(EDITOR_DEFAULTS.get(overrides.get("editor", DEFAULT_EDITOR), {}))
     if n_layers is not None and max(settings["layers"]) >= n_layers:
         settings["layers"] = tuple(range(max(0, n_layers // 2 - 1), n_layers // 2 + 1))
     settings.update(overrides)

@@ -1,4 +1,5 @@
-"""Reading the model at the last subject token: MEMIT's keys k (inputs of W_out) and h_L (block outputs)."""
+"""Reading the model at the last subject token: MEMIT's keys k (inputs of W_out), h_L (block outputs)
+and PMET's FFN outputs (outputs of W_out)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,11 @@ def hidden_at_subject(model, tok, requests: list[EditRequest], layer: int) -> to
     family = family_for(model)
     seqs, lookup = _template_rows(tok, requests, ContextTemplates.plain())
     return _read_at_subject(model, tok, seqs, lookup, f"{family.layers_path}.{layer}", inputs=False)
+
+
+def ffn_output_at_subject(model, tok, requests: list[EditRequest], layer: int) -> torch.Tensor:
+    """(n, d): output of W_out (the FFN's contribution) of block ``layer`` at the last subject token of
+    each plain prompt: PMET's target site."""
+    family = family_for(model)
+    seqs, lookup = _template_rows(tok, requests, ContextTemplates.plain())
+    return _read_at_subject(model, tok, seqs, lookup, family.edit_module_name(layer), inputs=False)

@@ -19,12 +19,16 @@ class ModelFamily:
     model_types: tuple[str, ...]
     layers_path: str  # the ModuleList of transformer blocks
     edit_module: str  # MLP output projection of block {}
+    attn_out_module: str  # attention output projection of block {} (PMET's second target)
     base_model_path: str  # the decoder without LM head (applies the final norm)
     lm_head_path: str
     transposed: bool = False  # weight stored as (d_ff, d_model)
 
     def edit_module_name(self, layer: int) -> str:
         return self.edit_module.format(layer)
+
+    def attn_out_module_name(self, layer: int) -> str:
+        return self.attn_out_module.format(layer)
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers_path)
@@ -59,6 +63,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         model_types=("llama", "mistral", "qwen2", "qwen3", "smollm3"),
         layers_path="model.layers",
         edit_module="model.layers.{}.mlp.down_proj",
+        attn_out_module="model.layers.{}.self_attn.o_proj",
         base_model_path="model",
         lm_head_path="lm_head",
     ),
@@ -67,6 +72,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         model_types=("gpt2",),
         layers_path="transformer.h",
         edit_module="transformer.h.{}.mlp.c_proj",
+        attn_out_module="transformer.h.{}.attn.c_proj",
         base_model_path="transformer",
         lm_head_path="lm_head",
         transposed=True,
@@ -76,6 +82,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         model_types=("gptj",),
         layers_path="transformer.h",
         edit_module="transformer.h.{}.mlp.fc_out",
+        attn_out_module="transformer.h.{}.attn.out_proj",
         base_model_path="transformer",
         lm_head_path="lm_head",
     ),
@@ -84,6 +91,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         model_types=("gpt_neox",),
         layers_path="gpt_neox.layers",
         edit_module="gpt_neox.layers.{}.mlp.dense_4h_to_h",
+        attn_out_module="gpt_neox.layers.{}.attention.dense",
         base_model_path="gpt_neox",
         lm_head_path="lm_head",  # "embed_out" before transformers 5
     ),
