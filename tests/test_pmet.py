@@ -81,3 +81,18 @@ def test_pmet_takes_its_published_settings_unless_overridden():
     assert (hp.v_lr, hp.v_steps, hp.kl_factor, hp.mom2_weight) == (0.2, 30, 1.0, 6000.0)
     assert default_hparams("gptj", editor="pmet", mom2_weight=100.0).mom2_weight == 100.0
     assert default_hparams("gptj").mom2_weight == 15000.0
+
+
+def test_a_batch_reaches_what_one_request_at_a_time_reaches(corpus):
+    """Each request keeps its own deltas, loss and stopping step: batching changes nothing but speed
+    (8 steps: Adam amplifies float rounding at the tiny model's learning rate, 1e-8 after 5 steps,
+    1e-2 after 40)."""
+    model, tok = make_model("llama")
+    hp = make_editor(model, tok, corpus, **{**PMET, "v_steps": 8}).hp
+    together = optimise_pmet_targets(model, tok, REQUESTS, hp, make_editor(model, tok, corpus).templates, False)
+    alone = optimise_pmet_targets(
+        model, tok, REQUESTS, hp.model_copy(update={"batch_size": 1}), make_editor(model, tok, corpus).templates, False
+    )
+    assert together.steps == alone.steps
+    torch.testing.assert_close(together.z, alone.z, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(together.h, alone.h, rtol=1e-4, atol=1e-6)

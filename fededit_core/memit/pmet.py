@@ -38,63 +38,112 @@ NLL_FACTOR_AT_ARGMAX = 0.1  # compute_zs: the NLL's weight while the target is t
 def optimise_pmet_targets(
     model, tok, requests: list[EditRequest], hp: MEMITHyperParams, templates: ContextTemplates, progress: bool = True
 ) -> ZResult:
-    """PMET's FFN targets z (n, d) and the FFN outputs before the edit h (n, d), one request at a time."""
-    family = family_for(model)
-    device = next(model.parameters()).device
-    sites = {"mlp": family.edit_module_name(hp.z_layer), "attn": family.attn_out_module_name(hp.z_layer)}
-    d = family.weight_matrix(model, hp.z_layer).shape[0]
+    """PMET's FFN targets z (n, d) and the FFN outputs before the edit h (n, d), ``hp.batch_size``
+    requests at a time. Each request has its own two deltas, loss and stopping rule, so a group
+    reaches what the reference's one-request loop reaches (Adam acts elementwise)."""
     start = time.perf_counter()
     zs, hs, steps, probs = [], [], [], []
-    for request in tqdm(requests, desc="PMET targets", unit="req", disable=not progress, leave=False):
-        rows = build_rows(tok, [request], templates)
-        ids, mask, lookup = rows.input_ids.to(device), rows.attention_mask.to(device), rows.lookup.to(device)
-        at = (torch.arange(len(lookup), device=device), lookup)
-        deltas = {k: torch.zeros(d, device=device, requires_grad=True) for k in sites}
-        init: dict[str, torch.Tensor] = {}
-        optimiser = torch.optim.Adam(list(deltas.values()), lr=hp.v_lr)
+    groups = range(0, len(requests), hp.batch_size)
+    for first in tqdm(groups, desc="PMET targets", unit="group", disable=not progress, leave=False):
+        z, h, s, p = _PmetGroup(model, tok, requests[first : first + hp.batch_size], hp, templates).run()
+        zs.append(z), hs.append(h), steps.extend(s), probs.extend(p)
+    d = family_for(model).weight_matrix(model, hp.z_layer).shape[0]
+    empty = torch.zeros(0, d)
+    return ZResult(
+        torch.cat(zs) if zs else empty, torch.cat(hs) if hs else empty, steps, probs, time.perf_counter() - start
+    )
 
-        def hook_for(kind: str):
-            def add_delta(module, args, output):
-                if kind not in init:
-                    init[kind] = output[0, lookup[0]].detach().clone().float()
-                return output.index_put(at, deltas[kind].to(output.dtype).expand(len(lookup), -1), accumulate=True)
 
-            return add_delta
+class _PmetGroup:
+    """One group's joint optimisation of the attention and FFN deltas at L (module docstring)."""
 
-        handles = [model.get_submodule(name).register_forward_hook(hook_for(k)) for k, name in sites.items()]
-        nll_factor, kl_init = 1.0, None
+    def __init__(self, model, tok, requests: list[EditRequest], hp: MEMITHyperParams, templates: ContextTemplates):
+        self.model, self.hp = model, hp
+        family = family_for(model)
+        self.device = device = next(model.parameters()).device
+        self.sites = {"mlp": family.edit_module_name(hp.z_layer), "attn": family.attn_out_module_name(hp.z_layer)}
+        self.base, self.lm_head = family.base_model(model), family.lm_head(model)
+        self.rows = rows = build_rows(tok, requests, templates)
+        self.n = rows.n_requests
+        self.ids, self.mask = rows.input_ids.to(device), rows.attention_mask.to(device)
+        self.lookup, self.request = rows.lookup.to(device), rows.request.to(device)
+        self.first_row = torch.tensor([int(torch.nonzero(rows.request == r)[0]) for r in range(self.n)]).to(device)
+        self.kl_rows = torch.nonzero(rows.is_kl).flatten().to(device)  # one per request, in request order
+        self.target = tuple(t.to(device) for t in (rows.target_row, rows.target_pos, rows.target_tok))
+        self.rewrite_rows = (~rows.is_kl).to(device)
+        d = family.weight_matrix(model, hp.z_layer).shape[0]
+        self.deltas = {k: torch.zeros(self.n, d, device=device, requires_grad=True) for k in self.sites}
+        self.init: dict[str, torch.Tensor] = {}
+
+    def _hook(self, kind: str):
+        at = (torch.arange(len(self.lookup), device=self.device), self.lookup)
+
+        def add_delta(module, args, output):
+            if kind not in self.init:  # the first forward: delta = 0, the outputs before the edit
+                self.init[kind] = output[self.first_row, self.lookup[self.first_row]].detach().float().clone()
+            return output.index_put(at, self.deltas[kind][self.request].to(output.dtype), accumulate=True)
+
+        return add_delta
+
+    def _terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per request: mean target NLL over its prompts, whether the target is the argmax everywhere, and
+        the KL prompt's next-token log-probs."""
+        hidden = self.base(input_ids=self.ids, attention_mask=self.mask).last_hidden_state
+        row, pos, tok = self.target
+        logp = torch.log_softmax(self.lm_head(hidden[row, pos]).float(), -1)
+        token_lp = logp.gather(1, tok[:, None]).squeeze(1)
+        argmax = (logp.argmax(-1) == tok).float()
+        n_rows = len(self.lookup)
+        row_nll = torch.zeros(n_rows, device=self.device).index_add(0, row, -token_lp)
+        row_miss = torch.zeros(n_rows, device=self.device).index_add(0, row, 1 - argmax)
+        row_nll = row_nll / self.rows.target_len.to(self.device)[self.request]
+        per = torch.zeros(self.n, device=self.device)
+        count = per.index_add(0, self.request, self.rewrite_rows.float())
+        nll = per.index_add(0, self.request, torch.where(self.rewrite_rows, row_nll, 0.0)) / count
+        at_argmax = torch.zeros(self.n, device=self.device).index_add(0, self.request, row_miss) == 0
+        kl_hidden = hidden[self.kl_rows, self.lookup[self.kl_rows]]
+        return nll, at_argmax, torch.log_softmax(self.lm_head(kl_hidden).float(), -1)
+
+    def run(self) -> tuple[torch.Tensor, torch.Tensor, list[int], list[float]]:
+        hp, n = self.hp, self.n
+        optimiser = torch.optim.Adam(list(self.deltas.values()), lr=hp.v_lr)
+        running = torch.ones(n, dtype=torch.bool, device=self.device)
+        final = torch.zeros_like(self.deltas["mlp"])
+        nll_factor = torch.ones(n, device=self.device)
+        steps, probs = [hp.v_steps - 1] * n, [0.0] * n
+        kl_init = None
+        handles = [
+            self.model.get_submodule(name).register_forward_hook(self._hook(k)) for k, name in self.sites.items()
+        ]
         try:
             for step in range(hp.v_steps):
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-                logp = torch.log_softmax(logits, -1)
-                pos = (rows.target_row.to(device), rows.target_pos.to(device))
-                token_lp = logp[pos[0], pos[1], rows.target_tok.to(device)]
-                n_rows = int((~rows.is_kl).sum())
-                nll_each = -token_lp.view(n_rows, -1).sum(1) / rows.target_len[0]
-                at_argmax = bool((logp[pos].argmax(-1) == rows.target_tok.to(device)).all())
-                kl_row = int(torch.nonzero(rows.is_kl)[0])
-                kl_logp = logp[kl_row, lookup[kl_row]]
+                nll, at_argmax, kl_logp = self._terms()
                 if kl_init is None:
                     kl_init = kl_logp.detach().clone()
-                kl = hp.kl_factor * (kl_logp.exp() * (kl_logp - kl_init)).sum()
-                decay = sum(deltas[k].norm() / init[k].norm() ** 2 for k in sites)
-                loss = nll_factor * nll_each.mean() + kl + hp.v_weight_decay * decay
-                if loss < REFERENCE_STOP_LOSS or (at_argmax and kl <= KL_STOP) or step == hp.v_steps - 1:
+                kl = hp.kl_factor * (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)
+                decay = sum(self.deltas[k].norm(dim=1) / self.init[k].norm(dim=1) ** 2 for k in self.sites)
+                loss = nll_factor * nll + kl + hp.v_weight_decay * decay
+                stop = running & (
+                    (loss < REFERENCE_STOP_LOSS) | (at_argmax & (kl <= KL_STOP)) | (step == hp.v_steps - 1)
+                )
+                for r in torch.nonzero(stop).flatten().tolist():  # each keeps the delta it was judged with
+                    final[r], steps[r], probs[r] = (
+                        self.deltas["mlp"][r].detach(),
+                        step,
+                        float(torch.exp(-nll[r].detach())),
+                    )
+                running = running & ~stop
+                if not bool(running.any()):
                     break
-                nll_factor = NLL_FACTOR_AT_ARGMAX if at_argmax else 1.0
+                nll_factor = torch.where(at_argmax, NLL_FACTOR_AT_ARGMAX, 1.0)
                 optimiser.zero_grad()
-                loss.backward()
+                loss[running].sum().backward()
                 optimiser.step()
                 with torch.no_grad():
-                    for k, delta in deltas.items():
-                        max_norm = hp.clamp_norm_factor * init[k].norm()
-                        if delta.norm() > max_norm:
-                            delta.mul_(max_norm / delta.norm())
+                    for k, delta in self.deltas.items():
+                        max_norm = hp.clamp_norm_factor * self.init[k].norm(dim=1)
+                        delta.mul_(torch.clamp(max_norm / delta.norm(dim=1).clamp_min(1e-12), max=1.0)[:, None])
         finally:
             for handle in handles:
                 handle.remove()
-        zs.append((init["mlp"] + deltas["mlp"].detach()).cpu())
-        hs.append(init["mlp"].cpu())
-        steps.append(step)
-        probs.append(float(torch.exp(-nll_each.detach()).mean()))
-    return ZResult(torch.stack(zs), torch.stack(hs), steps, probs, time.perf_counter() - start)
+        return (self.init["mlp"] + final).cpu(), self.init["mlp"].cpu(), steps, probs
