@@ -25,6 +25,7 @@ from fededit_core.client.worker import ClientSpec, EditWorker
 from fededit_core.data.loaders import DEFAULT_ZSRE_TARGET, load_requests, save_requests_jsonl
 from fededit_core.data.partition import client_name, partition_requests
 from fededit_core.data.requests import EditRequest
+from fededit_core.data.slots import split_into_slots
 from fededit_core.eval.centralised import centralised_metrics
 from fededit_core.eval.metrics import evaluate
 from fededit_core.fedleke.probe import DEFAULT_PROBE_TAU
@@ -182,8 +183,21 @@ class Runner:
             for c, reqs in parts.items()
             if reqs
         }
+        curve: list[dict] = []
+        firsts = [r for reqs in parts.values() for r in split_into_slots(reqs, exp["n_slots"])[0]]
+
+        def first_slot(t: int, edited) -> None:  # the first slot's edits after slot t (issue: forgetting curve)
+            m = evaluate(edited.model, edited.tok, firsts, exp["kind"])
+            curve.append({"slot": t, **{k: v for k, v in m.items() if k != "per_request"}})
+
         metrics, seconds = centralised_metrics(
-            editor, parts, exp["kind"], fluency=exp.get("fluency", False), n_slots=exp["n_slots"], per_request=True
+            editor,
+            parts,
+            exp["kind"],
+            fluency=exp.get("fluency", False),
+            n_slots=exp["n_slots"],
+            per_request=True,
+            after_slot=first_slot if exp.get("first_slot_curve") else None,
         )
         per_request = {
             c: [{k: v for k, v in row.items() if k != "case_id"} for row in m.pop("per_request")]
@@ -195,6 +209,7 @@ class Runner:
             "clients": metrics,
             "per_request": per_request,  # by client, in the order of its requests (the union evaluation)
             "seconds": seconds,
+            **({"first_slot_curve": curve} if curve else {}),
         }
 
     def _specs(self, exp: dict, parts: dict[str, list[EditRequest]], work: Path) -> dict[str, ClientSpec]:
@@ -246,6 +261,18 @@ class Runner:
             per_request=True,
             store_path=work / "mkv_store.sqlite",
         )
+        curve: list[dict] = []
+
+        def first_slot(slot: int) -> None:  # each client's own first-slot edits, on its model after ``slot``
+            scores = []
+            for spec in specs.values():
+                participant = worker.participant(spec)
+                if participant.slots and participant.slots[0]:
+                    participant.activate()
+                    m = evaluate(participant.editor.model, participant.editor.tok, participant.slots[0], exp["kind"])
+                    scores.append((len(participant.slots[0]), m))
+            curve.append({"slot": slot, **(weighted(scores, exp["kind"]) or {})})
+
         try:
             report = run_federation(
                 InProcessTransport(specs, worker, keep_log=False),
@@ -253,6 +280,7 @@ class Runner:
                 settings,
                 config=self.full_inputs(exp),
                 progress=True,
+                after_slot=first_slot if exp.get("first_slot_curve") else None,
             )
             inspected = {}
             if exp.get("workload"):  # CollabEdit: every client holds the merged model; read the first's
@@ -265,4 +293,4 @@ class Runner:
             shutil.rmtree(work, ignore_errors=True)
         for c in report["clients"]:
             c.pop("generations", None)
-        return {"report": report, **inspected}
+        return {"report": report, **inspected, **({"first_slot_curve": curve} if curve else {})}

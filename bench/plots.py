@@ -3,6 +3,7 @@
 - ``clients_<dataset>.png`` (FedLEKE Figure 5): Score and its parts against the number of clients;
 - ``slots_<dataset>.png`` (Figure 6): the same against the number of time slots;
 - ``merging_<dataset>.png`` (CollabEdit's Figure 1): the same against the edits merged in one round;
+- ``sequential_<dataset>.png``: the first slot's edits after every slot, centralised and FedEdit;
 - ``bytes_per_edit.png``: bytes sent and received per edit, per strategy and data set.
 """
 
@@ -74,7 +75,8 @@ def _bytes_plot(plt, all_js: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_plots(out: Path, all_js: dict[str, dict]) -> list[Path]:
+def write_plots(out: Path, all_js: dict[str, dict], suffix: str = "") -> list[Path]:
+    """The PNGs of the module docstring; ``suffix`` names another editor's (``-pmet``)."""
     plt = _pyplot()
     if plt is None:
         return []
@@ -84,12 +86,13 @@ def write_plots(out: Path, all_js: dict[str, dict]) -> list[Path]:
             ("clients", "n_clients", "Figure 5: Score vs clients"),
             ("slots", "n_slots", "Figure 6: Score vs time slots"),
             ("merging", "n_edits", "CollabEdit Figure 1: Score vs edits, one round"),
+            ("sequential", "slot", "The first slot's edits after every slot"),
         ):
             if js.get(key):
-                path = out / f"{key}_{dataset}.png"
+                path = out / f"{key}_{dataset}{suffix}.png"
                 _curve_plot(plt, js[key], x, js["dataset"], f"{title} ({dataset})", path)
                 written.append(path)
     if any(js["methods"] for js in all_js.values()):
-        _bytes_plot(plt, all_js, out / "bytes_per_edit.png")
-        written.append(out / "bytes_per_edit.png")
+        _bytes_plot(plt, all_js, out / f"bytes_per_edit{suffix}.png")
+        written.append(out / f"bytes_per_edit{suffix}.png")
     return written

@@ -32,6 +32,7 @@ from fededit_core.cli import add_hparam_args, add_model_args
 from fededit_core.client.worker import ClientSpec, EditWorker
 from fededit_core.data.loaders import DEFAULT_ZSRE_TARGET
 from fededit_core.fedleke.reedit import DEFAULT_ALPHA, DEFAULT_GATE, DEFAULT_VECTOR
+from fededit_core.memit.hparams import DEFAULT_EDITOR
 from fededit_core.memit.overrides import memit_overrides
 from fededit_core.memit.update import DEFAULT_STATISTICS_FORM
 from fededit_core.model.loading import DEFAULT_MODEL, configure_threads
@@ -83,6 +84,7 @@ class Preset:
     collab_overlap_share: float = 0.3  # positions of a slot holding another client's request
     conflict_share: float = 0.1  # requests edited again to another object by another client
     forgetting_grid: tuple[int, int, int] = (4, 5, 10)  # clients, rounds (round 0: the old edits), per round
+    sequential_edits: int = 160  # the first slot's edits after every slot, centralised and FedEdit
     curve_methods: tuple[str, ...] = ("fededit",)
     one_batch: bool = True  # also the one-batch centralised edit of the union (main table)
     others_limit: int = 25  # other clients' absorbed requests evaluated per client
@@ -113,6 +115,7 @@ PRESETS = {
         merging_edits=(12, 24),
         challenge_grid=(2, 2, 5),
         forgetting_grid=(2, 3, 2),
+        sequential_edits=24,
         others_limit=6,
         fluency=False,
     ),
@@ -162,8 +165,8 @@ def base_exp(preset: Preset, dataset: str, method: str, **changes) -> dict:
     return exp
 
 
-def plan(preset: Preset, section: str, dataset: str) -> dict[str, dict]:
-    """``{label: experiment}`` of one section for one data set."""
+def plan(preset: Preset, section: str, dataset: str, editor: str = DEFAULT_EDITOR) -> dict[str, dict]:
+    """``{label: experiment}`` of one section for one data set, with the editor the run's settings name."""
     out: dict[str, dict] = {}
     fl = preset.fluency and dataset == "counterfact"
     curve = {"n_edits": preset.curve_edits}
@@ -172,6 +175,8 @@ def plan(preset: Preset, section: str, dataset: str) -> dict[str, dict]:
         if preset.one_batch:
             out["centralised (one batch)"] = base_exp(preset, dataset, "centralised", n_slots=1, fluency=fl)
         for m in MAIN_METHODS:
+            if m == "editavg-factors" and editor == "alphaedit":
+                continue  # MEMIT's two factors: AlphaEdit's update has no such split
             out[m] = base_exp(preset, dataset, m, fluency=fl)
         if preset.collab_transport != "dense":  # the dense statistics' bytes beside (the same merged model)
             out["collabedit-dense"] = base_exp(preset, dataset, "collabedit", collab_transport="dense", fluency=fl)
@@ -231,6 +236,9 @@ def plan(preset: Preset, section: str, dataset: str) -> dict[str, dict]:
                     per_round=per,
                     beta1=beta1,
                 )
+    elif section == "sequential" and dataset == "counterfact":
+        for m in ("centralised", "fededit"):
+            out[m] = base_exp(preset, dataset, m, n_edits=preset.sequential_edits, first_slot_curve=True)
     elif section == "iid" and dataset == "counterfact":
         for m in ("centralised", "fededit", "editavg"):
             out[m] = base_exp(preset, dataset, m, partition="iid", **curve)
@@ -289,11 +297,12 @@ def run(
         dtype=dtype,
     )
     env = environment()
+    editor = runner.hparams.get("editor", DEFAULT_EDITOR)
     results: dict[str, dict] = {d: {} for d in preset.datasets}
     prefilled: set[str] = set()
     for dataset in preset.datasets:  # data set by data set: every table of CounterFact comes first
         for section in sections:
-            planned = plan(preset, section, dataset)
+            planned = plan(preset, section, dataset, editor)
             if not planned:
                 continue
             if dataset not in prefilled:  # every z of the data set on the base model first, one progress bar
@@ -313,8 +322,8 @@ def run(
                 z_cache.prefill(worker.editor(spec), requests, chunk=32)
                 prefilled.add(dataset)
             results[dataset][section] = {label: runner.run(exp) for label, exp in planned.items()}
-            write_outputs(out, preset, results, env, data_files, model)
-    return {d: dataset_json(preset, d, results[d], env, data_files, model) for d in preset.datasets}
+            write_outputs(out, preset, results, env, data_files, model, editor)
+    return {d: dataset_json(preset, d, results[d], env, data_files, model, editor) for d in preset.datasets}
 
 
 def main(argv: list[str] | None = None) -> int:

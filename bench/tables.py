@@ -14,6 +14,7 @@ from pathlib import Path
 from fededit_core.eval.tables import SCORE_PARTS, format_table
 from fededit_core.fedleke.reedit import DEFAULT_GATE
 from fededit_core.io import atomic_write
+from fededit_core.memit.hparams import DEFAULT_EDITOR
 from fededit_core.paths import recorded_path
 
 from .experiments import workload
@@ -146,7 +147,23 @@ def _challenges(results: dict, kind: str) -> dict:
     return out
 
 
-def dataset_json(preset, dataset: str, results: dict, env: dict, data_files: dict, model: str) -> dict:
+def suffix_of(editor: str) -> str:
+    """Output names: ``counterfact.json`` for MEMIT, ``counterfact-pmet.json`` for another editor."""
+    return "" if editor == DEFAULT_EDITOR else f"-{editor}"
+
+
+def _sequential(section: dict) -> list[dict]:
+    """The first slot's edits after every slot (``first_slot_curve``), per method."""
+    return [
+        {"method": method, **{**point, "slot": point["slot"] + 1}}
+        for method, result in section.items()
+        for point in result.get("first_slot_curve", [])
+    ]
+
+
+def dataset_json(
+    preset, dataset: str, results: dict, env: dict, data_files: dict, model: str, editor: str = DEFAULT_EDITOR
+) -> dict:
     """Every figure of one data set, with the exact configuration and the environment."""
     kind = dataset
     out: dict = {
@@ -156,6 +173,7 @@ def dataset_json(preset, dataset: str, results: dict, env: dict, data_files: dic
         "n_slots": preset.n_slots,
         "preset": preset.name,
         "config": {
+            "editor": editor,
             "alpha": preset.alpha,
             "gate": preset.gate,
             "reedit_vector": preset.vector,
@@ -226,6 +244,8 @@ def dataset_json(preset, dataset: str, results: dict, env: dict, data_files: dic
         c = _central(iid.get("centralised"))
         out["iid"] = {"centralised": c, **{m: _federated(r, c, kind) for m, r in iid.items() if m != "centralised"}}
     out.update(_challenges(results, kind))
+    if "sequential" in results:
+        out["sequential"] = _sequential(results["sequential"])
     return out
 
 
@@ -383,9 +403,20 @@ def iid_table(iid: dict, kind: str) -> str:
     return format_table(rows, markdown=True)
 
 
-def markdown(preset, all_js: dict[str, dict], model: str) -> str:
+def sequential_table(rows: list[dict]) -> str:
+    methods = sorted({r["method"] for r in rows})
+    by = {(r["method"], r["slot"]): r for r in rows}
+    table = [
+        {"after slot": t, **{m: _f(by.get((m, t), {}).get("score")) for m in methods}}
+        for t in sorted({r["slot"] for r in rows})
+    ]
+    return format_table(table, markdown=True)
+
+
+def markdown(preset, all_js: dict[str, dict], model: str, editor: str = DEFAULT_EDITOR) -> str:
+    suffix = suffix_of(editor)
     parts = [
-        f"# fededit reproduction benchmark ({preset.name} preset)",
+        f"# fededit reproduction benchmark ({preset.name} preset, editor {editor})",
         "",
         f"Model {model}, {preset.n_clients} clients, {preset.n_slots} time slots, α = {preset.alpha} on "
         f"{preset.vector}. Each federated figure is followed by its percentage of centralised MEMIT "
@@ -424,7 +455,7 @@ def markdown(preset, all_js: dict[str, dict], model: str) -> str:
                     "",
                     curve_table(js[key], f"n_{key}", dataset),
                     "",
-                    f"![{title}]({key}_{dataset}.png)",
+                    f"![{title}]({key}_{dataset}{suffix}.png)",
                     "",
                 ]
         if js.get("merging"):
@@ -434,7 +465,7 @@ def markdown(preset, all_js: dict[str, dict], model: str) -> str:
                 "",
                 curve_table(js["merging"], "n_edits", dataset),
                 "",
-                f"![{title}](merging_{dataset}.png)",
+                f"![{title}](merging_{dataset}{suffix}.png)",
                 "",
             ]
         if js.get("overlap"):
@@ -446,6 +477,18 @@ def markdown(preset, all_js: dict[str, dict], model: str) -> str:
             ]
         if js.get("iid"):
             parts += [f"## IID split, {dataset}", "", iid_table(js["iid"], js["dataset"]), ""]
+        if js.get("sequential"):
+            title = "Sequential editing: the first slot's edits after every slot"
+            parts += [
+                f"## {title}, {dataset}",
+                "",
+                sequential_table(js["sequential"]),
+                "",
+                f"Score of the edits of slot 1 (FedEdit: each client's own) after each slot, editor {editor}.",
+                "",
+                f"![{title}](sequential_{dataset}{suffix}.png)",
+                "",
+            ]
         if js.get("collab_overlap"):
             parts += [
                 f"## CollabEdit, overlap workload, {dataset}",
@@ -477,14 +520,23 @@ def markdown(preset, all_js: dict[str, dict], model: str) -> str:
                 "",
             ]
     if any(js["methods"] for js in all_js.values()):
-        parts += ["## Bytes per edit", "", "![bytes per edit](bytes_per_edit.png)", ""]
+        parts += ["## Bytes per edit", "", f"![bytes per edit](bytes_per_edit{suffix}.png)", ""]
     return "\n".join(parts)
 
 
-def write_outputs(out: Path, preset, results: dict[str, dict], env: dict, data_files: dict, model: str) -> None:
+def write_outputs(
+    out: Path,
+    preset,
+    results: dict[str, dict],
+    env: dict,
+    data_files: dict,
+    model: str,
+    editor: str = DEFAULT_EDITOR,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    all_js = {d: dataset_json(preset, d, results[d], env, data_files, model) for d in results}
+    suffix = suffix_of(editor)
+    all_js = {d: dataset_json(preset, d, results[d], env, data_files, model, editor) for d in results}
     for dataset, js in all_js.items():
-        atomic_write(out / f"{dataset}.json", json.dumps(js, indent=1, default=str))
-    atomic_write(out / "README.md", markdown(preset, all_js, model))
-    write_plots(out, all_js)
+        atomic_write(out / f"{dataset}{suffix}.json", json.dumps(js, indent=1, default=str))
+    atomic_write(out / f"README{suffix}.md", markdown(preset, all_js, model, editor))
+    write_plots(out, all_js, suffix)

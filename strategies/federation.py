@@ -94,8 +94,10 @@ def run_federation(
     config: dict,
     centralised: Centralised | None = None,
     progress: bool = True,
+    after_slot: Callable[[int], None] | None = None,
 ) -> dict:
-    """Run every time slot and return the report (see ``strategies.report``)."""
+    """Run every time slot and return the report (see ``strategies.report``); ``after_slot(slot)`` is
+    called after each slot (simulation: a benchmark reads the clients' models there)."""
     session = Session(transport, sorted(clients), settings.min_clients, settings.max_slot_mb << 20)
     if len(session.active) < settings.min_clients:
         raise FederationError(
@@ -142,6 +144,8 @@ def run_federation(
             session.slot = slot
             inside = recorded if recorded is not None and recorded.slot == slot else None
             strategy.run_slot(slot, session, inside)
+            if after_slot is not None:
+                after_slot(slot)
         session.slot = -1
         evaluations = {
             c: r.body

@@ -30,6 +30,7 @@ TINY = reproduce.Preset(
     overlap_clients=2,
     overlap_slots=2,
     merging_edits=(4, 8),
+    sequential_edits=8,
     challenge_grid=(2, 2, 2),
     conflict_share=0.25,
     forgetting_grid=(2, 2, 1),
@@ -38,7 +39,7 @@ TINY = reproduce.Preset(
     alpha=0.0,
     others_limit=0,
 )
-SECTIONS = ("main", "ablation", "slots", "overlap", "merging", "collab_overlap", "conflict", "forgetting")
+SECTIONS = ("main", "ablation", "slots", "overlap", "merging", "collab_overlap", "conflict", "forgetting", "sequential")
 
 
 @pytest.fixture(scope="module")
@@ -318,3 +319,24 @@ def test_forgetting_runs_every_round_for_each_beta_and_the_first_round_has_no_me
     assert sorted(rows) == [(0.0, 1), (0.0, 2), (1.0, 1), (1.0, 2)]
     assert all(r["n"] == 2 and r["score"] is not None for r in rows.values())  # the two clients' old edits
     assert rows[(0.0, 1)]["score"] == rows[(1.0, 1)]["score"]  # one round: no earlier keys to remember
+
+
+def test_sequential_curves_follow_the_first_slots_edits_after_every_slot(bench_run):
+    rows = bench_run["summary"]["sequential"]
+    assert sorted((r["method"], r["slot"]) for r in rows) == [(m, t) for m in ("centralised", "fededit") for t in (1, 2)]
+    assert all(r["n"] == 4 and r["score"] is not None for r in rows)  # slot 1: 2 clients x 2 requests
+    assert "first slot's edits after every slot" in (bench_run["out"] / "README.md").read_text()
+
+
+def test_another_editor_writes_its_own_outputs_beside_memits(world, bench_run, tmp_path):
+    out = tmp_path / "out"
+    hparams = {**world["hparams"], "editor": "alphaedit", "nullspace_threshold": 1.0}
+    summary = reproduce.run(
+        TINY, out, bench_run["cache"], {"counterfact": world["data"]}, ("main",), model=world["model"], hparams=hparams
+    )
+    js = json.loads((out / "counterfact-alphaedit.json").read_text())
+    assert js == json.loads(json.dumps(summary["counterfact"], default=str))
+    assert js["config"]["editor"] == "alphaedit" and "README-alphaedit.md" in {p.name for p in out.iterdir()}
+    assert "editavg-factors" not in js["methods"]  # MEMIT's two factors: not AlphaEdit's update
+    assert js["methods"]["collabedit"]["retention"] == pytest.approx(1.0, abs=0.02)
+    assert not (out / "counterfact.json").exists()

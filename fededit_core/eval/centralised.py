@@ -9,6 +9,7 @@ requests (the schedule a federation with T time slots follows, so the same edits
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from fededit_core.data.requests import EditRequest
 from fededit_core.data.slots import split_into_slots
@@ -23,9 +24,11 @@ def centralised_metrics(
     fluency: bool = False,
     n_slots: int = 1,
     per_request: bool = False,
+    after_slot: Callable[[int, MemitEditor], None] | None = None,
 ) -> tuple[dict[str, dict], dict]:
     """({client: metrics on its requests after the union edit}, timings); the editor ends at its base
-    model. ``per_request``: each client's metrics keep ``per_request`` (in the order of its requests)."""
+    model. ``per_request``: each client's metrics keep ``per_request`` (in the order of its requests);
+    ``after_slot(t, editor)`` is called after each slot's edit (a benchmark's forgetting curve)."""
     slots = {name: split_into_slots(reqs, n_slots) for name, reqs in parts.items()}
     editor.reset()
     started = time.perf_counter()
@@ -36,6 +39,8 @@ def centralised_metrics(
             if union:
                 for phase, s in editor.edit(union, progress=n_slots == 1).seconds.items():
                     seconds[phase] = seconds.get(phase, 0.0) + s
+            if after_slot is not None:
+                after_slot(t, editor)
         seconds["total"] = time.perf_counter() - started
         metrics = {}
         for name, reqs in parts.items():
