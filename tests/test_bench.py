@@ -323,7 +323,9 @@ def test_forgetting_runs_every_round_for_each_beta_and_the_first_round_has_no_me
 
 def test_sequential_curves_follow_the_first_slots_edits_after_every_slot(bench_run):
     rows = bench_run["summary"]["sequential"]
-    assert sorted((r["method"], r["slot"]) for r in rows) == [(m, t) for m in ("centralised", "fededit") for t in (1, 2)]
+    assert sorted((r["method"], r["slot"]) for r in rows) == [
+        (m, t) for m in ("centralised", "fededit") for t in (1, 2)
+    ]
     assert all(r["n"] == 4 and r["score"] is not None for r in rows)  # slot 1: 2 clients x 2 requests
     assert "first slot's edits after every slot" in (bench_run["out"] / "README.md").read_text()
 

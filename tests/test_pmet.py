@@ -96,3 +96,29 @@ def test_a_batch_reaches_what_one_request_at_a_time_reaches(corpus):
     assert together.steps == alone.steps
     torch.testing.assert_close(together.z, alone.z, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(together.h, alone.h, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox"])
+def test_replaying_the_blocks_below_l_gives_the_full_forwards_loss_terms(corpus, family):
+    from fededit_core.memit.pmet import _PmetGroup
+
+    model, tok = make_model(family)
+    editor = make_editor(model, tok, corpus, **PMET)
+    terms = {}
+    for replay in (True, False):
+        group = _PmetGroup(model, tok, REQUESTS, editor.hp, editor.templates)
+        if not replay:  # the plain forward over the whole prompts
+            rows = group.rows
+            group.replay, group.ids, group.mask = False, rows.input_ids, rows.attention_mask
+            group.at_subject, group.target = rows.lookup, (rows.target_row, rows.target_pos, rows.target_tok)
+        gen = torch.Generator().manual_seed(0)  # the same deltas for both
+        for delta in group.deltas.values():
+            delta.data = torch.randn(delta.shape, generator=gen) * 0.05
+        handles = [model.get_submodule(n).register_forward_hook(group._hook(k)) for k, n in group.sites.items()]
+        try:
+            terms[replay] = group._terms()
+        finally:
+            for h in handles:
+                h.remove()
+    for a, b in zip(terms[True], terms[False]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5)

@@ -27,9 +27,18 @@ from tqdm.auto import tqdm
 
 from fededit_core.data.requests import EditRequest
 from fededit_core.memit.hparams import MEMITHyperParams
-from fededit_core.memit.target import REFERENCE_STOP_LOSS, ZResult, build_rows
+from fededit_core.memit.target import (
+    REFERENCE_STOP_LOSS,
+    ZResult,
+    _cache_for,
+    _prefix_kv,
+    _replay_from,
+    _split_rows,
+    build_rows,
+)
 from fededit_core.memit.templates import ContextTemplates
 from fededit_core.model.families import family_for
+from fededit_core.model.hooks import capture_outputs, run_until
 
 KL_STOP = 0.01  # compute_zs: with the target already the argmax, stop once KL <= this
 NLL_FACTOR_AT_ARGMAX = 0.1  # compute_zs: the NLL's weight while the target is the argmax
@@ -55,45 +64,94 @@ def optimise_pmet_targets(
 
 
 class _PmetGroup:
-    """One group's joint optimisation of the attention and FFN deltas at L (module docstring)."""
+    """One group's joint optimisation of the attention and FFN deltas at L (module docstring).
+
+    As in ``memit.target.optimise_z``, each prompt is cut at the last subject token: its prefix never
+    sees a delta, so its keys and values are computed once and reused, blocks 0..L-1 run once over the
+    suffix and their output is replayed, and each step runs blocks L.. over the suffixes only
+    (``replay``; with L = 0 every step is a full forward)."""
 
     def __init__(self, model, tok, requests: list[EditRequest], hp: MEMITHyperParams, templates: ContextTemplates):
         self.model, self.hp = model, hp
-        family = family_for(model)
+        self.family = family = family_for(model)
         self.device = device = next(model.parameters()).device
         self.sites = {"mlp": family.edit_module_name(hp.z_layer), "attn": family.attn_out_module_name(hp.z_layer)}
         self.base, self.lm_head = family.base_model(model), family.lm_head(model)
         self.rows = rows = build_rows(tok, requests, templates)
         self.n = rows.n_requests
-        self.ids, self.mask = rows.input_ids.to(device), rows.attention_mask.to(device)
-        self.lookup, self.request = rows.lookup.to(device), rows.request.to(device)
+        self.request = rows.request.to(device)
         self.first_row = torch.tensor([int(torch.nonzero(rows.request == r)[0]) for r in range(self.n)]).to(device)
         self.kl_rows = torch.nonzero(rows.is_kl).flatten().to(device)  # one per request, in request order
-        self.target = tuple(t.to(device) for t in (rows.target_row, rows.target_pos, rows.target_tok))
         self.rewrite_rows = (~rows.is_kl).to(device)
         d = family.weight_matrix(model, hp.z_layer).shape[0]
         self.deltas = {k: torch.zeros(self.n, d, device=device, requires_grad=True) for k in self.sites}
         self.init: dict[str, torch.Tensor] = {}
+        self.replay = hp.z_layer > 0
+        if self.replay:  # positions within the suffix, which starts at the last subject token
+            self.split = _split_rows(rows, tok.pad_token_id).to(device)
+            self.prefix_kv = _prefix_kv(self.base, self.split)
+            self.full_mask = torch.cat([self.split.prefix_mask, self.split.suffix_mask], dim=1)
+            self.cached, self.as_tuple = self._blocks_below()
+            self.at_subject = torch.zeros_like(rows.lookup).to(device)
+            target_pos = rows.target_pos - rows.lookup[rows.target_row]
+        else:
+            self.ids, self.mask = rows.input_ids.to(device), rows.attention_mask.to(device)
+            self.at_subject = rows.lookup.to(device)
+            target_pos = rows.target_pos
+        self.target = tuple(t.to(device) for t in (rows.target_row, target_pos, rows.target_tok))
+
+    def _suffix_forward(self, **kwargs):
+        return dict(
+            input_ids=self.split.suffix_ids,
+            attention_mask=self.full_mask,
+            position_ids=self.split.suffix_pos,
+            past_key_values=_cache_for(self.prefix_kv, None),
+            use_cache=self.prefix_kv is not None,
+            **kwargs,
+        )
+
+    def _blocks_below(self) -> tuple[torch.Tensor, bool]:
+        """Block L-1's output over the suffixes (blocks 0..L-1 run once), and whether blocks return tuples."""
+        name = f"{self.family.layers_path}.{self.hp.z_layer - 1}"
+        kind: dict = {}
+
+        def note_kind(module, args, output) -> None:  # returns None: leaves the output alone
+            kind["tuple"] = isinstance(output, tuple)
+
+        handle = self.model.get_submodule(name).register_forward_hook(note_kind)
+        try:
+            with torch.no_grad(), capture_outputs(self.model, [name], stop_after=name) as seen:
+                run_until(self.base, **self._suffix_forward())
+        finally:
+            handle.remove()
+        return seen[name], kind["tuple"]
 
     def _hook(self, kind: str):
-        at = (torch.arange(len(self.lookup), device=self.device), self.lookup)
+        at = (torch.arange(len(self.at_subject), device=self.device), self.at_subject)
 
         def add_delta(module, args, output):
             if kind not in self.init:  # the first forward: delta = 0, the outputs before the edit
-                self.init[kind] = output[self.first_row, self.lookup[self.first_row]].detach().float().clone()
+                self.init[kind] = output[self.first_row, self.at_subject[self.first_row]].detach().float().clone()
             return output.index_put(at, self.deltas[kind][self.request].to(output.dtype), accumulate=True)
 
         return add_delta
 
+    def _hidden(self) -> torch.Tensor:
+        if not self.replay:
+            return self.base(input_ids=self.ids, attention_mask=self.mask).last_hidden_state
+        with _replay_from(self.model, self.family, self.hp.z_layer - 1, self.as_tuple) as replay:
+            replay.value = self.cached
+            return self.base(**self._suffix_forward()).last_hidden_state
+
     def _terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per request: mean target NLL over its prompts, whether the target is the argmax everywhere, and
         the KL prompt's next-token log-probs."""
-        hidden = self.base(input_ids=self.ids, attention_mask=self.mask).last_hidden_state
+        hidden = self._hidden()
         row, pos, tok = self.target
         logp = torch.log_softmax(self.lm_head(hidden[row, pos]).float(), -1)
         token_lp = logp.gather(1, tok[:, None]).squeeze(1)
         argmax = (logp.argmax(-1) == tok).float()
-        n_rows = len(self.lookup)
+        n_rows = len(self.at_subject)
         row_nll = torch.zeros(n_rows, device=self.device).index_add(0, row, -token_lp)
         row_miss = torch.zeros(n_rows, device=self.device).index_add(0, row, 1 - argmax)
         row_nll = row_nll / self.rows.target_len.to(self.device)[self.request]
@@ -101,7 +159,7 @@ class _PmetGroup:
         count = per.index_add(0, self.request, self.rewrite_rows.float())
         nll = per.index_add(0, self.request, torch.where(self.rewrite_rows, row_nll, 0.0)) / count
         at_argmax = torch.zeros(self.n, device=self.device).index_add(0, self.request, row_miss) == 0
-        kl_hidden = hidden[self.kl_rows, self.lookup[self.kl_rows]]
+        kl_hidden = hidden[self.kl_rows, self.at_subject[self.kl_rows]]
         return nll, at_argmax, torch.log_softmax(self.lm_head(kl_hidden).float(), -1)
 
     def run(self) -> tuple[torch.Tensor, torch.Tensor, list[int], list[float]]:
