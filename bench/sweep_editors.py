@@ -12,12 +12,11 @@ Score over all the edits, and the Score of the first batch's edits (what later e
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from fededit_core.model.loading import DEFAULT_MODEL
+from bench.sweep_smollm2 import sweep_parser
 
 SETTINGS = [
     {"editor": "memit"},
@@ -43,17 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     from fededit_core.memit.editor import MemitEditor, hparams_for
     from fededit_core.memit.templates import sample_context_templates
     from fededit_core.model.loading import configure_threads, load_model
-    from fededit_core.paths import cache_dir, recorded_path, shared_data_dir
+    from fededit_core.paths import cache_dir, recorded_path
 
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=int, default=48)
+    parser = sweep_parser(__doc__, 48)
     parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--data", help="CounterFact file (default: ../shared/data/counterfact/counterfact-train.json)")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--json")
     args = parser.parse_args(argv)
     configure_threads()
-    data = Path(args.data) if args.data else (shared_data_dir() or Path(".")) / "counterfact" / "counterfact-train.json"
+    data = Path(args.data)
     requests = select_requests(data, args.n, seed=0)
     batches = split_into_slots(requests, args.batches)
     model, tok = load_model(args.model)

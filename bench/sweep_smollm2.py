@@ -15,6 +15,19 @@ from pathlib import Path
 
 from fededit_core.model.loading import DEFAULT_MODEL
 
+
+def sweep_parser(description: str, n: int) -> argparse.ArgumentParser:
+    """The arguments every SmolLM2 sweep takes: --n requests of --data, --model, --json."""
+    from bench.reproduce import DEFAULT_DATA
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--n", type=int, default=n)
+    parser.add_argument("--data", default=str(DEFAULT_DATA["counterfact"]), help="CounterFact file")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--json")
+    return parser
+
+
 LAYER_SETS = [(2, 3, 4, 5, 6), (3, 4, 5, 6, 7), (4, 5, 6, 7, 8), (6, 7, 8, 9, 10), (8, 9, 10, 11, 12)]
 LAMBDAS = [1000.0, 5000.0, 15000.0]
 
@@ -26,16 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     from fededit_core.memit.editor import MemitEditor, hparams_for
     from fededit_core.memit.templates import sample_context_templates
     from fededit_core.model.loading import configure_threads, load_model
-    from fededit_core.paths import recorded_path, shared_data_dir
+    from fededit_core.paths import recorded_path
 
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=int, default=32)
-    parser.add_argument("--data", help="CounterFact file (default: ../shared/data/counterfact/counterfact-train.json)")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--json")
-    args = parser.parse_args(argv)
+    args = sweep_parser(__doc__, 32).parse_args(argv)
     configure_threads()
-    data = Path(args.data) if args.data else (shared_data_dir() or Path(".")) / "counterfact" / "counterfact-train.json"
+    data = Path(args.data)
     requests = load_requests(data, n=args.n)
     model, tok = load_model(args.model)
     templates = sample_context_templates(model, tok)

@@ -413,6 +413,35 @@ def sequential_table(rows: list[dict]) -> str:
     return format_table(table, markdown=True)
 
 
+def _section(title: str, table: str, note: str | None = None, image: str | None = None, level: int = 2) -> list[str]:
+    """One Markdown section: heading, table, an optional note and an optional image."""
+    out = ["#" * level + f" {title}", "", table, ""]
+    if note:
+        out += [note, ""]
+    if image:
+        out += [f"![{title}]({image})", ""]
+    return out
+
+
+SELECTIVITY_NOTE = (
+    "Related: the MKV's relation group (CounterFact) or question cluster (zsRE) is among the receiver's own "
+    "so far. Others' Scores on the absorbed requests each client evaluated; own ∪ re-edited is the FedLEKE "
+    "authors' figure, its percentage against centralised MEMIT on the same requests."
+)
+COLLAB_OVERLAP_NOTE = (
+    "A share of each slot's positions hold another client's request of the same slot. Counted once: rows "
+    "left out of the sums; residual norm: the mean |R| at the first edited layer."
+)
+CONFLICT_NOTE = (
+    "Share of each conflicting fact's prompts (rewrite and paraphrases) on which the merged model prefers "
+    "each object; writers in (slot, client name) order."
+)
+FORGETTING_NOTE = (
+    "Round 1 holds the old edits; beta1 = 0 is plain MEMIT, beta1 = 1 the dynamic covariance (CollabEdit's "
+    "Eq. 7, the authors' setting)."
+)
+
+
 def markdown(preset, all_js: dict[str, dict], model: str, editor: str = DEFAULT_EDITOR) -> str:
     suffix = suffix_of(editor)
     parts = [
@@ -426,99 +455,42 @@ def markdown(preset, all_js: dict[str, dict], model: str, editor: str = DEFAULT_
     titles = {"counterfact": "Table 1: CounterFact", "zsre": "Table 2: zsRE"}
     for dataset, js in all_js.items():
         if js["methods"]:
-            parts += [f"## {titles[dataset]} ({js['n_edits']} edits)", "", main_table(js), ""]
+            parts += _section(f"{titles[dataset]} ({js['n_edits']} edits)", main_table(js))
             if any("gate" in m for m in js["methods"].values()):
-                parts += [
-                    f"### What the re-edit condition kept, {dataset}",
-                    "",
-                    selectivity_table(js),
-                    "",
-                    "Related: the MKV's relation group (CounterFact) or question cluster (zsRE) is among the "
-                    "receiver's own so far. Others' Scores on the absorbed requests each client evaluated; "
-                    "own ∪ re-edited is the FedLEKE authors' figure, its percentage against centralised MEMIT "
-                    "on the same requests.",
-                    "",
-                ]
+                title = f"What the re-edit condition kept, {dataset}"
+                parts += _section(title, selectivity_table(js), SELECTIVITY_NOTE, level=3)
     for dataset, js in all_js.items():
         if js.get("ablation"):
-            parts += [
-                f"## Table 3: re-edit condition, {dataset}",
-                "",
-                curve_table(js["ablation"], "n_edits", dataset),
-                "",
-            ]
+            parts += _section(f"Table 3: re-edit condition, {dataset}", curve_table(js["ablation"], "n_edits", dataset))
     for dataset, js in all_js.items():
         for key, title in (("clients", "Figure 5: number of clients"), ("slots", "Figure 6: number of time slots")):
             if js.get(key):
-                parts += [
-                    f"## {title}, {dataset}",
-                    "",
-                    curve_table(js[key], f"n_{key}", dataset),
-                    "",
-                    f"![{title}]({key}_{dataset}{suffix}.png)",
-                    "",
-                ]
+                table = curve_table(js[key], f"n_{key}", dataset)
+                parts += _section(f"{title}, {dataset}", table, image=f"{key}_{dataset}{suffix}.png")
         if js.get("merging"):
-            title = "CollabEdit Figure 1: merging the clients' edits in one round"
-            parts += [
-                f"## {title}, {dataset}",
-                "",
-                curve_table(js["merging"], "n_edits", dataset),
-                "",
-                f"![{title}](merging_{dataset}{suffix}.png)",
-                "",
-            ]
+            title = f"CollabEdit Figure 1: merging the clients' edits in one round, {dataset}"
+            table = curve_table(js["merging"], "n_edits", dataset)
+            parts += _section(title, table, image=f"merging_{dataset}{suffix}.png")
         if js.get("overlap"):
-            parts += [
-                f"## Overlap workload, {dataset} (~30% of requests repeated at another client)",
-                "",
-                overlap_table(js["overlap"]),
-                "",
-            ]
+            title = f"Overlap workload, {dataset} (~30% of requests repeated at another client)"
+            parts += _section(title, overlap_table(js["overlap"]))
         if js.get("iid"):
-            parts += [f"## IID split, {dataset}", "", iid_table(js["iid"], js["dataset"]), ""]
+            parts += _section(f"IID split, {dataset}", iid_table(js["iid"], js["dataset"]))
         if js.get("sequential"):
-            title = "Sequential editing: the first slot's edits after every slot"
-            parts += [
-                f"## {title}, {dataset}",
-                "",
-                sequential_table(js["sequential"]),
-                "",
-                f"Score of the edits of slot 1 (FedEdit: each client's own) after each slot, editor {editor}.",
-                "",
-                f"![{title}](sequential_{dataset}{suffix}.png)",
-                "",
-            ]
+            note = f"Score of the edits of slot 1 (FedEdit: each client's own) after each slot, editor {editor}."
+            title = f"Sequential editing: the first slot's edits after every slot, {dataset}"
+            table = sequential_table(js["sequential"])
+            parts += _section(title, table, note, image=f"sequential_{dataset}{suffix}.png")
         if js.get("collab_overlap"):
-            parts += [
-                f"## CollabEdit, overlap workload, {dataset}",
-                "",
-                collab_overlap_table(js["collab_overlap"]),
-                "",
-                "A share of each slot's positions hold another client's request of the same slot. Counted "
-                "once: rows left out of the sums; residual norm: the mean |R| at the first edited layer.",
-                "",
-            ]
+            table = collab_overlap_table(js["collab_overlap"])
+            parts += _section(f"CollabEdit, overlap workload, {dataset}", table, COLLAB_OVERLAP_NOTE)
         if js.get("conflict"):
-            parts += [
-                f"## CollabEdit, conflict workload, {dataset}",
-                "",
-                conflict_table(js["conflict"]),
-                "",
-                "Share of each conflicting fact's prompts (rewrite and paraphrases) on which the merged model "
-                "prefers each object; writers in (slot, client name) order.",
-                "",
-            ]
+            parts += _section(
+                f"CollabEdit, conflict workload, {dataset}", conflict_table(js["conflict"]), CONFLICT_NOTE
+            )
         if js.get("forgetting"):
-            parts += [
-                f"## CollabEdit, forgetting: the old edits' Score after each round, {dataset}",
-                "",
-                forgetting_table(js["forgetting"]),
-                "",
-                "Round 1 holds the old edits; beta1 = 0 is plain MEMIT, beta1 = 1 the dynamic covariance "
-                "(CollabEdit's Eq. 7, the authors' setting).",
-                "",
-            ]
+            title = f"CollabEdit, forgetting: the old edits' Score after each round, {dataset}"
+            parts += _section(title, forgetting_table(js["forgetting"]), FORGETTING_NOTE)
     if any(js["methods"] for js in all_js.values()):
         parts += ["## Bytes per edit", "", f"![bytes per edit](bytes_per_edit{suffix}.png)", ""]
     return "\n".join(parts)

@@ -5,7 +5,6 @@ text edit (exactly with the corrections)."""
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -14,20 +13,14 @@ from fededit_core.fedleke.mkv import apply_mkvs, compute_mkvs
 from fededit_core.memit.hparams import default_hparams
 from fededit_core.memit.keys import ffn_output_at_subject
 from fededit_core.memit.pmet import optimise_pmet_targets
-from tests.test_memit_tiny import REQUESTS, WORD_LIST, edited_names, make_editor, make_model, snapshot
+from tests.test_memit_tiny import REQUESTS, corpus, edited_names, make_editor, make_model, snapshot
+
+__all__ = ["corpus"]  # the tiny corpus fixture of test_memit_tiny
 
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDEDIT_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(WORD_LIST) for _ in range(12)) + "." for _ in range(80)))
-    return str(path)
 
 
 PMET = dict(editor="pmet", v_lr=0.5, v_steps=40, kl_factor=0.0625, clamp_norm_factor=4.0, v_weight_decay=0.01)

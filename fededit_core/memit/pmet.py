@@ -34,11 +34,11 @@ from fededit_core.memit.target import (
     _prefix_kv,
     _replay_from,
     _split_rows,
+    block_output_over_suffixes,
     build_rows,
 )
 from fededit_core.memit.templates import ContextTemplates
 from fededit_core.model.families import family_for
-from fededit_core.model.hooks import capture_outputs, run_until
 
 KL_STOP = 0.01  # compute_zs: with the target already the argmax, stop once KL <= this
 NLL_FACTOR_AT_ARGMAX = 0.1  # compute_zs: the NLL's weight while the target is the argmax
@@ -91,7 +91,9 @@ class _PmetGroup:
             self.split = _split_rows(rows, tok.pad_token_id).to(device)
             self.prefix_kv = _prefix_kv(self.base, self.split)
             self.full_mask = torch.cat([self.split.prefix_mask, self.split.suffix_mask], dim=1)
-            self.cached, self.as_tuple = self._blocks_below()
+            self.cached, self.as_tuple = block_output_over_suffixes(  # blocks 0..L-1, once
+                model, self.base, self.split, self.prefix_kv, self.full_mask, hp.z_layer - 1
+            )
             self.at_subject = torch.zeros_like(rows.lookup).to(device)
             target_pos = rows.target_pos - rows.lookup[rows.target_row]
         else:
@@ -99,32 +101,6 @@ class _PmetGroup:
             self.at_subject = rows.lookup.to(device)
             target_pos = rows.target_pos
         self.target = tuple(t.to(device) for t in (rows.target_row, target_pos, rows.target_tok))
-
-    def _suffix_forward(self, **kwargs):
-        return dict(
-            input_ids=self.split.suffix_ids,
-            attention_mask=self.full_mask,
-            position_ids=self.split.suffix_pos,
-            past_key_values=_cache_for(self.prefix_kv, None),
-            use_cache=self.prefix_kv is not None,
-            **kwargs,
-        )
-
-    def _blocks_below(self) -> tuple[torch.Tensor, bool]:
-        """Block L-1's output over the suffixes (blocks 0..L-1 run once), and whether blocks return tuples."""
-        name = f"{self.family.layers_path}.{self.hp.z_layer - 1}"
-        kind: dict = {}
-
-        def note_kind(module, args, output) -> None:  # returns None: leaves the output alone
-            kind["tuple"] = isinstance(output, tuple)
-
-        handle = self.model.get_submodule(name).register_forward_hook(note_kind)
-        try:
-            with torch.no_grad(), capture_outputs(self.model, [name], stop_after=name) as seen:
-                run_until(self.base, **self._suffix_forward())
-        finally:
-            handle.remove()
-        return seen[name], kind["tuple"]
 
     def _hook(self, kind: str):
         at = (torch.arange(len(self.at_subject), device=self.device), self.at_subject)
@@ -141,7 +117,13 @@ class _PmetGroup:
             return self.base(input_ids=self.ids, attention_mask=self.mask).last_hidden_state
         with _replay_from(self.model, self.family, self.hp.z_layer - 1, self.as_tuple) as replay:
             replay.value = self.cached
-            return self.base(**self._suffix_forward()).last_hidden_state
+            return self.base(
+                input_ids=self.split.suffix_ids,
+                attention_mask=self.full_mask,
+                position_ids=self.split.suffix_pos,
+                past_key_values=_cache_for(self.prefix_kv, None),
+                use_cache=self.prefix_kv is not None,
+            ).last_hidden_state
 
     def _terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per request: mean target NLL over its prompts, whether the target is the argmax everywhere, and

@@ -285,6 +285,33 @@ def _cache_for(kv, index: torch.Tensor | None):
     return cache
 
 
+def block_output_over_suffixes(
+    model: nn.Module, base: nn.Module, split: _SplitRows, prefix_kv, full_mask: torch.Tensor, layer: int
+) -> tuple[torch.Tensor, bool]:
+    """Block ``layer``'s output over the suffixes (blocks 0..layer run once, the prefixes from their KV
+    cache) and whether the block returns a tuple (what ``_replay_from`` must return in its place)."""
+    name = f"{family_for(model).layers_path}.{layer}"
+    as_tuple: dict = {}
+
+    def note_kind(module, args, output) -> None:  # returns None: leaves the output alone
+        as_tuple["tuple"] = isinstance(output, tuple)
+
+    handle = model.get_submodule(name).register_forward_hook(note_kind)
+    try:
+        with torch.no_grad(), capture_outputs(model, [name], stop_after=name) as seen:
+            run_until(
+                base,
+                input_ids=split.suffix_ids,
+                attention_mask=full_mask,
+                position_ids=split.suffix_pos,
+                past_key_values=_cache_for(prefix_kv, None),
+                use_cache=prefix_kv is not None,
+            )
+    finally:
+        handle.remove()
+    return seen[name], as_tuple["tuple"]
+
+
 class _GroupOptimiser:
     """The batched z optimisation of one group of requests (module docstring): set up once, then ``run``."""
 
@@ -323,26 +350,9 @@ class _GroupOptimiser:
 
     def _blocks_to_layer(self) -> tuple[torch.Tensor, bool]:
         """Block L's output over the suffixes (blocks 0..L run once) and whether block L returns a tuple."""
-        name = f"{self.family.layers_path}.{self.hp.z_layer}"
-        as_tuple: dict = {}
-
-        def note_kind(module, args, output) -> None:  # returns None: leaves the output alone
-            as_tuple["tuple"] = isinstance(output, tuple)
-
-        handle = self.model.get_submodule(name).register_forward_hook(note_kind)
-        try:
-            with capture_outputs(self.model, [name], stop_after=name) as seen:
-                run_until(
-                    self.base,
-                    input_ids=self.split.suffix_ids,
-                    attention_mask=self.full_mask,
-                    position_ids=self.split.suffix_pos,
-                    past_key_values=_cache_for(self.prefix_kv, None),
-                    use_cache=self.prefix_kv is not None,
-                )
-        finally:
-            handle.remove()
-        return seen[name], as_tuple["tuple"]
+        return block_output_over_suffixes(
+            self.model, self.base, self.split, self.prefix_kv, self.full_mask, self.hp.z_layer
+        )
 
     def run(self) -> tuple[torch.Tensor, torch.Tensor, list[int], list[float]]:
         """Adam on delta until every request has stopped; z, h (on the CPU), steps and final target probs."""
