@@ -33,7 +33,7 @@ def test_the_update_leaves_c0s_principal_keys_alone():
     basis = null_space_basis(c0, 2e-2)
     assert basis.shape == (16, 8)
     keys, resid = torch.randn(3, 16, generator=gen), torch.randn(3, 6, generator=gen)
-    delta = alphaedit_update(*layer_statistics(keys, resid), basis, None, l2=10.0)
+    delta = alphaedit_update(*layer_statistics(keys, resid), basis @ basis.T, None, l2=10.0)
     kept = q[:, 8:]  # the principal directions: what the model already knows
     assert (delta @ kept).norm() < 1e-10 * delta.norm()
     assert delta.norm() > 1e-3
@@ -46,7 +46,9 @@ def test_without_a_null_space_it_is_ridge_regression_on_the_keys():
     keys, resid = torch.randn(4, 12, generator=gen), torch.randn(4, 5, generator=gen)
     rk, kk = layer_statistics(keys, resid)
     expected = solve_update(rk, kk, torch.eye(12, dtype=torch.float64), 10.0)  # R K^T (10 I + K K^T)^-1
-    torch.testing.assert_close(alphaedit_update(rk, kk, basis, None, l2=10.0), expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        alphaedit_update(rk, kk, basis @ basis.T, None, l2=10.0), expected, rtol=1e-9, atol=1e-12
+    )
 
 
 def test_the_memory_of_written_keys_protects_them_from_later_edits():
@@ -57,8 +59,8 @@ def test_the_memory_of_written_keys_protects_them_from_later_edits():
     old = torch.randn(6, 24, generator=gen).double() @ p  # keys written before, inside the null space
     keys, resid = torch.randn(3, 24, generator=gen), torch.randn(3, 8, generator=gen)
     rk, kk = layer_statistics(keys, resid)
-    free = alphaedit_update(rk, kk, basis, None, l2=1.0)
-    held = alphaedit_update(rk, kk, basis, old.T @ old, l2=1.0)
+    free = alphaedit_update(rk, kk, p, None, l2=1.0)
+    held = alphaedit_update(rk, kk, p, old.T @ old, l2=1.0)
     assert (held @ old.T).norm() < 0.5 * (free @ old.T).norm()
 
 
@@ -68,8 +70,8 @@ def test_summed_statistics_give_the_update_of_the_union():
     basis, memory = null_space_basis(c0, 2e-2), torch.eye(20, dtype=torch.float64) * 0.3
     keys, resid = torch.randn(6, 20, generator=gen), torch.randn(6, 7, generator=gen)
     parts = [layer_statistics(keys[:2], resid[:2]), layer_statistics(keys[2:], resid[2:])]
-    summed = alphaedit_update(parts[0][0] + parts[1][0], parts[0][1] + parts[1][1], basis, memory, l2=10.0)
-    union = alphaedit_update(*layer_statistics(keys, resid), basis, memory, l2=10.0)
+    summed = alphaedit_update(parts[0][0] + parts[1][0], parts[0][1] + parts[1][1], basis @ basis.T, memory, l2=10.0)
+    union = alphaedit_update(*layer_statistics(keys, resid), basis @ basis.T, memory, l2=10.0)
     torch.testing.assert_close(summed, union, rtol=1e-9, atol=1e-12)
 
 
@@ -163,9 +165,9 @@ def test_collabedit_with_alphaedit_clients_keeps_their_key_memory_across_a_resta
         if c == "client-0" and ins.op == "collab" and ins.args.get("apply") == last
     ]
     assert len(sums) == 2
-    basis = editor.covariance.null_space(layer, 1.0)
-    first = alphaedit_update(*sums[0], basis, None, editor.hp.alphaedit_l2)
-    second = alphaedit_update(*sums[1], basis, sums[0][1], editor.hp.alphaedit_l2)
+    projection = editor.covariance.null_space_projection(layer, 1.0)
+    first = alphaedit_update(*sums[0], projection, None, editor.hp.alphaedit_l2)
+    second = alphaedit_update(*sums[1], projection, sums[0][1], editor.hp.alphaedit_l2)
     participants = [transport.worker.participant(s) for s in specs.values()]
     expected = editor.base_weights[layer].double() + first + second
     for p in participants:

@@ -180,6 +180,7 @@ class CovarianceStore:
         self.corpus_id: str | None = None
         self._memory: dict[int, torch.Tensor] = {}
         self._null: dict[tuple[int, float], torch.Tensor] = {}
+        self._projection: dict[tuple[int, float], torch.Tensor] = {}
 
     def _path(self, layer: int) -> Path:
         key = self.source
@@ -257,3 +258,11 @@ class CovarianceStore:
                 with atomic_file(path) as tmp:
                     save_file({"basis": self._null[key]}, str(tmp))
         return self._null[key]
+
+    def null_space_projection(self, layer: int, threshold: float) -> torch.Tensor:
+        """P = U0 U0^T (d_ff, d_ff, float64) of ``null_space``, formed once per layer and threshold."""
+        key = (layer, float(threshold))
+        if key not in self._projection:
+            basis = self.null_space(layer, threshold)
+            self._projection[key] = basis @ basis.T
+        return self._projection[key]

@@ -187,8 +187,8 @@ class MemitEditor:
         if self.hp.editor == "alphaedit":
             if prior is not None:
                 raise ValueError("CollabEdit's dynamic covariance applies to MEMIT; AlphaEdit keeps its own key memory")
-            basis = self.covariance.null_space(layer, self.hp.nullspace_threshold)
-            delta = alphaedit_update(rk, kk, basis, self.key_memory.get(layer), self.hp.alphaedit_l2)
+            projection = self.covariance.null_space_projection(layer, self.hp.nullspace_threshold)
+            delta = alphaedit_update(rk, kk, projection, self.key_memory.get(layer), self.hp.alphaedit_l2)
             old = self.key_memory.get(layer)
             self.key_memory[layer] = kk.double().cpu() if old is None else old + kk.double().cpu()
         else:

@@ -28,15 +28,14 @@ def null_space_basis(c0: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def alphaedit_update(
-    rk: torch.Tensor, kk: torch.Tensor, basis: torch.Tensor, memory: torch.Tensor | None, l2: float
+    rk: torch.Tensor, kk: torch.Tensor, projection: torch.Tensor, memory: torch.Tensor | None, l2: float
 ) -> torch.Tensor:
-    """Delta (d, d_ff), float64, from R K^T (d, d_ff), K K^T (d_ff, d_ff), the null-space basis U0 and
-    the earlier keys' K_p K_p^T (or None)."""
+    """Delta (d, d_ff), float64, from R K^T (d, d_ff), K K^T (d_ff, d_ff), the projection P = U0 U0^T
+    and the earlier keys' K_p K_p^T (or None)."""
     if not torch.isfinite(kk).all() or not torch.isfinite(rk).all():
         raise ValueError("AlphaEdit statistics hold NaN or infinite values")
     device = kk.device
-    u = basis.to(device=device, dtype=torch.float64)
-    p = u @ u.T
+    p = projection.to(device=device, dtype=torch.float64)
     m = kk.double() if memory is None else kk.double() + memory.to(device=device, dtype=torch.float64)
     a = p @ m + l2 * torch.eye(len(p), dtype=torch.float64, device=device)
     return torch.linalg.solve(a, p @ rk.double().T).T
