@@ -60,6 +60,7 @@ SECTIONS = (
     "collab_overlap",
     "conflict",
     "forgetting",
+    "sequential",
 )
 MERGING_METHODS = ("centralised", "sa", "ta", "ties", "collabedit")  # CollabEdit's Figure 1
 FORGETTING_BETA1 = (0.0, 1.0)  # plain MEMIT statistics against the CollabEdit authors' dynamic covariance

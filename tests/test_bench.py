@@ -201,6 +201,13 @@ def test_zsre_federated_runs_are_scored_with_zsre_metrics_like_centralised(world
     assert set(central["weighted"]) == set(local["report"]["weighted"]) >= {"ea", "pa", "na", "score"}
 
 
+def test_every_section_the_benchmark_plans_can_be_asked_for_by_name():
+    assert set(SECTIONS) <= set(reproduce.SECTIONS)
+    assert set(reproduce.SECTIONS) == {
+        s for s in reproduce.SECTIONS if reproduce.plan(reproduce.PRESETS["quick"], s, "counterfact")
+    }
+
+
 def test_bad_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
         reproduce.main(["--sections", "main,tables"])
