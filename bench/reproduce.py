@@ -87,6 +87,9 @@ class Preset:
     forgetting_grid: tuple[int, int, int] = (4, 5, 10)  # clients, rounds (round 0: the old edits), per round
     sequential_edits: int = 160  # the first slot's edits after every slot, centralised and FedEdit
     curve_methods: tuple[str, ...] = ("fededit",)
+    # another editor's main table: the FedLEKE paper's rows (Tables 1-2) and CollabEdit; the weight
+    # merges (sa / ta / ties, editavg-factors) and the dense statistics are MEMIT's table's
+    editor_methods: tuple[str, ...] = ("local", "editavg", "fededit-noreedit", "fededit", "collabedit")
     one_batch: bool = True  # also the one-batch centralised edit of the union (main table)
     others_limit: int = 25  # other clients' absorbed requests evaluated per client
     fluency: bool = True  # CounterFact main table only
@@ -175,11 +178,9 @@ def plan(preset: Preset, section: str, dataset: str, editor: str = DEFAULT_EDITO
         out["unedited+centralised"] = base_exp(preset, dataset, "centralised", fluency=fl)
         if preset.one_batch:
             out["centralised (one batch)"] = base_exp(preset, dataset, "centralised", n_slots=1, fluency=fl)
-        for m in MAIN_METHODS:
-            if m == "editavg-factors" and editor == "alphaedit":
-                continue  # MEMIT's two factors: AlphaEdit's update has no such split
+        for m in MAIN_METHODS if editor == DEFAULT_EDITOR else preset.editor_methods:
             out[m] = base_exp(preset, dataset, m, fluency=fl)
-        if preset.collab_transport != "dense":  # the dense statistics' bytes beside (the same merged model)
+        if editor == DEFAULT_EDITOR and preset.collab_transport != "dense":  # its bytes beside, same model
             out["collabedit-dense"] = base_exp(preset, dataset, "collabedit", collab_transport="dense", fluency=fl)
     elif section == "ablation":
         for n in preset.ablation_sizes:

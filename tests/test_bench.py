@@ -346,6 +346,7 @@ def test_another_editor_writes_its_own_outputs_beside_memits(world, bench_run, t
     js = json.loads((out / "counterfact-alphaedit.json").read_text())
     assert js == json.loads(json.dumps(summary["counterfact"], default=str))
     assert js["config"]["editor"] == "alphaedit" and "README-alphaedit.md" in {p.name for p in out.iterdir()}
-    assert "editavg-factors" not in js["methods"]  # MEMIT's two factors: not AlphaEdit's update
+    federated = set(js["methods"]) - {"unedited", "centralised", "centralised_one_batch"}
+    assert federated == set(TINY.editor_methods) and "editavg-factors" not in federated  # not AlphaEdit's split
     assert js["methods"]["collabedit"]["retention"] == pytest.approx(1.0, abs=0.02)
     assert not (out / "counterfact.json").exists()
