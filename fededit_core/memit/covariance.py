@@ -27,6 +27,7 @@ from fededit_core.memit.nullspace import null_space_basis
 from fededit_core.model.families import family_for
 from fededit_core.model.fingerprint import model_fingerprint
 from fededit_core.model.hooks import capture_inputs, run_until
+from fededit_core.model.kv_cache import cache_kwargs, returned_cache
 from fededit_core.model.tokens import pad_right
 from fededit_core.paths import cache_dir
 
@@ -51,8 +52,8 @@ def _sample_chunks(model, tok, n_samples: int, seq_len: int, seed: int, batch_si
         step_input = ids
         with torch.no_grad():
             while ids.shape[1] < seq_len:
-                out = model(input_ids=step_input.to(device), past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = model(input_ids=step_input.to(device), **cache_kwargs(model, past), use_cache=True)
+                past = returned_cache(out)
                 probs = torch.softmax(out.logits[:, -1].float().cpu(), dim=-1)
                 if tok.eos_token_id is not None:
                     probs[:, tok.eos_token_id] = 0.0

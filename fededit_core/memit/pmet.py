@@ -39,6 +39,7 @@ from fededit_core.memit.target import (
 )
 from fededit_core.memit.templates import ContextTemplates
 from fededit_core.model.families import family_for
+from fededit_core.model.kv_cache import cache_kwargs
 
 KL_STOP = 0.01  # compute_zs: with the target already the argmax, stop once KL <= this
 NLL_FACTOR_AT_ARGMAX = 0.1  # compute_zs: the NLL's weight while the target is the argmax
@@ -121,7 +122,7 @@ class _PmetGroup:
                 input_ids=self.split.suffix_ids,
                 attention_mask=self.full_mask,
                 position_ids=self.split.suffix_pos,
-                past_key_values=_cache_for(self.prefix_kv, None),
+                **cache_kwargs(self.base, _cache_for(self.prefix_kv, None)),
                 use_cache=self.prefix_kv is not None,
             ).last_hidden_state
 

@@ -34,6 +34,7 @@ from fededit_core.memit.hparams import MEMITHyperParams
 from fededit_core.memit.templates import ContextTemplates
 from fededit_core.model.families import ModelFamily, family_for
 from fededit_core.model.hooks import capture_outputs, run_until
+from fededit_core.model.kv_cache import cache_kwargs, returned_cache
 from fededit_core.model.tokens import encode_target, encode_with_subject, pad_right
 
 KL_PROMPT = "{} is a"
@@ -271,7 +272,7 @@ def _prefix_kv(base: nn.Module, split: _SplitRows) -> list[tuple[torch.Tensor, t
         out = base(
             input_ids=split.prefix_ids, attention_mask=split.prefix_mask, position_ids=split.prefix_pos, use_cache=True
         )
-    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return [(layer.keys, layer.values) for layer in returned_cache(out).layers]
 
 
 def _cache_for(kv, index: torch.Tensor | None):
@@ -304,7 +305,7 @@ def block_output_over_suffixes(
                 input_ids=split.suffix_ids,
                 attention_mask=full_mask,
                 position_ids=split.suffix_pos,
-                past_key_values=_cache_for(prefix_kv, None),
+                **cache_kwargs(base, _cache_for(prefix_kv, None)),
                 use_cache=prefix_kv is not None,
             )
     finally:
@@ -419,7 +420,7 @@ class _GroupOptimiser:
                 input_ids=self.split.suffix_ids[dev_chunk, :width],
                 attention_mask=self.full_mask[dev_chunk, : self.prefix_width + width],
                 position_ids=self.split.suffix_pos[dev_chunk, :width],
-                past_key_values=_cache_for(self.prefix_kv, dev_chunk),
+                **cache_kwargs(self.base, _cache_for(self.prefix_kv, dev_chunk)),
                 use_cache=self.prefix_kv is not None,
             ).last_hidden_state
             return _chunk_terms(self.rows_local, chunk, chunk_req, n_active, hidden, self.lm_head)
