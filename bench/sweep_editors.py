@@ -2,6 +2,7 @@
 sweep" table), beside MEMIT's default.
 
     python -m bench.sweep_editors --n 48 --batches 4 --json runs/bench/sweep_editors.json
+    python -m bench.sweep_editors --n 48 --batches 4 --editors pmet   # one editor's rows
 
 The first ``n`` of the reproduction benchmark's CounterFact requests, edited in ``batches`` batches one
 after another on one model (a federation's time slots). Each request's target is optimised once on
@@ -28,7 +29,7 @@ SETTINGS = [
     *(
         {"editor": "pmet", "clamp_norm_factor": c, "mom2_weight": lam}
         for c in (0.75, 4.0)
-        for lam in (1000.0, 5000.0, 6000.0)
+        for lam in (250.0, 500.0, 1000.0, 5000.0, 6000.0)
     ),
 ]
 
@@ -46,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = sweep_parser(__doc__, 48)
     parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--editors", default="memit,alphaedit,pmet", help="comma-separated: whose rows to run")
     args = parser.parse_args(argv)
+    editors = set(args.editors.split(","))
+    if editors - {"memit", "alphaedit", "pmet"}:
+        parser.error(f"unknown editors {sorted(editors - {'memit', 'alphaedit', 'pmet'})}")
     configure_threads()
     data = Path(args.data)
     requests = select_requests(data, args.n, seed=0)
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     z_cache = BaseZCache(cache_dir("bench") / "z")
     unedited = counterfact_metrics(model, tok, requests)
     rows = [{"setting": "unedited", **{k: unedited[k] for k in ("es", "ps", "ns", "score")}}]
-    for setting in SETTINGS:
+    for setting in (s for s in SETTINGS if s["editor"] in editors):
         editor = MemitEditor(model, tok, hparams_for(model, **setting), templates=templates)
         editor.z_cache = z_cache
         try:

@@ -76,6 +76,20 @@ def test_pmet_takes_its_published_settings_unless_overridden():
     assert default_hparams("gptj").mom2_weight == 15000.0
 
 
+def test_smollm2_takes_its_swept_pmet_settings_and_keeps_memits():
+    from types import SimpleNamespace
+
+    from fededit_core.memit.hparams import MODEL_EDITOR_DEFAULTS, SMOLLM2_135M
+
+    config = SimpleNamespace(model_type="llama", hidden_size=576, num_hidden_layers=30, intermediate_size=1536)
+    swept = MODEL_EDITOR_DEFAULTS[(SMOLLM2_135M, "pmet")]
+    pmet = default_hparams("llama", config, editor="pmet")
+    assert (pmet.clamp_norm_factor, pmet.mom2_weight) == (swept["clamp_norm_factor"], swept["mom2_weight"])
+    assert (pmet.v_lr, pmet.v_steps) == (0.2, 30)  # the rest of PMET's published z optimisation
+    assert default_hparams("llama", config).mom2_weight == 5000.0  # MEMIT's SmolLM2 sweep
+    assert default_hparams("llama", config, editor="pmet", mom2_weight=7.0).mom2_weight == 7.0
+
+
 def test_a_batch_reaches_what_one_request_at_a_time_reaches(corpus):
     """Each request keeps its own deltas, loss and stopping step: batching changes nothing but speed
     (8 steps: Adam amplifies float rounding at the tiny model's learning rate, 1e-8 after 5 steps,

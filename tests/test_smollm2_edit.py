@@ -150,7 +150,7 @@ def test_mkvs_with_base_keys_drift_at_later_layers(smollm2, edited):
 @pytest.mark.parametrize("name", ["alphaedit", "pmet"])
 def test_the_other_editors_change_facts_on_smollm2(smollm2, edited, name):
     """AlphaEdit with its published settings edits as MEMIT does and writes only in C0's null space;
-    PMET with its published (GPT-J) settings moves the facts, less far on this model (README sweep)."""
+    PMET with SmolLM2's swept settings (README, "Editor sweep") edits as MEMIT does."""
     model, tok = smollm2
     requests, before = edited["requests"], edited["before"]
     editor = MemitEditor(model, tok, hparams_for(model, editor=name), templates=edited["editor"].templates)
@@ -164,6 +164,6 @@ def test_the_other_editors_change_facts_on_smollm2(smollm2, edited, name):
             shift = editor.weight_shift(layer)
             assert (shift - shift @ basis @ basis.T).norm() < 1e-3 * shift.norm()
         else:
-            assert after["es"] > before["es"] and after["ps"] > before["ps"], after
+            assert after["es"] >= 0.9 and after["ps"] > before["ps"] and abs(after["ns"] - before["ns"]) <= 0.1, after
     finally:
         editor.reset()

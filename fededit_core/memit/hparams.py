@@ -104,9 +104,10 @@ FAMILY_DEFAULTS: dict[str, dict] = {
 }
 
 # Known models, recognised by (model_type, hidden_size, num_hidden_layers, intermediate_size).
+SMOLLM2_135M = ("llama", 576, 30, 1536)
 MODEL_DEFAULTS: dict[tuple, dict] = {
     # SmolLM2-135M: chosen by `python -m bench.sweep_smollm2` (README, "SmolLM2 sweep")
-    ("llama", 576, 30, 1536): dict(layers=(4, 5, 6, 7, 8), mom2_weight=5000.0),
+    SMOLLM2_135M: dict(layers=(4, 5, 6, 7, 8), mom2_weight=5000.0),
 }
 
 
@@ -114,6 +115,13 @@ MODEL_DEFAULTS: dict[tuple, dict] = {
 # (xpq-tech/PMET edit/hparams/PMET/EleutherAI_gpt-j-6B.json; its nll_loss_factor 1 is memit.pmet's).
 EDITOR_DEFAULTS: dict[str, dict] = {
     "pmet": dict(v_lr=0.2, v_steps=30, kl_factor=1.0, v_weight_decay=0.5, clamp_norm_factor=0.75, mom2_weight=6000.0),
+}
+
+
+# Per known model and editor, over all of the above: SmolLM2-135M's PMET settings, chosen by
+# `python -m bench.sweep_editors` (README, "Editor sweep"); AlphaEdit's published ones won there.
+MODEL_EDITOR_DEFAULTS: dict[tuple[tuple, str], dict] = {
+    (SMOLLM2_135M, "pmet"): dict(clamp_norm_factor=4.0, mom2_weight=1000.0),
 }
 
 
@@ -128,11 +136,13 @@ def model_signature(config) -> tuple:
 
 def default_hparams(family: str, config=None, n_layers: int | None = None, **overrides) -> MEMITHyperParams:
     """Defaults for a family (and a known model, given its config), then for the editor named in
-    ``overrides``, scaled down for models with few layers."""
+    ``overrides`` (and that editor on that model), scaled down for models with few layers."""
+    editor = overrides.get("editor", DEFAULT_EDITOR)
+    signature = model_signature(config) if config is not None else None
     settings = dict(FAMILY_DEFAULTS.get(family, FAMILY_DEFAULTS["llama"]))
-    if config is not None:
-        settings.update(MODEL_DEFAULTS.get(model_signature(config), {}))
-    settings.update(EDITOR_DEFAULTS.get(overrides.get("editor", DEFAULT_EDITOR), {}))
+    settings.update(MODEL_DEFAULTS.get(signature, {}))
+    settings.update(EDITOR_DEFAULTS.get(editor, {}))
+    settings.update(MODEL_EDITOR_DEFAULTS.get((signature, editor), {}))
     if n_layers is not None and max(settings["layers"]) >= n_layers:
         settings["layers"] = tuple(range(max(0, n_layers // 2 - 1), n_layers // 2 + 1))
     settings.update(overrides)
