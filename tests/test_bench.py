@@ -350,3 +350,31 @@ def test_another_editor_writes_its_own_outputs_beside_memits(world, bench_run, t
     assert federated == set(TINY.editor_methods) and "editavg-factors" not in federated  # not AlphaEdit's split
     assert js["methods"]["collabedit"]["retention"] == pytest.approx(1.0, abs=0.02)
     assert not (out / "counterfact.json").exists()
+
+
+def test_editors_compared_from_each_editors_outputs(tmp_path, capsys):
+    from bench import compare_editors
+
+    def main_table(centralised, fededit):
+        return {
+            "centralised": {"score": centralised},
+            "fededit": {"score": fededit, "retention": fededit / centralised},
+        }
+
+    def curve(scores):
+        return [{"method": "centralised", "slot": t + 1, "score": s} for t, s in enumerate(scores)]
+
+    (tmp_path / "counterfact.json").write_text(
+        json.dumps({"methods": main_table(0.8, 0.78), "sequential": curve([0.9, 0.7])})
+    )
+    (tmp_path / "counterfact-alphaedit.json").write_text(
+        json.dumps({"methods": main_table(0.5, 0.49), "sequential": curve([0.9, 0.85])})
+    )
+    assert compare_editors.main(["--out", str(tmp_path)]) == 0
+    text = (tmp_path / "editors.md").read_text()
+    assert text.strip() == capsys.readouterr().out.strip()
+    assert "| memit | counterfact | 0.800 | - | - | - | 0.780 (97.5%) | - |" in text
+    assert "| alphaedit | counterfact | 0.500 | - | - | - | 0.490 (98.0%) | - |" in text
+    assert "| 2 | 0.850 | 0.700 |" in text  # after slot 2: alphaedit's curve, then memit's
+    with pytest.raises(SystemExit):
+        compare_editors.main(["--out", str(tmp_path / "empty")])
