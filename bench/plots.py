@@ -43,7 +43,10 @@ def _curve_plot(plt, rows: list[dict], key: str, kind: str, title: str, path: Pa
             ax.plot(*zip(*central), marker="s", linestyle="--", color="black", label="centralised")
         ax.set_title(metric if metric == "score" else metric.upper())
         ax.set_xlabel(key.replace("_", " "))
-        ax.set_xticks(xs)
+        if min(xs) > 0 and max(xs) >= 16 * min(xs):  # e.g. 25 ... 400 edits: evenly spaced doublings
+            ax.set_xscale("log", base=2)
+            ax.minorticks_off()
+        ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
