@@ -8,8 +8,8 @@ of each slot. A copy replaces one of another client's own requests, so it lands 
 - overlap: about ``share`` of each slot's requests also sent by one other client in the same slot
   (what de-duplication must count once);
 - conflict: about ``share`` of all requests edited by one other client to a different object of
-  the same relation (another request's target_new under the same template), half in the same slot
-  and half in the next one. First and second writer are ordered by (slot, client name), the order in
+  the same relation (another request's target_new under the same template), a share of them in the
+  same slot (half by default) and the rest in the next one. First and second writer are ordered by (slot, client name), the order in
   which ``last-writer`` lets the later edit win.
 
 :func:`object_votes` says which of the first writer's object, the second's and the true object the
@@ -90,26 +90,33 @@ def other_object(request: EditRequest, pool: Sequence[EditRequest], rng: random.
     return rng.choice(options) if options else None
 
 
-def with_conflicts(grid: Grid, share: float, pool: Sequence[EditRequest], seed: int) -> tuple[Grid, list[dict]]:
-    """About ``share`` of all requests edited again to another object by another client, half in the
-    same slot and half in the next; returns the grid and one record per conflict: the two requests in
-    writing order, and ``placement`` (``same slot`` or ``next slot``)."""
+def with_conflicts(
+    grid: Grid, share: float, pool: Sequence[EditRequest], seed: int, same_slot: float = 0.5
+) -> tuple[Grid, list[dict]]:
+    """About ``share`` of all requests edited again to another object by another client, ``same_slot``
+    of them in the same slot and the rest in the next (all in the same slot when there is one slot);
+    returns the grid and one record per conflict: the two requests in writing order, and
+    ``placement`` (``same slot`` or ``next slot``)."""
     rng = random.Random(seed)
     grid = [[list(chunk) for chunk in slot] for slot in grid]
     n_slots = len(grid)
     cells = [(s, c, i) for s in range(n_slots) for c in range(len(grid[s])) for i in range(len(grid[s][c]))]
     wanted = round(share * len(cells))
+    n_same = wanted if n_slots == 1 else round(same_slot * wanted)
+    quota = {"same slot": n_same, "next slot": wanted - n_same}
     used: set = set()
     conflicts: list[dict] = []
     for s, c, i in rng.sample(cells, len(cells)):
-        if len(conflicts) == wanted:
+        if not any(quota.values()):
             break
-        same = len(conflicts) % 2 == 0 or s == n_slots - 1
-        if (s, c, i) in used or (not same and s == n_slots - 1):
+        # the last slot's requests have no next slot; the others fill the scarcer next-slot quota first
+        options = ("same slot",) if s == n_slots - 1 else ("next slot", "same slot")
+        placement = next((p for p in options if quota[p]), None)
+        if (s, c, i) in used or placement is None:
             continue
         first = grid[s][c][i]
         obj = other_object(first, pool, rng) if first.target_true else None
-        to_slot = s if same else s + 1
+        to_slot = s if placement == "same slot" else s + 1
         target = _free_position(grid, to_slot, c, used | {(s, c, i)}, rng)
         if obj is None or target is None:
             continue
@@ -118,9 +125,8 @@ def with_conflicts(grid: Grid, share: float, pool: Sequence[EditRequest], seed: 
         grid[to_slot][target[0]][target[1]] = second
         order = [(s, c, first), (to_slot, target[0], second)]
         order.sort(key=lambda x: (x[0], client_name(x[1])))
-        conflicts.append(
-            {"first": order[0][2], "second": order[1][2], "placement": "same slot" if same else "next slot"}
-        )
+        conflicts.append({"first": order[0][2], "second": order[1][2], "placement": placement})
+        quota[placement] -= 1
     return grid, conflicts
 
 
@@ -164,7 +170,7 @@ def build(exp: dict, requests: Sequence[EditRequest], pool: Sequence[EditRequest
         grid, repeated = with_overlap(grid, exp["overlap"], seed)
         return by_client(grid), {"repeated": set(repeated)}
     if kind == "conflict":
-        grid, conflicts = with_conflicts(grid, exp["conflict_share"], pool, seed)
+        grid, conflicts = with_conflicts(grid, exp["conflict_share"], pool, seed, exp["conflict_same_slot"])
         return by_client(grid), {"conflicts": conflicts}
     raise ValueError(f"unknown workload {kind!r}")
 

@@ -84,6 +84,7 @@ class Preset:
     challenge_grid: tuple[int, int, int] = (4, 2, 20)
     collab_overlap_share: float = 0.3  # positions of a slot holding another client's request
     conflict_share: float = 0.1  # requests edited again to another object by another client
+    conflict_same_slot: float = 0.5  # of those conflicts, the share whose second edit is in the same slot
     forgetting_grid: tuple[int, int, int] = (4, 5, 10)  # clients, rounds (round 0: the old edits), per round
     sequential_edits: int = 160  # the first slot's edits after every slot, centralised and FedEdit
     curve_methods: tuple[str, ...] = ("fededit",)
@@ -221,7 +222,13 @@ def plan(preset: Preset, section: str, dataset: str, editor: str = DEFAULT_EDITO
         else:
             for policy in CONFLICT_POLICIES:
                 out[policy] = base_exp(
-                    preset, dataset, "collabedit", **grid, conflict_share=preset.conflict_share, collab_conflict=policy
+                    preset,
+                    dataset,
+                    "collabedit",
+                    **grid,
+                    conflict_share=preset.conflict_share,
+                    conflict_same_slot=preset.conflict_same_slot,
+                    collab_conflict=policy,
                 )
     elif section == "forgetting" and dataset == "counterfact":
         clients, rounds, per = preset.forgetting_grid
