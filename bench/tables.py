@@ -317,7 +317,7 @@ def curve_table(rows: list[dict], key: str, kind: str) -> str:
                 "Score": _pct(r.get("score"), r.get("retention")),
                 **{p.upper(): _pct(r.get(p), rp.get(p)) for p in SCORE_PARTS[kind]},
                 "centralised Score": f"{r['centralised_score']:.3f}" if r.get("centralised_score") else "-",
-                "sets kept/received": f"{r['kept_sets']}/{r['received_sets']}",
+                "sets kept/received": f"{r['kept_sets']}/{r['received_sets']}" if r["received_sets"] else "-",
                 "wall s": f"{r['wall_s']:.0f}",
             }
         )

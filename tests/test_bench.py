@@ -136,6 +136,10 @@ def test_merging_figure_has_every_baseline_at_every_size_and_collabedit_is_the_g
         if r["method"] == "collabedit":  # one round: one global MEMIT edit of the union
             assert r["retention"] == pytest.approx(1.0, abs=1e-6)
     assert (bench_run["out"] / "merging_counterfact.png").is_file()
+    from bench.tables import curve_table
+
+    table = curve_table(rows, "n_edits", "counterfact")
+    assert "0/0" not in table and table.count("| - | ") >= len(rows)  # no MKV sets in a merge: "-", not 0/0
 
 
 def test_outputs_written_and_a_rerun_reads_everything_from_the_cache(bench_run, world, monkeypatch):
