@@ -24,10 +24,11 @@ from fededit_core.io import atomic_write
 from fededit_core.memit.hparams import EDITORS
 
 from .plots import _pyplot
+from .reproduce import PRESETS
 from .tables import suffix_of
 
 DATASETS = ("counterfact", "zsre")
-FEDERATED = ("local", "editavg", "fededit-noreedit", "fededit", "collabedit")  # every editor's main table
+FEDERATED = PRESETS["default"].editor_methods  # the rows every editor's main table has
 
 
 def load(out: Path) -> dict[str, dict[str, dict]]:

@@ -41,17 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     from fededit_core.eval.metrics import counterfact_metrics
     from fededit_core.eval.tables import format_table
     from fededit_core.memit.editor import MemitEditor, hparams_for
+    from fededit_core.memit.hparams import EDITORS
     from fededit_core.memit.templates import sample_context_templates
     from fededit_core.model.loading import configure_threads, load_model
     from fededit_core.paths import cache_dir, recorded_path
 
     parser = sweep_parser(__doc__, 48)
     parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--editors", default="memit,alphaedit,pmet", help="comma-separated: whose rows to run")
+    parser.add_argument("--editors", default=",".join(EDITORS), help="comma-separated: whose rows to run")
     args = parser.parse_args(argv)
     editors = set(args.editors.split(","))
-    if editors - {"memit", "alphaedit", "pmet"}:
-        parser.error(f"unknown editors {sorted(editors - {'memit', 'alphaedit', 'pmet'})}")
+    if editors - set(EDITORS):
+        parser.error(f"unknown editors {sorted(editors - set(EDITORS))}; expected some of {list(EDITORS)}")
     configure_threads()
     data = Path(args.data)
     requests = select_requests(data, args.n, seed=0)
