@@ -6,9 +6,9 @@ Reads ``<dataset>.json`` (MEMIT) and ``<dataset>-<editor>.json`` from ``--out`` 
 
 - ``editors.md``: per editor and data set, the centralised Score and each federated method's Score
   as a percentage of its own editor's centralised run (the FedLEKE paper's retention); then the
-  Score of the first slot's edits after every slot (the ``sequential`` section), centralised and
-  FedEdit, per editor;
-- ``sequential_editors.png``: that forgetting curve as a plot.
+  Score of the first slot's edits after every slot, per editor: the ``sequential`` section
+  (centralised and FedEdit) and the long workload's ``sequential_long``;
+- ``sequential_editors.png``, ``sequential_long_editors.png``: those forgetting curves as plots.
 
 Only what was run is shown: an editor or a section without outputs is left out.
 """
@@ -25,7 +25,7 @@ from fededit_core.memit.hparams import EDITORS
 
 from .plots import _pyplot
 from .reproduce import PRESETS
-from .tables import suffix_of
+from .tables import SEQUENTIAL_SECTIONS, suffix_of
 
 DATASETS = ("counterfact", "zsre")
 FEDERATED = PRESETS["default"].editor_methods  # the rows every editor's main table has
@@ -59,12 +59,12 @@ def retention_table(found: dict) -> str:
     return "\n".join(lines)
 
 
-def sequential_rows(found: dict) -> list[dict]:
-    """``{editor, method, slot, score}`` of every editor's CounterFact ``sequential`` section."""
+def sequential_rows(found: dict, section: str = "sequential") -> list[dict]:
+    """``{editor, method, slot, score}`` of every editor's CounterFact ``section`` (a sequential one)."""
     return [
         {"editor": editor, **row}
         for editor, by_dataset in found.items()
-        for row in by_dataset.get("counterfact", {}).get("sequential") or []
+        for row in by_dataset.get("counterfact", {}).get(section) or []
     ]
 
 
@@ -107,13 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     found = load(out)
     if not found:
         p.error(f"no benchmark outputs in {out}: run python -m bench.reproduce [--editor NAME] first")
-    rows = sequential_rows(found)
     parts = ["# Editors side by side", "", "## Main tables: Score (% of the editor's centralised run)", ""]
     parts += [retention_table(found), ""]
-    if rows:
-        parts += ["## The first slot's edits after every slot (CounterFact)", "", sequential_table(rows), ""]
-        if sequential_plot(rows, out / "sequential_editors.png"):
-            parts += ["![first slot's edits](sequential_editors.png)", ""]
+    for section in SEQUENTIAL_SECTIONS:
+        rows = sequential_rows(found, section)
+        if not rows:
+            continue
+        title = f"## The first slot's edits after every slot (CounterFact, the `{section}` section)"
+        parts += [title, "", sequential_table(rows), ""]
+        if sequential_plot(rows, out / f"{section}_editors.png"):
+            parts += [f"![first slot's edits]({section}_editors.png)", ""]
     text = "\n".join(parts)
     atomic_write(out / "editors.md", text)
     print(text)

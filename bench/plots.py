@@ -4,6 +4,7 @@
 - ``slots_<dataset>.png`` (Figure 6): the same against the number of time slots;
 - ``merging_<dataset>.png`` (CollabEdit's Figure 1): the same against the edits merged in one round;
 - ``sequential_<dataset>.png``: the first slot's edits after every slot, centralised and FedEdit;
+- ``sequential_long_<dataset>.png``: the same on the long workload (``sequential_long``);
 - ``bytes_per_edit.png``: bytes sent and received per edit, per strategy and data set.
 """
 
@@ -90,6 +91,7 @@ def write_plots(out: Path, all_js: dict[str, dict], suffix: str = "") -> list[Pa
             ("slots", "n_slots", "Figure 6: Score vs time slots"),
             ("merging", "n_edits", "CollabEdit Figure 1: Score vs edits, one round"),
             ("sequential", "slot", "The first slot's edits after every slot"),
+            ("sequential_long", "slot", "The first slot's edits after every slot, long workload"),
         ):
             if js.get(key):
                 path = out / f"{key}_{dataset}{suffix}.png"

@@ -61,6 +61,7 @@ SECTIONS = (
     "conflict",
     "forgetting",
     "sequential",
+    "sequential_long",
 )
 MERGING_METHODS = ("centralised", "sa", "ta", "ties", "collabedit")  # CollabEdit's Figure 1
 FORGETTING_BETA1 = (0.0, 1.0)  # plain MEMIT statistics against the CollabEdit authors' dynamic covariance
@@ -87,6 +88,9 @@ class Preset:
     conflict_same_slot: float = 0.5  # of those conflicts, the share whose second edit is in the same slot
     forgetting_grid: tuple[int, int, int] = (4, 5, 10)  # clients, rounds (round 0: the old edits), per round
     sequential_edits: int = 160  # the first slot's edits after every slot, centralised and FedEdit
+    # the same curve on a workload large enough for MEMIT to forget (AlphaEdit's case): 10 slots x 100
+    sequential_long_edits: int = 1000
+    sequential_long_methods: tuple[str, ...] = ("centralised",)
     curve_methods: tuple[str, ...] = ("fededit",)
     # another editor's main table: the FedLEKE paper's rows (Tables 1-2) and CollabEdit; the weight
     # merges (sa / ta / ties, editavg-factors) and the dense statistics are MEMIT's table's
@@ -121,6 +125,7 @@ PRESETS = {
         challenge_grid=(2, 2, 5),
         forgetting_grid=(2, 3, 2),
         sequential_edits=24,
+        sequential_long_edits=48,
         others_limit=6,
         fluency=False,
     ),
@@ -248,6 +253,9 @@ def plan(preset: Preset, section: str, dataset: str, editor: str = DEFAULT_EDITO
     elif section == "sequential" and dataset == "counterfact":
         for m in ("centralised", "fededit"):
             out[m] = base_exp(preset, dataset, m, n_edits=preset.sequential_edits, first_slot_curve=True)
+    elif section == "sequential_long" and dataset == "counterfact":
+        for m in preset.sequential_long_methods:
+            out[m] = base_exp(preset, dataset, m, n_edits=preset.sequential_long_edits, first_slot_curve=True)
     elif section == "iid" and dataset == "counterfact":
         for m in ("centralised", "fededit", "editavg"):
             out[m] = base_exp(preset, dataset, m, partition="iid", **curve)

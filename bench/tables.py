@@ -32,6 +32,8 @@ MAIN_METHODS = (  # federated
     "fededit",
     "collabedit",
 )
+# the first slot's edits after every slot; each section's size is the preset's ``<section>_edits``
+SEQUENTIAL_SECTIONS = ("sequential", "sequential_long")
 METHOD_ORDER = ("unedited", "centralised", "centralised_one_batch", *MAIN_METHODS, "collabedit-dense")
 
 
@@ -244,8 +246,9 @@ def dataset_json(
         c = _central(iid.get("centralised"))
         out["iid"] = {"centralised": c, **{m: _federated(r, c, kind) for m, r in iid.items() if m != "centralised"}}
     out.update(_challenges(results, kind))
-    if "sequential" in results:
-        out["sequential"] = _sequential(results["sequential"])
+    for section in SEQUENTIAL_SECTIONS:
+        if section in results:
+            out[section] = _sequential(results[section])
     return out
 
 
@@ -476,11 +479,14 @@ def markdown(preset, all_js: dict[str, dict], model: str, editor: str = DEFAULT_
             parts += _section(title, overlap_table(js["overlap"]))
         if js.get("iid"):
             parts += _section(f"IID split, {dataset}", iid_table(js["iid"], js["dataset"]))
-        if js.get("sequential"):
-            note = f"Score of the edits of slot 1 (FedEdit: each client's own) after each slot, editor {editor}."
-            title = f"Sequential editing: the first slot's edits after every slot, {dataset}"
-            table = sequential_table(js["sequential"])
-            parts += _section(title, table, note, image=f"sequential_{dataset}{suffix}.png")
+        for key in SEQUENTIAL_SECTIONS:
+            if js.get(key):
+                note = f"Score of the edits of slot 1 (FedEdit: each client's own) after each slot, editor {editor}."
+                title = (
+                    f"Sequential editing: the first slot's edits after every slot, {dataset} "
+                    f"({getattr(preset, key + '_edits')} edits in {preset.n_slots} slots)"
+                )
+                parts += _section(title, sequential_table(js[key]), note, image=f"{key}_{dataset}{suffix}.png")
         if js.get("collab_overlap"):
             table = collab_overlap_table(js["collab_overlap"])
             parts += _section(f"CollabEdit, overlap workload, {dataset}", table, COLLAB_OVERLAP_NOTE)

@@ -31,6 +31,7 @@ TINY = reproduce.Preset(
     overlap_slots=2,
     merging_edits=(4, 8),
     sequential_edits=8,
+    sequential_long_edits=6,
     challenge_grid=(2, 2, 2),
     conflict_share=0.25,
     forgetting_grid=(2, 2, 1),
@@ -39,7 +40,18 @@ TINY = reproduce.Preset(
     alpha=0.0,
     others_limit=0,
 )
-SECTIONS = ("main", "ablation", "slots", "overlap", "merging", "collab_overlap", "conflict", "forgetting", "sequential")
+SECTIONS = (
+    "main",
+    "ablation",
+    "slots",
+    "overlap",
+    "merging",
+    "collab_overlap",
+    "conflict",
+    "forgetting",
+    "sequential",
+    "sequential_long",
+)
 
 
 @pytest.fixture(scope="module")
@@ -341,6 +353,14 @@ def test_sequential_curves_follow_the_first_slots_edits_after_every_slot(bench_r
     assert "first slot's edits after every slot" in (bench_run["out"] / "README.md").read_text()
 
 
+def test_long_sequential_workload_follows_its_own_first_slot_centralised(bench_run):
+    rows = bench_run["summary"]["sequential_long"]
+    assert [(r["method"], r["slot"]) for r in rows] == [("centralised", 1), ("centralised", 2)]
+    assert all(r["n"] == 4 and r["score"] is not None for r in rows)  # slot 1: 2 clients x 2 of their 3
+    readme = (bench_run["out"] / "README.md").read_text()
+    assert "(6 edits in 2 slots)" in readme and "sequential_long_counterfact.png" in readme
+
+
 def test_another_editor_writes_its_own_outputs_beside_memits(world, bench_run, tmp_path):
     out = tmp_path / "out"
     hparams = {**world["hparams"], "editor": "alphaedit", "nullspace_threshold": 1.0}
@@ -372,7 +392,9 @@ def test_editors_compared_from_each_editors_outputs(tmp_path, capsys):
         json.dumps({"methods": main_table(0.8, 0.78), "sequential": curve([0.9, 0.7])})
     )
     (tmp_path / "counterfact-alphaedit.json").write_text(
-        json.dumps({"methods": main_table(0.5, 0.49), "sequential": curve([0.9, 0.85])})
+        json.dumps(
+            {"methods": main_table(0.5, 0.49), "sequential": curve([0.9, 0.85]), "sequential_long": curve([0.9, 0.6])}
+        )
     )
     assert compare_editors.main(["--out", str(tmp_path)]) == 0
     text = (tmp_path / "editors.md").read_text()
@@ -380,5 +402,7 @@ def test_editors_compared_from_each_editors_outputs(tmp_path, capsys):
     assert "| memit | counterfact | 0.800 | - | - | - | 0.780 (97.5%) | - |" in text
     assert "| alphaedit | counterfact | 0.500 | - | - | - | 0.490 (98.0%) | - |" in text
     assert "| 2 | 0.850 | 0.700 |" in text  # after slot 2: alphaedit's curve, then memit's
+    long = text.split("the `sequential_long` section")[1]
+    assert "| 2 | 0.600 |" in long and "memit" not in long  # only AlphaEdit ran the long workload
     with pytest.raises(SystemExit):
         compare_editors.main(["--out", str(tmp_path / "empty")])
