@@ -40,18 +40,7 @@ TINY = reproduce.Preset(
     alpha=0.0,
     others_limit=0,
 )
-SECTIONS = (
-    "main",
-    "ablation",
-    "slots",
-    "overlap",
-    "merging",
-    "collab_overlap",
-    "conflict",
-    "forgetting",
-    "sequential",
-    "sequential_long",
-)
+SECTIONS = tuple(s for s in reproduce.SECTIONS if s not in ("clients", "iid"))  # those two: the slots' code
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +207,6 @@ def test_zsre_federated_runs_are_scored_with_zsre_metrics_like_centralised(world
 
 
 def test_every_section_the_benchmark_plans_can_be_asked_for_by_name():
-    assert set(SECTIONS) <= set(reproduce.SECTIONS)
     assert set(reproduce.SECTIONS) == {
         s for s in reproduce.SECTIONS if reproduce.plan(reproduce.PRESETS["quick"], s, "counterfact")
     }
