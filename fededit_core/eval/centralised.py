@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from tqdm.auto import tqdm
+
 from fededit_core.data.requests import EditRequest
 from fededit_core.data.slots import split_into_slots
 from fededit_core.eval.metrics import evaluate
@@ -34,7 +36,7 @@ def centralised_metrics(
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     try:
-        for t in range(n_slots):
+        for t in tqdm(range(n_slots), desc="centralised time slots", unit="slot", disable=n_slots == 1):
             union = [r for name in parts for r in slots[name][t]]
             if union:
                 for phase, s in editor.edit(union, progress=n_slots == 1).seconds.items():
