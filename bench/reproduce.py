@@ -90,7 +90,7 @@ class Preset:
     sequential_edits: int = 160  # the first slot's edits after every slot, centralised and FedEdit
     # the same curve on a workload large enough for MEMIT to forget (AlphaEdit's case): 10 slots x 100
     sequential_long_edits: int = 1000
-    sequential_long_methods: tuple[str, ...] = ("centralised",)
+    sequential_long_methods: tuple[str, ...] = ("centralised", "fededit")
     curve_methods: tuple[str, ...] = ("fededit",)
     # another editor's main table: the FedLEKE paper's rows (Tables 1-2) and CollabEdit; the weight
     # merges (sa / ta / ties, editavg-factors) and the dense statistics are MEMIT's table's

@@ -341,9 +341,9 @@ def test_sequential_curves_follow_the_first_slots_edits_after_every_slot(bench_r
     assert "first slot's edits after every slot" in (bench_run["out"] / "README.md").read_text()
 
 
-def test_long_sequential_workload_follows_its_own_first_slot_centralised(bench_run):
+def test_long_sequential_workload_follows_its_own_first_slot(bench_run):
     rows = bench_run["summary"]["sequential_long"]
-    assert [(r["method"], r["slot"]) for r in rows] == [("centralised", 1), ("centralised", 2)]
+    assert [(r["method"], r["slot"]) for r in rows] == [(m, t) for m in TINY.sequential_long_methods for t in (1, 2)]
     assert all(r["n"] == 4 and r["score"] is not None for r in rows)  # slot 1: 2 clients x 2 of their 3
     readme = (bench_run["out"] / "README.md").read_text()
     assert "(6 edits in 2 slots)" in readme and "sequential_long_counterfact.png" in readme
