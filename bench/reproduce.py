@@ -40,7 +40,7 @@ from fededit_core.paths import cache_dir, shared_data_dir
 from strategies.collabedit import CONFLICT_POLICIES
 
 from .experiments import Runner, select_requests
-from .tables import MAIN_METHODS, dataset_json, write_outputs
+from .tables import MAIN_METHODS, dataset_json, suffix_of, write_outputs
 
 log = logging.getLogger("fededit.bench")
 SHARED = shared_data_dir() or Path("../shared/data")  # development and CI only; users pass their files
@@ -385,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
             if v.get("score") is not None
         )
         print(f"{dataset}: {line}")
-    print(f"outputs in {out}/ (README.md, {', '.join(f'{d}.json' for d in preset.datasets)}, PNG plots)")
+    suffix = suffix_of(next(iter(summary.values()))["config"]["editor"])
+    names = ", ".join(f"{d}{suffix}.json" for d in preset.datasets)
+    print(f"outputs in {out}/ (README{suffix}.md, {names}, PNG plots)")
     return 0
 
 

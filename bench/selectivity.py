@@ -12,8 +12,8 @@ From the absorbed requests each client evaluated (``others_per_request``, a samp
 FedLEKE authors' figure (zongkaiz/FLEKE FedEdit/evaluate_main.py: ``all_records``, a client's own
 records plus those it re-edited, scored after the last slot): per client
 ``union = own ∪ re-edited``, each part the mean over own requests and re-edited ones (the sample
-standing for all re-edited), Score the harmonic mean; its retention is against centralised MEMIT
-on the same requests with the same weights.
+standing for all re-edited), Score the harmonic mean; its retention is against the centralised run
+of the same editor on the same requests with the same weights.
 """
 
 from __future__ import annotations

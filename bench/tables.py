@@ -429,7 +429,7 @@ def _section(title: str, table: str, note: str | None = None, image: str | None 
 SELECTIVITY_NOTE = (
     "Related: the MKV's relation group (CounterFact) or question cluster (zsRE) is among the receiver's own "
     "so far. Others' Scores on the absorbed requests each client evaluated; own ∪ re-edited is the FedLEKE "
-    "authors' figure, its percentage against centralised MEMIT on the same requests."
+    "authors' figure, its percentage against the centralised run on the same requests."
 )
 COLLAB_OVERLAP_NOTE = (
     "A share of each slot's positions hold another client's request of the same slot. Counted once: rows "
@@ -451,8 +451,8 @@ def markdown(preset, all_js: dict[str, dict], model: str, editor: str = DEFAULT_
         f"# fededit reproduction benchmark ({preset.name} preset, editor {editor})",
         "",
         f"Model {model}, {preset.n_clients} clients, {preset.n_slots} time slots, α = {preset.alpha} on "
-        f"{preset.vector}. Each federated figure is followed by its percentage of centralised MEMIT "
-        "(the union, edited in the same time slots).",
+        f"{preset.vector}. Each federated figure is followed by its percentage of the centralised run "
+        f"(the union, edited by {editor} in the same time slots).",
         "",
     ]
     titles = {"counterfact": "Table 1: CounterFact", "zsre": "Table 2: zsRE"}
