@@ -40,7 +40,7 @@ from fededit_core.paths import cache_dir, shared_data_dir
 from strategies.collabedit import CONFLICT_POLICIES
 
 from .experiments import Runner, select_requests
-from .tables import MAIN_METHODS, dataset_json, suffix_of, write_outputs
+from .tables import MAIN_METHODS, SEQUENTIAL_SECTIONS, dataset_json, suffix_of, write_outputs
 
 log = logging.getLogger("fededit.bench")
 SHARED = shared_data_dir() or Path("../shared/data")  # development and CI only; users pass their files
@@ -87,7 +87,8 @@ class Preset:
     conflict_share: float = 0.1  # requests edited again to another object by another client
     conflict_same_slot: float = 0.5  # of those conflicts, the share whose second edit is in the same slot
     forgetting_grid: tuple[int, int, int] = (4, 5, 10)  # clients, rounds (round 0: the old edits), per round
-    sequential_edits: int = 160  # the first slot's edits after every slot, centralised and FedEdit
+    sequential_edits: int = 160  # the first slot's edits after every slot
+    sequential_methods: tuple[str, ...] = ("centralised", "fededit")
     # the same curve on a workload large enough for MEMIT to forget (AlphaEdit's case): 10 slots x 100
     sequential_long_edits: int = 1000
     sequential_long_methods: tuple[str, ...] = ("centralised", "fededit")
@@ -250,12 +251,10 @@ def plan(preset: Preset, section: str, dataset: str, editor: str = DEFAULT_EDITO
                     per_round=per,
                     beta1=beta1,
                 )
-    elif section == "sequential" and dataset == "counterfact":
-        for m in ("centralised", "fededit"):
-            out[m] = base_exp(preset, dataset, m, n_edits=preset.sequential_edits, first_slot_curve=True)
-    elif section == "sequential_long" and dataset == "counterfact":
-        for m in preset.sequential_long_methods:
-            out[m] = base_exp(preset, dataset, m, n_edits=preset.sequential_long_edits, first_slot_curve=True)
+    elif section in SEQUENTIAL_SECTIONS and dataset == "counterfact":  # sizes and methods: <section>_edits, _methods
+        n = getattr(preset, f"{section}_edits")
+        for m in getattr(preset, f"{section}_methods"):
+            out[m] = base_exp(preset, dataset, m, n_edits=n, first_slot_curve=True)
     elif section == "iid" and dataset == "counterfact":
         for m in ("centralised", "fededit", "editavg"):
             out[m] = base_exp(preset, dataset, m, partition="iid", **curve)

@@ -32,7 +32,7 @@ MAIN_METHODS = (  # federated
     "fededit",
     "collabedit",
 )
-# the first slot's edits after every slot; each section's size is the preset's ``<section>_edits``
+# the first slot's edits after every slot; each section's size and methods: the preset's ``<section>_edits``, ``_methods``
 SEQUENTIAL_SECTIONS = ("sequential", "sequential_long")
 METHOD_ORDER = ("unedited", "centralised", "centralised_one_batch", *MAIN_METHODS, "collabedit-dense")
 
