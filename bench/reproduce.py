@@ -24,7 +24,7 @@ import logging
 import os
 import platform
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.zcache import BaseZCache
@@ -350,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--counterfact", default=str(DEFAULT_DATA["counterfact"]), help="CounterFact file")
     p.add_argument("--zsre", default=str(DEFAULT_DATA["zsre"]), help="zsRE file")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    p.add_argument(
+        "--datasets",
+        default=None,
+        help="comma-separated subset of counterfact,zsre (default both; e.g. one per core, then both from the cache)",
+    )
     add_model_args(p)
     add_hparam_args(p)
     args = p.parse_args(argv)
@@ -359,9 +364,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         p.error(f"unknown sections {unknown}; expected a subset of {list(SECTIONS)}")
+    if args.datasets is not None:
+        datasets = tuple(d for d in args.datasets.split(",") if d)
+        unknown = sorted(set(datasets) - set(preset.datasets))
+        if unknown or not datasets:
+            p.error(f"unknown data sets {unknown or datasets}; expected a subset of {list(preset.datasets)}")
+        preset = replace(preset, datasets=datasets)
     data_files = {"counterfact": Path(args.counterfact), "zsre": Path(args.zsre)}
     for name, path in data_files.items():
-        if not path.is_file():
+        if name in preset.datasets and not path.is_file():
             p.error(f"{name} data {path} not found: pass --{name} PATH (the project ships no copy)")
     out = Path(args.out or ("runs/bench-quick" if args.quick else "results/bench"))
     cache = Path(args.cache) if args.cache else cache_dir("bench")

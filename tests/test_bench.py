@@ -219,6 +219,15 @@ def test_bad_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
         reproduce.main(["--quick", "--counterfact", "/nonexistent/cf.json"])
     assert "/nonexistent/cf.json not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        reproduce.main(["--datasets", "zsre,wiki"])
+    assert "unknown data sets ['wiki']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # only the chosen data set's file is required
+        reproduce.main(
+            ["--quick", "--datasets", "zsre", "--counterfact", "/nonexistent/cf.json", "--zsre", "/no/zs.json"]
+        )
+    err = capsys.readouterr().err
+    assert "/no/zs.json not found" in err and "cf.json" not in err
 
 
 def test_each_data_sets_tables_use_its_own_metric_names():
