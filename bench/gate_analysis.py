@@ -34,7 +34,8 @@ from fededit_core.data.slots import split_into_slots
 from fededit_core.fedleke.probe import probe_divergence, probe_requests
 from fededit_core.fedleke.reedit import kept_rows
 from fededit_core.memit.editor import make_editor
-from fededit_core.memit.keys import compute_keys, hidden_at_last_token, hidden_at_subject
+from fededit_core.memit.hparams import DEFAULT_EDITOR, EDITORS
+from fededit_core.memit.keys import compute_keys, hidden_at_last_token
 from fededit_core.model.loading import DEFAULT_MODEL, configure_threads
 from fededit_core.paths import cache_dir
 
@@ -196,20 +197,23 @@ def analyse(
     alphas=ALPHAS,
     data: Path = DEFAULT_DATA["counterfact"],
     probe_offers: int = PROBE_OFFERS,
+    editor_name: str = DEFAULT_EDITOR,
 ) -> dict:
     """The replay of every rule, the probe's on a seeded sample of ``probe_offers`` offers (it runs the
     model: about 2 s an offer on 2 CPU cores), and ROC AUCs under two relatedness labels: the
-    benchmark's (groups of the edited requests) and groups of the whole file."""
+    benchmark's (groups of the edited requests) and groups of the whole file. For another editor than
+    MEMIT (``editor_name``) its targets: z and delta = z - its site before the edit (PMET: L's FFN
+    output), no probe (it writes a z into h_L) and none of MEMIT's other vectors."""
     configure_threads()
     preset = PRESETS[preset_name]
     exp = base_exp(preset, "counterfact", "fededit")
     parts = workload(exp, {"counterfact": data})
-    editor = make_editor(DEFAULT_MODEL)
+    editor = make_editor(DEFAULT_MODEL, editor=editor_name)
     editor.z_cache = BaseZCache(cache_dir("bench") / "z")
     union = [r for reqs in parts.values() for r in reqs]
     editor.z_cache.prefill(editor, union)  # the benchmark's z, optimised in chunks when missing
-    z = editor.compute_z(union).z
-    h = hidden_at_subject(editor.model, editor.tok, union, editor.hp.z_layer).float()
+    targets = editor.compute_z(union)
+    z, h = targets.z, targets.h.float()
     row = {id(r): i for i, r in enumerate(union)}
     group_of = {
         t: g for g, ts in enumerate(template_groups(select_requests(data, exp["n_edits"], exp["seed"]))) for t in ts
@@ -218,40 +222,44 @@ def analyse(
     groups = [group_of[r.prompt] for r in union]
     file_group_of = {t: g for g, ts in enumerate(template_groups(load_requests(data))) for t in ts}
     file_groups = [file_group_of[r.prompt] for r in union]
-    last = compute_keys(editor.model, editor.tok, union, editor.hp.z_layer, editor.templates)
-    n_layers = editor.model.config.num_hidden_layers
-    vectors = {
-        "z": z,
-        "delta": z - h,
-        "keys_L": last,
-        "last_token_L": hidden_at_last_token(editor.model, editor.tok, union, editor.hp.z_layer),
-        "last_token_final": hidden_at_last_token(editor.model, editor.tok, union, n_layers - 1),
-    }
+    vectors = {"z": z, "delta": z - h}
     served = offers(slots, groups)
-    sample = sorted(random.Random(0).sample(range(len(served)), min(probe_offers, len(served))))
-    scores = probe_scores(editor, union, z, z - h, [served[k] for k in sample])
-    probe_auc = {}
-    for name, labels in (("benchmark", groups), ("file", file_groups)):
-        relabelled = offers(slots, labels)
-        related = torch.cat([relabelled[k].related for k in sample])
-        probe_auc[name] = {"best": _auc(torch.cat(scores).tolist(), related.tolist())}
-    return {
+    sample, scores, probe_auc = [], [], {}
+    if editor_name == "memit":
+        n_layers = editor.model.config.num_hidden_layers
+        vectors |= {
+            "keys_L": compute_keys(editor.model, editor.tok, union, editor.hp.z_layer, editor.templates),
+            "last_token_L": hidden_at_last_token(editor.model, editor.tok, union, editor.hp.z_layer),
+            "last_token_final": hidden_at_last_token(editor.model, editor.tok, union, n_layers - 1),
+        }
+        sample = sorted(random.Random(0).sample(range(len(served)), min(probe_offers, len(served))))
+        scores = probe_scores(editor, union, z, z - h, [served[k] for k in sample])
+        for name, labels in (("benchmark", groups), ("file", file_groups)):
+            relabelled = offers(slots, labels)
+            related = torch.cat([relabelled[k].related for k in sample])
+            probe_auc[name] = {"best": _auc(torch.cat(scores).tolist(), related.tolist())}
+    probe = {"probe": probe_auc["benchmark"]} if probe_auc else {}
+    probe_file = {"probe": probe_auc["file"]} if probe_auc else {}
+    out = {
         "preset": preset_name,
+        "editor": editor_name,
         "n_edits": exp["n_edits"],
         "n_clients": exp["n_clients"],
         "n_slots": exp["n_slots"],
         "alphas": list(alphas),
         "kept": replay({k: vectors[k] for k in ("z", "delta")}, slots, groups, alphas),
-        "probe": replay_probe(scores, [served[k] for k in sample]),
         "probe_offers": len(sample),
         "labels": {
             "benchmark": label_summary(union, served, groups),
             "file": label_summary(union, offers(slots, file_groups), file_groups),
         },
         "oracles": oracles(union, served, file_groups),
-        "auc": {**separability(vectors, slots, groups), "probe": probe_auc["benchmark"]},
-        "auc_file_groups": {**separability(vectors, slots, file_groups), "probe": probe_auc["file"]},
+        "auc": {**separability(vectors, slots, groups), **probe},
+        "auc_file_groups": {**separability(vectors, slots, file_groups), **probe_file},
     }
+    if sample:
+        out["probe"] = replay_probe(scores, [served[k] for k in sample])
+    return out
 
 
 def plot(out: dict, path: Path) -> None:
@@ -277,7 +285,7 @@ def plot(out: dict, path: Path) -> None:
             ax.annotate(f"{r[knob]:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
     ax.set_xlabel("unrelated MKVs kept (share of offered)")
     ax.set_ylabel("related MKVs kept (share of offered)")
-    ax.set_title(f"FedEdit re-edit conditions, {out['preset']} CounterFact workload")
+    ax.set_title(f"FedEdit re-edit conditions, {out['preset']} CounterFact workload, {out['editor']}")
     ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -291,8 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--probe-offers", type=int, default=PROBE_OFFERS, help="offers the probe gate replays (sample)")
     p.add_argument("--plot", default=None, help="PNG: related kept against unrelated kept per alpha")
+    p.add_argument("--editor", choices=EDITORS, default=DEFAULT_EDITOR, help="whose targets the gates compare")
     args = p.parse_args(argv)
-    out = analyse("quick" if args.quick else "default", data=Path(args.counterfact), probe_offers=args.probe_offers)
+    out = analyse(
+        "quick" if args.quick else "default",
+        data=Path(args.counterfact),
+        probe_offers=args.probe_offers,
+        editor_name=args.editor,
+    )
     for rule, by_vector in out["kept"].items():
         for vector, rows in by_vector.items():
             first = rows[0]
@@ -301,10 +315,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{first['unrelated_offered']} unrelated; kept (related/unrelated) "
                 + "; ".join(f"α={r['alpha']}: {r['related_kept']}/{r['unrelated_kept']}" for r in rows)
             )
-    print(
-        "probe: kept (related/unrelated) "
-        + "; ".join(f"τ={r['tau']}: {r['related_kept']}/{r['unrelated_kept']}" for r in out["probe"])
-    )
+    if "probe" in out:
+        print(
+            "probe: kept (related/unrelated) "
+            + "; ".join(f"τ={r['tau']}: {r['related_kept']}/{r['unrelated_kept']}" for r in out["probe"])
+        )
     for name, o in out["oracles"].items():
         print(f"oracle {name}: kept (related/unrelated) {o['related_kept']}/{o['unrelated_kept']}")
     for labels in ("benchmark", "file"):
