@@ -287,6 +287,25 @@ def environment() -> dict:
     }
 
 
+def make_runner(
+    cache: Path, data_files: dict[str, Path], model: str, device: str, dtype: str, hparams: dict | None
+) -> Runner:
+    """The benchmark's experiment runner: results under ``cache/results``, every z from the base-model
+    cache ``cache/z`` (the overlap workload's real-z runs use a plain worker)."""
+    configure_threads()
+    worker = EditWorker(z_cache=BaseZCache(cache / "z"))
+    return Runner(
+        cache,
+        data_files,
+        model,
+        dict(hparams or {}),
+        worker,
+        plain_worker_factory=EditWorker,
+        device=device,
+        dtype=dtype,
+    )
+
+
 def run(
     preset: Preset,
     out: Path,
@@ -299,19 +318,8 @@ def run(
     hparams: dict | None = None,
 ) -> dict:
     """Run ``sections`` of ``preset`` (cached experiments are read back) and write the outputs to ``out``."""
-    configure_threads()
-    z_cache = BaseZCache(cache / "z")
-    worker = EditWorker(z_cache=z_cache)
-    runner = Runner(
-        cache,
-        data_files,
-        model,
-        dict(hparams or {}),
-        worker,
-        plain_worker_factory=EditWorker,
-        device=device,
-        dtype=dtype,
-    )
+    runner = make_runner(cache, data_files, model, device, dtype, hparams)
+    z_cache, worker = runner.worker.z_cache, runner.worker
     env = environment()
     editor = runner.hparams.get("editor", DEFAULT_EDITOR)
     results: dict[str, dict] = {d: {} for d in preset.datasets}

@@ -170,6 +170,20 @@ def test_outputs_written_and_a_rerun_reads_everything_from_the_cache(bench_run, 
     assert after["methods"] == before["methods"] and after["overlap"] == before["overlap"]
 
 
+def test_gate_alpha_reruns_the_main_fededit_run_at_each_alpha_against_the_cached_centralised(bench_run, world):
+    from bench import gate_alpha
+
+    runner = reproduce.make_runner(
+        bench_run["cache"], {"counterfact": world["data"]}, world["model"], "cpu", "fp32", world["hparams"]
+    )
+    rows = gate_alpha.sweep(TINY, runner, "counterfact", "memit", [0.0, 1.0])
+    every, none = rows  # cos > 1 holds for no pair
+    assert every["alpha"] == 0.0 and every["kept_sets"] > 0 and every["applied"] > 0
+    assert none["alpha"] == 1.0 and none["kept_sets"] == 0 and none["applied"] == 0
+    central = json.loads((bench_run["out"] / "counterfact.json").read_text())["methods"]["centralised"]
+    assert none["retention"] == pytest.approx(none["score"] / central["score"])
+
+
 def test_zsre_federated_runs_are_scored_with_zsre_metrics_like_centralised(world, tmp_path):
     """The workers read a plain-schema copy of the workload; zsRE requests must keep their
     token-accuracy evaluation (EA/PA/NA) there, as in the centralised run, not CounterFact's."""
@@ -228,6 +242,12 @@ def test_bad_arguments_are_named(capsys):
         )
     err = capsys.readouterr().err
     assert "/no/zs.json not found" in err and "cf.json" not in err
+    from bench import gate_alpha
+
+    for bad, said in (("0.2,x", "comma-separated numbers"), ("1.5", "in [0, 1]")):
+        with pytest.raises(SystemExit):
+            gate_alpha.main(["--alphas", bad])
+        assert said in capsys.readouterr().err
 
 
 def test_each_data_sets_tables_use_its_own_metric_names():
