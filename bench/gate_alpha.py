@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from bench.reproduce import DEFAULT_DATA, PRESETS, Preset, make_runner, plan
-from bench.tables import _central, _federated
+from bench.tables import central_row, federated_row
 from fededit_core.cli import add_hparam_args, add_model_args
 from fededit_core.eval.tables import format_table
 from fededit_core.memit.hparams import DEFAULT_EDITOR
@@ -32,10 +32,10 @@ COLUMNS = {
 def sweep(preset: Preset, runner, dataset: str, editor: str, alphas: list[float]) -> list[dict]:
     """One row per α: the sets kept and MKVs applied, the weighted metrics and the retention."""
     planned = plan(preset, "main", dataset, editor)
-    central = _central(runner.run(planned["unedited+centralised"]))
+    central = central_row(runner.run(planned["unedited+centralised"]))
     rows = []
     for alpha in alphas:
-        row = _federated(runner.run({**planned["fededit"], "alpha": alpha}), central, dataset)
+        row = federated_row(runner.run({**planned["fededit"], "alpha": alpha}), central, dataset)
         rows.append({"alpha": alpha, **{k: row.get(k) for k in COLUMNS[dataset][1:]}})
     return rows
 

@@ -45,7 +45,7 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def _federated(result: dict, central: dict | None, kind: str) -> dict:
+def federated_row(result: dict, central: dict | None, kind: str) -> dict:
     """The figures of one federated run, with retention against ``central``."""
     rep = result["report"]
     w = dict(rep["weighted"] or {})
@@ -103,7 +103,8 @@ def _selectivity(result: dict, central: dict | None, data_files: dict) -> dict:
     return found
 
 
-def _central(result: dict | None) -> dict | None:
+def central_row(result: dict | None) -> dict | None:
+    """The weighted figures and timings of one centralised run (None when it has not run)."""
     if not result:
         return None
     return {**result["weighted"], "wall_s": result["wall_s"], "seconds": result.get("seconds")}
@@ -116,12 +117,12 @@ def _curve(section: dict, key: str, kind: str) -> list[dict]:
         x, method = label.split("/", 1)
         if method == "centralised":
             continue
-        central = _central(section.get(f"{x}/centralised"))
+        central = central_row(section.get(f"{x}/centralised"))
         rows.append(
             {
                 key: int(x),
                 "method": method,
-                **_federated(result, central, kind),
+                **federated_row(result, central, kind),
                 "centralised_score": (central or {}).get("score"),
             }
         )
@@ -131,7 +132,7 @@ def _curve(section: dict, key: str, kind: str) -> list[dict]:
 def _inspected(result: dict, kind: str) -> dict:
     """A CollabEdit challenge run: its figures, what the merged model did (``inspect``) and the
     server's summary (duplicates, conflicts, residual norms)."""
-    return {**_federated(result, None, kind), **result["inspect"], "server": result["report"].get("server")}
+    return {**federated_row(result, None, kind), **result["inspect"], "server": result["report"].get("server")}
 
 
 def _challenges(results: dict, kind: str) -> dict:
@@ -195,7 +196,7 @@ def dataset_json(
         "methods": {},
     }
     main = results.get("main", {})
-    central = _central(main.get("unedited+centralised"))
+    central = central_row(main.get("unedited+centralised"))
     unedited = (main.get("unedited+centralised") or {}).get("unedited")
     if unedited:
         out["methods"]["unedited"] = {
@@ -204,7 +205,7 @@ def dataset_json(
         }
     if central:
         out["methods"]["centralised"] = {**central, "schedule": f"{preset.n_slots} time slots"}
-    one = _central(main.get("centralised (one batch)"))
+    one = central_row(main.get("centralised (one batch)"))
     if one:
         out["methods"]["centralised_one_batch"] = {
             **one,
@@ -212,7 +213,7 @@ def dataset_json(
         }
     for method in (*MAIN_METHODS, "collabedit-dense"):
         if method in main:
-            out["methods"][method] = _federated(main[method], central, kind)
+            out["methods"][method] = federated_row(main[method], central, kind)
             if _reedits(main[method]):
                 out["methods"][method].update(_selectivity(main[method], main.get("unedited+centralised"), data_files))
     dense = out["methods"].get("collabedit-dense")
@@ -230,7 +231,7 @@ def dataset_json(
         out["merging"] = _curve(results["merging"], "n_edits", kind)
     if "overlap" in results:
         ov = results["overlap"]
-        with_reuse, without = (_federated(ov[k], None, kind) for k in ("reuse", "no reuse"))
+        with_reuse, without = (federated_row(ov[k], None, kind) for k in ("reuse", "no reuse"))
         total = with_reuse["optimised"] + with_reuse["reused"]
         out["overlap"] = {
             "reuse": with_reuse,
@@ -243,8 +244,8 @@ def dataset_json(
         }
     if "iid" in results:
         iid = results["iid"]
-        c = _central(iid.get("centralised"))
-        out["iid"] = {"centralised": c, **{m: _federated(r, c, kind) for m, r in iid.items() if m != "centralised"}}
+        c = central_row(iid.get("centralised"))
+        out["iid"] = {"centralised": c, **{m: federated_row(r, c, kind) for m, r in iid.items() if m != "centralised"}}
     out.update(_challenges(results, kind))
     for section in SEQUENTIAL_SECTIONS:
         if section in results:
